@@ -1,0 +1,176 @@
+"""Turning a (pretrained, finetuned) pair into packed deltas, and applying them back.
+
+Dtype policy (the default, ``dtype=None``):
+
+* float32 and float64 weights get deltas of their own dtype;
+* bfloat16 and float16 weights get float32 deltas, so that ``base + delta``
+  rounds back to the fine-tuned weights. Where it would not (an entry whose
+  fine-tuned value is over ~2^14 times smaller than its base value, so float32
+  cannot hold the difference finely enough), that tensor's delta is kept in
+  float64 instead. The round trip is then bit-exact for every float16 pair and
+  for every bfloat16 pair whose magnitudes are within 2^40 of each other.
+
+Passing ``dtype`` stores every delta in that dtype on purpose, with no fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+
+from . import _flat
+from .errors import NonFiniteError, ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
+
+HALF = (torch.float16, torch.bfloat16)
+POLICY_AUTO = "auto: float32 deltas for half-precision weights (float64 where needed for an exact round trip), else the weights' dtype"
+
+
+def delta_dtype(weight_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    if requested is not None:
+        return requested
+    return torch.float32 if weight_dtype in HALF else weight_dtype
+
+
+def apply_entry(base: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = base + scale * delta`` computed in the wider dtype, rounded once into ``out``."""
+    if delta.device != base.device:
+        delta = delta.to(base.device, non_blocking=True)
+    return torch.add(base, delta, alpha=scale, out=out)
+
+
+def subtract_into(out: torch.Tensor, finetuned: torch.Tensor, pretrained: torch.Tensor) -> None:
+    """``out = finetuned - pretrained`` with a single rounding into ``out``'s dtype."""
+    if torch.promote_types(out.dtype, finetuned.dtype) == finetuned.dtype:
+        torch.sub(finetuned, pretrained, out=out)  # computed in the weights' dtype, cast on write
+    else:
+        out.copy_(finetuned)  # widening copy is exact; the subtraction then runs in out's dtype
+        out.sub_(pretrained)
+
+
+def round_trips(pretrained: torch.Tensor, finetuned: torch.Tensor, delta: torch.Tensor) -> bool:
+    """Whether ``apply_entry(pretrained, delta, 1)`` reproduces ``finetuned`` value for value."""
+    rebuilt = apply_entry(pretrained, delta, 1.0, torch.empty_like(finetuned))
+    same = rebuilt == finetuned
+    if not bool(same.all()):
+        return bool((same | (rebuilt.isnan() & finetuned.isnan())).all())
+    return True
+
+
+def tied_groups(state: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, str]:
+    """alias -> canonical name for names whose tensors share memory (tied weights)."""
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name in names:
+        t = state[name]
+        if t.numel() == 0:
+            continue
+        key = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+def fingerprint(state: Mapping[str, torch.Tensor], names: list[str]) -> str:
+    """A cheap identity of a base model: names, dtypes, shapes and a few sampled values.
+
+    Sampling (not hashing every byte) keeps this O(#tensors) for huge models,
+    while any two independently trained or differently fine-tuned models differ
+    in the sampled values.
+    """
+    h = hashlib.sha256()
+    for name in sorted(names):
+        t = state[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel():
+            idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 16)).long().to(flat.device)
+            h.update(flat[idx].double().cpu().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def extract(
+    pretrained: Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype | None,
+    check_finite: bool,
+) -> tuple[_flat.Layout, dict[torch.dtype, torch.Tensor], list[str], str]:
+    """Deltas of every floating-point entry; returns layout, buffers, skipped names, policy."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TaskArithError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    check_same_keys(
+        pretrained, finetuned, what="pretrained vs finetuned",
+        fix="Both models must have the same architecture and parameter names.",
+    )
+    problems = []
+    for name, f in finetuned.items():
+        b = pretrained[name]
+        if b.shape != f.shape:
+            problems.append(f"{name!r}: pretrained {tuple(b.shape)} vs finetuned {tuple(f.shape)}")
+        elif b.dtype != f.dtype:
+            problems.append(f"{name!r}: pretrained {b.dtype} vs finetuned {f.dtype}")
+        elif b.device != f.device:
+            problems.append(f"{name!r}: pretrained on {b.device} vs finetuned on {f.device}")
+        elif f.is_complex():
+            problems.append(f"{name!r}: complex dtype {f.dtype} is not supported")
+    raise_if_any(
+        problems, error=ShapeMismatchError, header="pretrained and finetuned tensors differ",
+        fix="Load both models with the same architecture, dtype and device (e.g. model.to(dtype)).",
+    )
+    names = [n for n, t in finetuned.items() if t.is_floating_point()]
+    skipped = [n for n, t in finetuned.items() if not t.is_floating_point()]
+    devices = {finetuned[n].device for n in names}
+    if len(devices) > 1:
+        raise TaskArithError(f"the model's tensors are spread over devices {sorted(map(str, devices))}; move it to one device first")
+    device = devices.pop() if devices else torch.device("cpu")
+
+    aliases = tied_groups(finetuned, names)
+    untied = [f"{a!r} and {c!r}" for a, c in aliases.items() if not _same(pretrained[a], pretrained[c])]
+    raise_if_any(
+        untied, error=TaskArithError, header="tied in finetuned but different in pretrained",
+        fix="Tie the same weights in both models (or untie them in both).",
+    )
+    canonical = [n for n in names if n not in aliases]
+    dtypes = {n: delta_dtype(finetuned[n].dtype, dtype) for n in canonical}
+    shapes = {n: tuple(finetuned[n].shape) for n in canonical}
+    layout = _flat.Layout.build(shapes, dtypes, aliases, tuple(names))
+    buffers = {dt: _flat.allocate(size, dt, device) for dt, size in layout.sizes.items()}
+    widen = []
+    for name in canonical:
+        out = _flat.view(buffers, layout.slots[name])
+        subtract_into(out, finetuned[name], pretrained[name])
+        if dtype is None and finetuned[name].dtype in HALF and not round_trips(pretrained[name], finetuned[name], out):
+            widen.append(name)
+    if widen:  # rare: repack with float64 deltas for the tensors float32 cannot round-trip
+        deltas = {n: _flat.view(buffers, layout.slots[n]) for n in canonical}
+        for name in widen:
+            deltas[name] = finetuned[name].double() - pretrained[name].double()
+            dtypes[name] = torch.float64
+        layout = _flat.Layout.build(shapes, dtypes, aliases, tuple(names))
+        buffers = _flat.pack(deltas, layout, device)
+    if check_finite:
+        check_all_finite(layout, buffers, what="delta")
+    return layout, buffers, skipped, (POLICY_AUTO if dtype is None else f"explicit: {dtype}")
+
+
+def check_all_finite(layout: _flat.Layout, buffers: Mapping[torch.dtype, torch.Tensor], *, what: str) -> None:
+    """Raise NonFiniteError naming every tensor that holds NaN or inf."""
+    if all(bool(torch.isfinite(buf).all()) for buf in buffers.values()):
+        return
+    bad = []
+    for name, slot in layout.slots.items():
+        t = _flat.view(buffers, slot)
+        n_bad = int((~torch.isfinite(t)).sum())
+        if n_bad:
+            bad.append(f"{name!r} ({n_bad} of {t.numel()} entries)")
+    raise_if_any(bad, error=NonFiniteError, header=f"non-finite {what} values", fix="Check the models for NaN/inf weights or overflow.")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride():
+        return True
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)

@@ -1,0 +1,223 @@
+"""Reading models and writing task vectors.
+
+Sources of weights, accepted wherever a model is expected:
+
+* an ``nn.Module`` (its ``state_dict()``),
+* a ``Mapping[str, Tensor]``,
+* a ``.safetensors`` file,
+* a directory holding ``model.safetensors`` or a sharded
+  ``model.safetensors.index.json`` (the Hugging Face layout),
+* a pickle checkpoint (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), only with
+  ``allow_pickle=True``: unpickling runs code from the file, so it is refused by
+  default and, when allowed, loaded with ``torch.load(weights_only=True)``.
+
+Files are written atomically: into a temporary file beside the target, flushed
+to disk, then renamed over it, so an interrupted write leaves any previous file
+intact and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Union
+
+import torch
+from safetensors import safe_open
+
+from .errors import TaskArithError
+
+__all__ = ["Source", "load_state_dict", "write_safetensors", "read_safetensors", "atomic_path"]
+
+Source = Union[torch.nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
+
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+
+
+def load_state_dict(
+    source: Source, *, device: str | torch.device | None = None, allow_pickle: bool = False
+) -> dict[str, torch.Tensor]:
+    """Every named tensor of ``source`` as a plain dict.
+
+    Modules and mappings are not copied: their tensors are returned as they are
+    (tied parameters stay tied), moved only if ``device`` differs.
+
+    Example:
+        >>> import torch, taskarith as ta
+        >>> sorted(ta.io.load_state_dict(torch.nn.Linear(2, 1)))
+        ['bias', 'weight']
+    """
+    if isinstance(source, torch.nn.Module):
+        state = source.state_dict()
+    elif isinstance(source, Mapping):
+        state = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in source.items()}
+        bad = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TaskArithError(
+                f"a state_dict maps names to tensors, but these values are not tensors: {', '.join(bad)}. "
+                "Pass model.state_dict() or a dict of tensors."
+            )
+    elif isinstance(source, (str, os.PathLike)):
+        state = _load_path(Path(source), allow_pickle=allow_pickle)
+    else:
+        raise TaskArithError(
+            f"cannot read weights from a {type(source).__name__}: pass an nn.Module, a dict of tensors, "
+            "a .safetensors file or a directory holding model.safetensors[.index.json]."
+        )
+    if device is not None:
+        device = torch.device(device)
+        state = {k: v.to(device) for k, v in state.items()}
+    return state
+
+
+def _load_path(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        if (path / SINGLE_FILE).is_file():
+            return read_safetensors(path / SINGLE_FILE)[0]
+        if (path / SHARD_INDEX).is_file():
+            return _load_sharded(path / SHARD_INDEX)
+        raise TaskArithError(
+            f"directory {str(path)!r} holds neither {SINGLE_FILE} nor {SHARD_INDEX}; "
+            "point at the .safetensors file itself or save the model with safetensors."
+        )
+    if not path.exists():
+        raise TaskArithError(f"no such file or directory: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)[0]
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise TaskArithError(
+                f"refusing to unpickle {str(path)!r}: pickle files can run arbitrary code when loaded. "
+                "Convert it to .safetensors, or pass allow_pickle=True if you trust the file "
+                "(it is then read with torch.load(weights_only=True))."
+            )
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, Mapping):
+            raise TaskArithError(
+                f"{str(path)!r} holds a {type(obj).__name__}, not a state_dict; save model.state_dict() instead."
+            )
+        return load_state_dict(obj)
+    raise TaskArithError(
+        f"unknown weight file type {path.suffix!r} for {str(path)!r}: expected .safetensors "
+        f"(or, with allow_pickle=True, one of {sorted(PICKLE_SUFFIXES)})."
+    )
+
+
+def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise TaskArithError(f"{str(index_path)!r} is not a valid shard index (need a 'weight_map'): {err}")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors, _ = read_safetensors(index_path.parent / shard)
+        state.update(tensors)
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise TaskArithError(
+            f"shard index {str(index_path)!r} lists tensors found in no shard: {missing[:20]}; "
+            "the checkpoint is incomplete."
+        )
+    return {name: state[name] for name in weight_map}
+
+
+# ------------------------------------------------------------------ safetensors
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file."""
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, RuntimeError, Exception) as err:  # safetensors raises its own error type
+        if isinstance(err, TaskArithError):
+            raise
+        raise TaskArithError(f"cannot read {str(path)!r} as safetensors: {err}") from err
+    return tensors, metadata
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    chunks: list[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write named tensors to ``path`` in the safetensors format, atomically.
+
+    Unlike ``safetensors.torch.save_file`` this streams each tensor's bytes
+    straight from memory (no second copy of the model is built), which matters
+    for vectors of billions of entries. Tensors must be contiguous and on CPU
+    or they are copied one at a time.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, tensor in chunks:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data section to 8 bytes
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for _, tensor in chunks:
+            _write_tensor(f, tensor)
+
+
+def _write_tensor(f: IO[bytes], tensor: torch.Tensor) -> None:
+    if tensor.numel() == 0:
+        return
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    # Viewing as bytes gives numpy an array type for every dtype (bf16 included).
+    f.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,14 @@
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+# A fast default for local runs; CI runs every law on at least 200 examples.
+settings.register_profile("default", max_examples=30, deadline=None)
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
