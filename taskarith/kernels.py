@@ -1,0 +1,118 @@
+"""Pure tensor maths shared by merge methods: exact selection, trimming, sign election, dropout.
+
+Every function here works on plain tensors (a flat buffer or one tensor) and
+never sorts: selecting the k largest of n values uses an exact selection
+algorithm (numpy's introselect on CPU, ``torch.kthvalue`` elsewhere), which is
+linear in n. ``torch.quantile`` is avoided on purpose: it refuses large inputs
+on older PyTorch and interpolates rather than selecting exactly.
+
+Ties at the selection threshold are broken by position: among entries equal to
+the k-th largest value, the ones with the lowest index are kept, so exactly k
+entries survive on every run and every device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from .errors import TaskArithError
+
+__all__ = [
+    "kth_largest",
+    "topk_mask",
+    "elect_sign",
+    "disjoint_mean",
+    "dare_mask",
+    "derive_seed",
+]
+
+_NUMPY_SELECT = (torch.float16, torch.float32, torch.float64)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-D tensor (k counted from 1), exactly, as a 0-d tensor.
+
+    Example:
+        >>> import torch
+        >>> kth_largest(torch.tensor([0.5, 3.0, 1.0, 3.0]), 2)
+        tensor(3.)
+    """
+    n = values.numel()
+    if not 1 <= k <= n:
+        raise TaskArithError(f"k must be in [1, {n}] to select from {n} values, got {k}")
+    if values.device.type == "cpu" and values.dtype in _NUMPY_SELECT:
+        array = values.detach().numpy()
+        return torch.tensor(np.partition(array, n - k)[n - k], dtype=values.dtype)
+    return torch.kthvalue(values.detach().float(), n - k + 1).values.to(values.dtype)
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A boolean mask with exactly ``k`` True entries at the largest ``scores``.
+
+    Ties at the threshold go to the lowest indices (of the flattened tensor).
+
+    Example:
+        >>> import torch
+        >>> topk_mask(torch.tensor([1.0, 2.0, 2.0, 0.0, 2.0]), 2)
+        tensor([False,  True,  True, False, False])
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if bool(torch.isnan(flat).any()):
+        raise TaskArithError("cannot select the largest entries of scores containing NaN")
+    threshold = kth_largest(flat, k).to(flat.device)
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing:
+        ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+        mask[ties] = True
+    return mask.view(scores.shape)
+
+
+def elect_sign(trimmed: list[torch.Tensor], how: str) -> torch.Tensor:
+    """The elected sign (+1 or -1, ties to +1) of each entry over several trimmed vectors.
+
+    ``how="sum"``: sign of the sum of the values (PEFT calls this "total").
+    ``how="count"``: sign of (#positive − #negative) (PEFT: "frequency").
+    """
+    total = torch.zeros_like(trimmed[0], dtype=torch.float64 if how == "sum" else torch.int32)
+    for t in trimmed:
+        if how == "sum":
+            total += t
+        else:
+            total += torch.sign(t).to(torch.int32)
+    return torch.where(total >= 0, 1, -1).to(torch.int8)
+
+
+def disjoint_mean(trimmed: list[torch.Tensor], sign: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Mean over the vectors whose entry is non-zero and agrees with ``sign``; 0 where none do."""
+    total = torch.zeros_like(out, dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
+    count = torch.zeros_like(out, dtype=torch.int32)
+    for t in trimmed:
+        agree = torch.sign(t).to(torch.int8) == sign  # zeros never agree: sign(0) = 0
+        total += torch.where(agree, t, 0)
+        count += agree
+    return out.copy_(total / count.clamp_min(1))
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed that depends only on ``seed`` and ``parts`` (e.g. vector index, tensor name).
+
+    Per-(vector, tensor) streams make random merges independent of iteration
+    order, threading and of which other tensors exist.
+    """
+    h = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def dare_mask(shape: tuple[int, ...], keep: float, seed: int) -> torch.Tensor:
+    """Bernoulli(keep) boolean mask drawn on the CPU from ``seed`` (same bits on every device)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(shape, generator=generator) < keep
