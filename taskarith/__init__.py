@@ -10,7 +10,7 @@ architecture)::
     model.load_state_dict(tv.apply_to(pretrained, scale=0.5))
 """
 
-from . import io
+from . import io, kernels, merging
 from ._flat import cache_info, empty_cache
 from .errors import (
     BaseMismatchError,
@@ -19,12 +19,15 @@ from .errors import (
     ShapeMismatchError,
     TaskArithError,
 )
+from .merging import merge, methods
 from .vector import TaskVector
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TaskVector",
+    "merge",
+    "methods",
     "TaskArithError",
     "KeyMismatchError",
     "ShapeMismatchError",
@@ -33,6 +36,8 @@ __all__ = [
     "load",
     "save",
     "io",
+    "merging",
+    "kernels",
     "empty_cache",
     "cache_info",
     "__version__",
@@ -47,3 +52,4 @@ def load(path, device="cpu") -> TaskVector:
 def save(vector: TaskVector, path, metadata=None) -> None:
     """Write a task vector to a ``.safetensors`` file atomically (see :meth:`TaskVector.save`)."""
     vector.save(path, metadata=metadata)
+

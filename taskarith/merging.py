@@ -1,0 +1,459 @@
+"""Merge methods: combine several task vectors into one.
+
+One registry maps a method name to a pure function over task vectors plus the
+paper it implements and its validated options. Methods that share an
+algorithm share code: TIES and DARE-TIES are a sparsify step followed by the
+same sign election and disjoint mean.
+
+Conventions shared by every method:
+
+* ``weights`` (one per vector, default 1) multiply each vector *after* its
+  sparsification and *before* sign election (as mergekit does; PEFT elects the
+  sign before weighting).
+* half-precision deltas are merged in float32 and returned in their own dtype
+  unless ``dtype=`` says otherwise.
+* every option is validated, and unknown names are listed, before any tensor
+  is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import kernels
+from .errors import TaskArithError, raise_if_any
+from .vector import TaskVector, _require_scalar
+
+__all__ = ["merge", "methods", "register", "Method", "Option", "trim"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a method: default, check and a phrase describing valid values."""
+
+    default: object
+    check: Callable[[object], bool]
+    valid: str
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merge method."""
+
+    name: str
+    fn: Callable[..., Mapping[str, torch.Tensor]]
+    paper: str
+    options: Mapping[str, Option] = field(default_factory=dict)
+    randomized: bool = False
+
+    @property
+    def doc(self) -> str:
+        return self.fn.__doc__ or ""
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, fn: Callable[..., Mapping[str, torch.Tensor]], *, paper: str,
+             options: Mapping[str, Option] | None = None, randomized: bool = False) -> Method:
+    """Add a merge method. ``fn(vectors, weights, **options)`` returns ``name -> merged delta``.
+
+    ``vectors`` arrive validated (same names and shapes) in their compute dtype;
+    ``weights`` is a list of floats. Registering an existing name raises.
+
+    Example:
+        >>> import torch, taskarith as ta
+        >>> def first(vectors, weights):
+        ...     "Keep the first vector."
+        ...     return vectors[0]
+        >>> m = ta.merging.register("first_demo", first, paper="n/a")
+        >>> a, b = ta.TaskVector({"w": torch.ones(2)}), ta.TaskVector({"w": torch.zeros(2)})
+        >>> ta.merge([a, b], "first_demo")["w"]
+        tensor([1., 1.])
+        >>> ta.merging.unregister("first_demo")
+    """
+    if name in _REGISTRY:
+        raise TaskArithError(f"a merge method named {name!r} is already registered")
+    method = Method(name, fn, paper, dict(options or {}), randomized)
+    _REGISTRY[name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    """Remove a method added with :func:`register`."""
+    _REGISTRY.pop(name, None)
+
+
+def methods() -> dict[str, Method]:
+    """The registered merge methods by name (each with its paper, options and docstring).
+
+    Example:
+        >>> import taskarith as ta
+        >>> "ties" in ta.methods()
+        True
+    """
+    return dict(_REGISTRY)
+
+
+def merge(
+    vectors: Sequence[TaskVector],
+    method: str = "ties",
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: torch.dtype | None = None,
+    **options,
+) -> TaskVector:
+    """Merge task vectors with a registered method.
+
+    Args:
+        vectors: task vectors with the same names and shapes.
+        method: a name from :func:`methods` (``"task_arithmetic"``, ``"ties"``, ``"dare"``, ...).
+        weights: one multiplier per vector (default 1.0 each).
+        dtype: dtype of the result (default: each tensor's input dtype).
+        **options: the method's options; see ``docs/merging.md``.
+
+    Example:
+        >>> import torch, taskarith as ta
+        >>> a = ta.TaskVector({"w": torch.tensor([1.0, -2.0, 0.5])})
+        >>> b = ta.TaskVector({"w": torch.tensor([3.0, 1.0, -0.1])})
+        >>> ta.merge([a, b], "ties", density=2 / 3)["w"]  # trim to 2 of 3, elect, disjoint mean
+        tensor([ 2., -2.,  0.])
+    """
+    spec = _REGISTRY.get(method) if isinstance(method, str) else None
+    if spec is None:
+        raise TaskArithError(f"unknown merge method {method!r}; valid: {', '.join(sorted(_REGISTRY))}")
+    resolved = _resolve_options(spec, options)
+    vectors = _validate_vectors(vectors, method)
+    weights = _validate_weights(weights, len(vectors))
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TaskArithError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    vectors = _common_ties(vectors)
+    first = vectors[0]
+    out_dtypes = {n: dtype or _promote(v[n].dtype for v in vectors) for n in first._layout.slots}
+    compute = [v.to(dtype=_compute_dtype(v)) for v in vectors]
+    merged = spec.fn(compute, weights, **resolved)
+    result = {n: merged[n].to(out_dtypes[n]) for n in first._layout.slots}
+    return TaskVector({n: result[first._layout.canonical(n)] for n in first._layout.names})
+
+
+def _common_ties(vectors: list[TaskVector]) -> list[TaskVector]:
+    """Keep the tied names every vector shares; untie (copy) the others so each is merged on its own."""
+    shared = {a: c for a, c in vectors[0]._layout.aliases.items() if all(v._layout.aliases.get(a) == c for v in vectors)}
+    if all(v._layout.aliases == shared for v in vectors):
+        return vectors
+    return [
+        TaskVector({n: v[n].clone() if n in v._layout.aliases and n not in shared else v[n] for n in v._layout.names})
+        for v in vectors
+    ]
+
+
+# ----------------------------------------------------------------- validation
+
+
+def _resolve_options(spec: Method, options: Mapping[str, object]) -> dict[str, object]:
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        valid = ", ".join(f"{k} ({o.valid})" for k, o in spec.options.items()) or "none"
+        raise TaskArithError(f"unknown option(s) {unknown} for merge method {spec.name!r}; valid options: {valid}")
+    resolved, problems = {}, []
+    for key, opt in spec.options.items():
+        if key not in options:
+            if opt.required:
+                problems.append(f"{key} is required ({opt.valid})")
+                continue
+            resolved[key] = opt.default
+            continue
+        value = options[key]
+        try:
+            ok = opt.check(value)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            problems.append(f"{key}={value!r} is invalid: expected {opt.valid}")
+        resolved[key] = value
+    raise_if_any(problems, error=TaskArithError, header=f"bad options for merge method {spec.name!r}",
+                 fix=f"See taskarith.methods()[{spec.name!r}] or docs/merging.md.")
+    return resolved
+
+
+def _validate_vectors(vectors, method: str) -> list[TaskVector]:
+    vectors = list(vectors)
+    if not vectors:
+        raise TaskArithError(f"merge({method!r}) needs at least one task vector")
+    bad = [f"#{i} ({type(v).__name__})" for i, v in enumerate(vectors) if not isinstance(v, TaskVector)]
+    raise_if_any(bad, error=TaskArithError, header="merge takes TaskVector inputs",
+                 fix="Build them with TaskVector.from_models(...) or TaskVector(mapping).")
+    for v in vectors[1:]:
+        vectors[0]._check_compatible(v, f"merge({method!r})")
+    return vectors
+
+
+def _validate_weights(weights, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    weights = [float(_require_scalar(w)) for w in weights]
+    if len(weights) != n:
+        raise TaskArithError(f"got {len(weights)} weights for {n} vectors; pass one weight per vector")
+    if not all(math.isfinite(w) for w in weights):
+        raise TaskArithError(f"weights must be finite, got {weights}")
+    return weights
+
+
+def _promote(dtypes) -> torch.dtype:
+    dtypes = list(dtypes)
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _compute_dtype(v: TaskVector) -> torch.dtype | None:
+    if any(dt in _HALF for dt in v.dtypes):
+        return torch.float32 if torch.float64 not in v.dtypes else torch.float64
+    return None
+
+
+def _fraction(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[object], bool]:
+    def check(x):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            return False
+        return (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi)
+    return check
+
+
+def _finite(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+SCALE = Option(1.0, _finite, "a finite number")
+DENSITY = Option(0.2, _fraction(0.0, 1.0, lo_open=True), "a number in (0, 1]")
+SCOPE = Option("global", lambda x: x in ("global", "tensor"), "'global' or 'tensor'")
+SIGN = Option("sum", lambda x: x in ("sum", "count"), "'sum' or 'count'")
+DROP = Option(0.9, _fraction(0.0, 1.0, hi_open=True), "a number in [0, 1)")
+SEED = Option(None, _integer, "an int", required=True)
+
+
+# -------------------------------------------------------------------- steps
+
+
+def trim(vector: TaskVector, density: float, scope: str) -> dict[str, torch.Tensor]:
+    """Keep exactly ``floor(density * n)`` largest-magnitude entries, zero the rest.
+
+    ``n`` is each tensor's size (``scope="tensor"``) or the whole vector's
+    (``scope="global"``). Ties at the threshold keep the earliest entries in the
+    vector's storage order.
+    """
+    names = list(vector._layout.slots)
+    if scope == "tensor":
+        return {n: vector[n] * kernels.topk_mask(vector[n].abs(), math.floor(density * vector[n].numel())) for n in names}
+    buffers = list(vector._buffers.items())
+    parts = [buf.abs().to(torch.float64 if dt == torch.float64 else torch.float32) for dt, buf in buffers]
+    magnitudes = parts[0] if len(parts) == 1 else torch.cat(parts)
+    del parts
+    mask = kernels.topk_mask(magnitudes, math.floor(density * magnitudes.numel()))
+    del magnitudes
+    kept, start = {}, 0
+    for dt, buf in buffers:
+        kept[dt] = buf * mask[start:start + buf.numel()]
+        start += buf.numel()
+    return {n: kept[s.dtype].narrow(0, s.offset, s.numel).view(s.shape) for n, s in vector._layout.slots.items()}
+
+
+def _weighted(parts: list[dict[str, torch.Tensor]], weights: list[float]) -> list[dict[str, torch.Tensor]]:
+    return [p if w == 1.0 else {n: t * w for n, t in p.items()} for p, w in zip(parts, weights)]
+
+
+def _sum(parts: list[Mapping[str, torch.Tensor]], scale: float) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in parts[0]:
+        total = parts[0][name].clone()
+        for p in parts[1:]:
+            total += p[name]
+        out[name] = total.mul_(scale) if scale != 1.0 else total
+    return out
+
+
+def _elect_and_merge(parts: list[dict[str, torch.Tensor]], sign: str, scale: float) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in parts[0]:
+        tensors = [p[name] for p in parts]
+        elected = kernels.elect_sign(tensors, sign)
+        merged = kernels.disjoint_mean(tensors, elected, torch.empty_like(tensors[0]))
+        out[name] = merged.mul_(scale) if scale != 1.0 else merged
+    return out
+
+
+def _dare(vectors: list[TaskVector], drop: float, seed: int) -> list[dict[str, torch.Tensor]]:
+    keep = 1.0 - drop
+    out = []
+    for i, v in enumerate(vectors):
+        parts = {}
+        for name in v._layout.slots:
+            mask = kernels.dare_mask(tuple(v[name].shape), keep, kernels.derive_seed(seed, i, name))
+            # Survivors are scaled by exactly 1/(1-p): one division, no reciprocal rounding.
+            parts[name] = torch.where(mask.to(v.device), v[name] / keep, 0)
+        out.append(parts)
+    return out
+
+
+# ------------------------------------------------------------------ methods
+
+
+def _task_arithmetic(vectors, weights, *, scale):
+    """Task arithmetic: ``scale · Σ w_i τ_i``, the weighted sum of the vectors."""
+    return TaskVector.sum(vectors, [w * scale for w in weights])
+
+
+def _mean(vectors, weights):
+    """Weighted average ``Σ w_i τ_i / Σ w_i`` (model soup of the fine-tuned models)."""
+    total = sum(weights)
+    if total == 0:
+        raise TaskArithError("the weights of 'mean' sum to zero; a weighted average is undefined")
+    return TaskVector.sum(vectors, [w / total for w in weights])
+
+
+def _magnitude_prune(vectors, weights, *, density, scope):
+    """``Σ w_i · trim(τ_i)``: keep exactly ``floor(density·n)`` largest magnitudes of each vector, then sum."""
+    return _sum(_weighted([trim(v, density, scope) for v in vectors], weights), 1.0)
+
+
+def _ties(vectors, weights, *, density, scope, sign, scale):
+    """TIES: trim each vector to its top ``density``, weight, elect a sign per entry, average the agreeing entries.
+
+    ``sign="sum"`` elects the sign of Σ trimmed values; ``"count"`` the sign of
+    #positive − #negative; a tie goes to +. The disjoint mean averages, per
+    entry, the non-zero trimmed values whose sign is the elected one (0 where
+    there are none). Result × ``scale``.
+    """
+    return _elect_and_merge(_weighted([trim(v, density, scope) for v in vectors], weights), sign, scale)
+
+
+def _dare_linear(vectors, weights, *, drop, seed, scale):
+    """DARE: drop each entry with probability ``drop``, rescale survivors by ``1/(1-drop)``, then ``scale · Σ w_i``."""
+    return _sum(_weighted(_dare(vectors, drop, seed), weights), scale)
+
+
+def _dare_ties(vectors, weights, *, drop, seed, sign, scale):
+    """DARE-TIES: DARE's drop and rescale in place of TIES' trim, then TIES' election and disjoint mean."""
+    return _elect_and_merge(_weighted(_dare(vectors, drop, seed), weights), sign, scale)
+
+
+def _breadcrumbs(vectors, weights, *, density, top, scale):
+    """Model Breadcrumbs: per tensor, drop the largest ``top`` fraction and keep the next ``density``, then sum."""
+    parts = []
+    for v in vectors:
+        kept = {}
+        for name in v._layout.slots:
+            t, n = v[name], v[name].numel()
+            k_top = math.floor(top * n)
+            k_end = min(n, k_top + math.floor(density * n))
+            magnitude = t.abs()
+            # Selections are nested (same total order), so this keeps exactly k_end - k_top entries.
+            mask = kernels.topk_mask(magnitude, k_end) & ~kernels.topk_mask(magnitude, k_top)
+            kept[name] = t * mask
+        parts.append(kept)
+    return _sum(_weighted(parts, weights), scale)
+
+
+def _consensus(vectors, weights, *, k, lambda_, scale):
+    """Consensus merging (TALL masks): keep the entries of ``Σ w_i τ_i`` that at least ``k`` tasks deem important.
+
+    Task t deems entry j important when ``|w_t τ_t,j| >= lambda_ · |τ_MTL,j − w_t τ_t,j|``
+    with ``τ_MTL = Σ w_i τ_i``.
+    """
+    weighted = [{n: v[n] * w for n in v._layout.slots} for v, w in zip(vectors, weights)]
+    out = {}
+    for name in weighted[0]:
+        total = sum(p[name] for p in weighted)
+        votes = sum(((p[name].abs() >= lambda_ * (total - p[name]).abs()) for p in weighted), torch.zeros_like(total, dtype=torch.int32))
+        out[name] = torch.where(votes >= k, total, 0) * scale
+    return out
+
+
+def _tsv(vectors, weights, *, rank_fraction, scale):
+    """Task Singular Vectors (TSV-Merge): per 2-D weight, keep each task's top singular vectors,
+    decorrelate the concatenated bases, and recombine; other tensors are averaged.
+
+    Each of T tasks keeps ``max(1, floor(rank_fraction · min(m, n)))`` singular
+    triplets of ``w_t ΔW_t`` (default fraction ``1/T``); the stacked left and
+    right bases are replaced by their closest orthogonal matrices (``P Qᵀ`` of
+    their SVDs). Result × ``scale``. The result does not depend on the order of
+    the vectors when the stacked bases have full rank (vectors in general
+    position); for rank-deficient stacks the orthogonalisation is not unique.
+    """
+    count = len(vectors)
+    fraction = rank_fraction if rank_fraction is not None else 1.0 / count
+    out = {}
+    for name in vectors[0]._layout.slots:
+        tensors = [v[name] * w for v, w in zip(vectors, weights)]
+        if tensors[0].dim() != 2 or min(tensors[0].shape) == 0:
+            out[name] = sum(tensors) / count * scale
+            continue
+        r = max(1, math.floor(fraction * min(tensors[0].shape)))
+        us, ss, vs = [], [], []
+        for t in tensors:
+            u, s, vh = torch.linalg.svd(t, full_matrices=False)
+            # Directions of (numerically) zero singular values are arbitrary and add nothing to
+            # the sum; leaving them out keeps the orthogonalisation well defined.
+            keep = s[:r] > s[:1].clamp_min(torch.finfo(s.dtype).tiny) * torch.finfo(s.dtype).eps * max(t.shape)
+            us.append(u[:, :r][:, keep]), ss.append(s[:r][keep]), vs.append(vh[:r].T[:, keep])
+        u_cat, s_cat, v_cat = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
+        if s_cat.numel() == 0:
+            out[name] = torch.zeros_like(tensors[0])
+            continue
+        u_orth = _closest_orthogonal(u_cat)
+        v_orth = _closest_orthogonal(v_cat)
+        out[name] = (u_orth * s_cat) @ v_orth.T * scale
+    return out
+
+
+def _closest_orthogonal(m: torch.Tensor) -> torch.Tensor:
+    p, _, qh = torch.linalg.svd(m, full_matrices=False)
+    return p @ qh
+
+
+def _iso_c(vectors, weights, *, scale):
+    """Iso-C: per 2-D weight, the SVD of ``Σ w_i ΔW_i`` with every singular value replaced by their mean;
+    other tensors are summed (task arithmetic). Result × ``scale``.
+    """
+    out = {}
+    for name in vectors[0]._layout.slots:
+        total = sum(v[name] * w for v, w in zip(vectors, weights))
+        if total.dim() == 2 and min(total.shape) > 0:
+            u, s, vh = torch.linalg.svd(total, full_matrices=False)
+            total = s.mean() * (u @ vh)
+        out[name] = total * scale
+    return out
+
+
+register("task_arithmetic", _task_arithmetic, paper="https://arxiv.org/abs/2212.04089", options={"scale": SCALE})
+register("mean", _mean, paper="https://arxiv.org/abs/2203.05482")
+register("magnitude_prune", _magnitude_prune, paper="https://arxiv.org/abs/2306.01708",
+         options={"density": DENSITY, "scope": SCOPE})
+register("ties", _ties, paper="https://arxiv.org/abs/2306.01708",
+         options={"density": DENSITY, "scope": SCOPE, "sign": SIGN, "scale": SCALE})
+register("dare", _dare_linear, paper="https://arxiv.org/abs/2311.03099", randomized=True,
+         options={"drop": DROP, "seed": SEED, "scale": SCALE})
+register("dare_ties", _dare_ties, paper="https://arxiv.org/abs/2311.03099", randomized=True,
+         options={"drop": DROP, "seed": SEED, "sign": SIGN, "scale": SCALE})
+register("breadcrumbs", _breadcrumbs, paper="https://arxiv.org/abs/2312.06795",
+         options={"density": Option(0.9, _fraction(0.0, 1.0, lo_open=True), "a number in (0, 1]"),
+                  "top": Option(0.01, _fraction(0.0, 1.0, hi_open=True), "a number in [0, 1)"), "scale": SCALE})
+register("consensus", _consensus, paper="https://arxiv.org/abs/2405.07813",
+         options={"k": Option(2, lambda x: _integer(x) and x >= 1, "an int >= 1"),
+                  "lambda_": Option(0.5, lambda x: _finite(x) and x >= 0, "a number >= 0"), "scale": SCALE})
+register("tsv", _tsv, paper="https://arxiv.org/abs/2412.00081",
+         options={"rank_fraction": Option(None, lambda x: x is None or _fraction(0.0, 1.0, lo_open=True)(x), "None (1/#tasks) or a number in (0, 1]"),
+                  "scale": SCALE})
+register("iso_c", _iso_c, paper="https://arxiv.org/abs/2502.04959", options={"scale": SCALE})

@@ -1,0 +1,310 @@
+"""Merge methods: hand-computed examples, hypothesis invariants, validation before compute."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import taskarith as ta
+from taskarith import kernels
+from strategies import scalars, vectors
+
+DETERMINISTIC = ["task_arithmetic", "mean", "magnitude_prune", "ties", "breadcrumbs", "consensus", "iso_c"]
+WITH_SCALE = ["task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "consensus", "tsv", "iso_c"]
+SEEDED = {"dare": {"seed": 3}, "dare_ties": {"seed": 3}}
+
+
+def tv(**tensors):
+    return ta.TaskVector({k: torch.tensor(v, dtype=torch.float32) for k, v in tensors.items()})
+
+
+A = tv(w=[1.0, -2.0, 0.5, 0.0], b=[0.25])
+B = tv(w=[3.0, 1.0, -0.1, -4.0], b=[-1.0])
+C = tv(w=[-1.0, -1.0, 2.0, 1.0], b=[0.5])
+
+
+# ------------------------------------------------------------ hand-computed
+
+
+def test_task_arithmetic_and_mean_by_hand():
+    out = ta.merge([A, B], "task_arithmetic", weights=[1.0, 0.5], scale=2.0)
+    assert out["w"].tolist() == pytest.approx([5.0, -3.0, 0.9, -4.0], rel=1e-6)
+    assert out["b"].tolist() == [-0.5]
+    out = ta.merge([A, B], "mean", weights=[1.0, 3.0])
+    assert out["w"].tolist() == pytest.approx([2.5, 0.25, 0.05, -3.0])
+
+
+def test_magnitude_prune_by_hand():
+    # global scope over 5 entries, density 0.4 -> keep 2 per vector
+    out = ta.merge([A, B], "magnitude_prune", density=0.4, scope="global")
+    # A keeps -2 and 1; B keeps -4 and 3
+    assert out["w"].tolist() == [4.0, -2.0, 0.0, -4.0] and out["b"].tolist() == [0.0]
+    # tensor scope: w keeps floor(0.4*4)=1, b keeps floor(0.4*1)=0
+    out = ta.merge([A, B], "magnitude_prune", density=0.4, scope="tensor")
+    assert out["w"].tolist() == [0.0, -2.0, 0.0, -4.0] and out["b"].tolist() == [0.0]
+
+
+def test_ties_by_hand_with_sum_and_count_election():
+    # density 0.6 global over 5 entries -> keep 3 per vector
+    # A: -2, 1, 0.5      B: -4, 3, 1      C: -1(idx0), -1(idx1), 2  (tie at 1 between idx0,1,3 -> lowest indices)
+    # ... C's magnitudes: w=[1,1,2,1], b=0.5 -> top 3: 2, then ties at 1 -> idx0, idx1
+    out = ta.merge([A, B, C], "ties", density=0.6, scope="global", sign="sum")
+    # entry0: A 1, B 3, C -1 -> sum 3 (+) -> mean(1, 3) = 2
+    # entry1: A -2, B 1, C -1 -> sum -2 (-) -> mean(-2, -1) = -1.5
+    # entry2: A 0.5, B 0, C 2 -> + -> 1.25
+    # entry3: A 0, B -4, C 0 -> - -> -4 ; b: all trimmed -> 0
+    assert out["w"].tolist() == [2.0, -1.5, 1.25, -4.0] and out["b"].tolist() == [0.0]
+    counted = ta.merge([A, B, C], "ties", density=0.6, scope="global", sign="count")
+    # entry0: +,+,- -> + ; entry1: -,+,- -> - ; same as above here
+    assert counted["w"].tolist() == [2.0, -1.5, 1.25, -4.0]
+    # a sign tie goes to +: entry1 of A and B alone: -2 and +1 with "count" -> tie -> + -> mean(1) = 1
+    pair = ta.merge([A, B], "ties", density=0.6, scope="global", sign="count")
+    assert pair["w"][1].item() == 1.0
+
+
+def test_ties_weights_apply_after_trimming_and_before_election():
+    # Weighted B dominates entry1's election: -2 vs 1*3 -> +
+    out = ta.merge([A, B], "ties", density=1.0, weights=[1.0, 3.0])
+    assert out["w"][1].item() == 3.0
+    assert out["w"][0].item() == (1.0 + 9.0) / 2
+
+
+def test_dare_drops_and_rescales_exactly_and_is_reproducible():
+    big = ta.TaskVector({"w": torch.linspace(-1, 1, 10_000)})
+    out = ta.merge([big], "dare", drop=0.75, seed=11)
+    kept = out["w"] != 0
+    assert torch.equal(out["w"][kept], big["w"][kept] / 0.25)
+    assert abs(kept.float().mean().item() - 0.25) < 0.02
+    assert ta.merge([big], "dare", drop=0.75, seed=11).equal(out)
+    assert not ta.merge([big], "dare", drop=0.75, seed=12).equal(out)
+    assert ta.merge([A, B], "dare", drop=0.0, seed=0).allclose(A + B, rtol=0, atol=0)
+
+
+def test_dare_masks_do_not_depend_on_other_tensors_or_their_order():
+    g = torch.Generator().manual_seed(0)
+    w, v = torch.randn(50, generator=g), torch.randn(7, generator=g)
+    alone = ta.merge([ta.TaskVector({"w": w})], "dare", drop=0.5, seed=5)
+    with_other = ta.merge([ta.TaskVector({"v": v, "w": w})], "dare", drop=0.5, seed=5)
+    assert torch.equal(alone["w"], with_other["w"])
+
+
+def test_dare_ties_elects_over_dropped_and_rescaled_vectors():
+    out = ta.merge([A, B], "dare_ties", drop=0.0, seed=1)
+    assert out.allclose(ta.merge([A, B], "ties", density=1.0), rtol=0, atol=0)
+
+
+def test_breadcrumbs_by_hand():
+    x = ta.TaskVector({"w": torch.tensor([5.0, -4.0, 3.0, -2.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.01])})
+    out = ta.merge([x], "breadcrumbs", top=0.1, density=0.5)
+    # drop the single largest (5), keep the next 5: -4, 3, -2, 1, 0.5
+    assert out["w"].tolist() == [0.0, -4.0, 3.0, -2.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_consensus_by_hand():
+    out = ta.merge([A, B, C], "consensus", k=2, lambda_=1.0)
+    total = (A + B + C)["w"]  # [3, -2, 2.4, -3]
+    # entry0: |1|>=|2|? no; |3|>=|0|? yes; |-1|>=|4|? no -> 1 vote -> dropped
+    # entry3: |0|>=|-3|? no; |-4|>=|1| yes; |1|>=|-4| no -> 1 vote -> dropped
+    # entry1: |-2|>=|0| yes; |1|>=|-3| no; |-1|>=|-1| yes -> 2 votes -> kept
+    # entry2: |0.5|>=|1.9| no; |-0.1|>=|2.5| no; |2|>=|0.4| yes -> 1 vote -> dropped
+    assert out["w"].tolist() == [0.0, total[1].item(), 0.0, 0.0]
+
+
+def test_iso_c_flattens_the_spectrum_of_the_sum():
+    g = torch.Generator().manual_seed(0)
+    a, b = (ta.TaskVector({"m": torch.randn(6, 4, generator=g), "bias": torch.randn(3, generator=g)}) for _ in range(2))
+    out = ta.merge([a, b], "iso_c", scale=1.0)
+    s_sum = torch.linalg.svdvals((a + b)["m"])
+    s_out = torch.linalg.svdvals(out["m"])
+    assert torch.allclose(s_out, s_sum.mean().expand(4), rtol=1e-5)
+    assert torch.allclose(out["bias"], (a + b)["bias"])
+
+
+def test_tsv_of_one_task_at_full_rank_is_the_identity():
+    g = torch.Generator().manual_seed(0)
+    a = ta.TaskVector({"m": torch.randn(5, 3, generator=g), "bias": torch.randn(3, generator=g)})
+    out = ta.merge([a], "tsv", rank_fraction=1.0)
+    assert out.allclose(a, rtol=1e-5, atol=1e-5)
+
+
+def test_tsv_keeps_the_requested_rank():
+    g = torch.Generator().manual_seed(1)
+    vs = [ta.TaskVector({"m": torch.randn(8, 8, generator=g)}) for _ in range(4)]
+    out = ta.merge(vs, "tsv")  # default: 1/4 of rank 8 -> 2 per task -> rank 8
+    assert torch.linalg.matrix_rank(out["m"]).item() == 8
+    out = ta.merge(vs, "tsv", rank_fraction=0.125)  # 1 per task -> rank 4
+    assert torch.linalg.matrix_rank(out["m"]).item() == 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tsv_does_not_depend_on_input_order_in_general_position(seed):
+    g = torch.Generator().manual_seed(seed)
+    vs = [ta.TaskVector({"m": torch.randn(7, 5, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)})
+          for _ in range(3)]
+    out = ta.merge(vs, "tsv", weights=[1.0, 0.5, 2.0])
+    shuffled = ta.merge([vs[2], vs[0], vs[1]], "tsv", weights=[2.0, 1.0, 0.5])
+    assert out.allclose(shuffled, rtol=1e-9, atol=1e-9)
+
+
+def test_half_precision_inputs_merge_in_float32_and_return_their_dtype():
+    a16, b16 = A.to(dtype=torch.bfloat16), B.to(dtype=torch.bfloat16)
+    out = ta.merge([a16, b16], "ties", density=0.6)
+    assert out.dtype == torch.bfloat16
+    reference = ta.merge([a16.to(dtype=torch.float32), b16.to(dtype=torch.float32)], "ties", density=0.6)
+    assert out.equal(reference.to(dtype=torch.bfloat16))
+    assert ta.merge([a16, b16], "ties", density=0.6, dtype=torch.float32).equal(reference)
+
+
+def test_tied_names_stay_tied_through_a_merge():
+    w1, w2 = torch.randn(4), torch.randn(4)
+    a = ta.TaskVector({"embed": w1, "head": w1})
+    b = ta.TaskVector({"embed": w2, "head": w2})
+    out = ta.merge([a, b], "ties", density=0.5)
+    assert out.aliases == {"head": "embed"}
+    untied = ta.TaskVector({"embed": w2, "head": w2 * 2})
+    mixed = ta.merge([a, untied], "task_arithmetic")
+    assert mixed.aliases == {}
+    assert torch.equal(mixed["head"], w1 + 2 * w2) and torch.equal(mixed["embed"], w1 + w2)
+
+
+# ----------------------------------------------------------- selection
+
+
+def _reference_topk(values: np.ndarray, k: int) -> np.ndarray:
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))  # largest first, ties by index
+    mask = np.zeros(len(values), dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+@given(values=hnp.arrays(np.float32, st.integers(0, 60), elements=st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 3.5])),
+       fraction=st.floats(0, 1))
+def test_topk_keeps_exactly_k_with_lowest_index_tie_break(values, fraction):
+    k = math.floor(fraction * len(values))
+    mask = kernels.topk_mask(torch.from_numpy(values), k)
+    assert int(mask.sum()) == k, f"topk_mask kept {int(mask.sum())} of {len(values)} for k={k}"
+    assert np.array_equal(mask.numpy(), _reference_topk(values, k)), "topk_mask differs from the sorted reference"
+
+
+@given(vs=vectors(n=1, dtypes=[torch.float32, torch.float64]), density=st.floats(0.01, 1.0), scope=st.sampled_from(["global", "tensor"]))
+def test_trim_keeps_exactly_floor_density_n_entries(vs, density, scope):
+    (v,) = vs
+    v = ta.TaskVector({n: torch.arange(1, v[n].numel() + 1, dtype=v[n].dtype).view(v[n].shape) * (v[n] + 0.5).sign().where(v[n] != -0.5, 1) for n in v})  # non-zero entries
+    trimmed = ta.merging.trim(v, density, scope)
+    kept = sum(int((t != 0).sum()) for t in trimmed.values())
+    if scope == "global":
+        expected = math.floor(density * v.numel())
+    else:
+        expected = sum(math.floor(density * v[n].numel()) for n in v._layout.slots)
+    assert kept == expected, f"trim({scope}) kept {kept}, expected {expected}"
+
+
+# ---------------------------------------------------------- invariants
+
+
+@given(vs=vectors(n=1, dtypes=[torch.float32, torch.float64]), scope=st.sampled_from(["global", "tensor"]),
+       sign=st.sampled_from(["sum", "count"]))
+def test_ties_of_one_vector_at_full_density_is_the_identity(vs, scope, sign):
+    (v,) = vs
+    assert ta.merge([v], "ties", density=1.0, scope=scope, sign=sign).equal(v)
+
+
+@given(vs=vectors(n=2, dtypes=[torch.float32, torch.float64], max_abs=1e6), s=scalars, t=scalars, c=scalars)
+def test_task_arithmetic_is_linear(vs, s, t, c):
+    a, b = vs
+    got = ta.merge([a, b], "task_arithmetic", weights=[s, t], scale=c)
+    want = (c * s) * a + (c * t) * b
+    for n in a:
+        bound = 4 * torch.finfo(a[n].dtype).eps * abs(c) * (abs(s) * a[n].abs() + abs(t) * b[n].abs()).double() + 1e-30
+        assert bool(((got[n].double() - want[n].double()).abs() <= bound).all()), f"task_arithmetic {n!r}"
+
+
+@pytest.mark.parametrize("method", DETERMINISTIC)
+@given(vs=vectors(n=3, dtypes=[torch.float64], max_abs=1e3), w=st.lists(st.floats(0.1, 2.0), min_size=3, max_size=3),
+       perm=st.permutations([0, 1, 2]))
+def test_deterministic_merges_do_not_depend_on_input_order(method, vs, w, perm):
+    out = ta.merge(vs, method, weights=w)
+    shuffled = ta.merge([vs[i] for i in perm], method, weights=[w[i] for i in perm])
+    assert out.allclose(shuffled, rtol=1e-9, atol=1e-9), f"{method}: result depends on the order of the vectors"
+
+
+@pytest.mark.parametrize("method", WITH_SCALE)
+@given(vs=vectors(n=2, dtypes=[torch.float64], max_abs=1e3), s=scalars)
+def test_scale_is_equivariant(method, vs, s):
+    options = SEEDED.get(method, {})
+    plain = ta.merge(vs, method, **options)
+    scaled = ta.merge(vs, method, scale=s, **options)
+    assert scaled.allclose(s * plain, rtol=1e-9, atol=1e-9), f"{method}: scale={s} is not a plain multiplier"
+
+
+def test_dare_is_unbiased():
+    # E[mask / (1 - p)] = 1, so the mean over seeds tends to τ. With p = 0.5 each draw is 0 or 2τ; over
+    # N = 4000 seeds the mean has standard deviation |τ|/sqrt(N) ≈ 0.016|τ|: allow 5 of them.
+    tau = ta.TaskVector({"w": torch.linspace(-2, 2, 64, dtype=torch.float64)})
+    n = 4000
+    mean = sum(ta.merge([tau], "dare", drop=0.5, seed=s)["w"] for s in range(n)) / n
+    assert bool(((mean - tau["w"]).abs() <= 5 * tau["w"].abs() / math.sqrt(n) + 1e-12).all())
+
+
+# ------------------------------------------------------------- validation
+
+
+def test_unknown_methods_and_options_list_the_valid_ones():
+    with pytest.raises(ta.TaskArithError, match="valid: breadcrumbs, consensus, dare"):
+        ta.merge([A], "tie")
+    with pytest.raises(ta.TaskArithError, match=r"unknown option\(s\) \['densty'\].*density \(a number in \(0, 1\]\)"):
+        ta.merge([A], "ties", densty=0.3)
+    with pytest.raises(ta.TaskArithError, match=r"density=1.5 is invalid.*scope='layer' is invalid"):
+        ta.merge([A], "ties", density=1.5, scope="layer")
+    with pytest.raises(ta.TaskArithError, match="seed is required"):
+        ta.merge([A], "dare")
+    with pytest.raises(ta.TaskArithError, match="drop=1.0 is invalid"):
+        ta.merge([A], "dare", drop=1.0, seed=0)
+
+
+def test_options_are_validated_before_any_computation():
+    calls = []
+
+    def spy(vectors, weights, *, level):
+        calls.append(1)
+        return vectors[0]
+
+    ta.merging.register("spy_demo", spy, paper="n/a",
+                        options={"level": ta.merging.Option(1, lambda x: x in (1, 2), "1 or 2")})
+    try:
+        with pytest.raises(ta.TaskArithError, match="level=3"):
+            ta.merge([A, B], "spy_demo", level=3)
+        with pytest.raises(ta.KeyMismatchError):
+            ta.merge([A, tv(w=[1.0, 2.0, 3.0, 4.0])], "spy_demo")
+        assert calls == []
+        with pytest.raises(ta.TaskArithError, match="already registered"):
+            ta.merging.register("spy_demo", spy, paper="n/a")
+    finally:
+        ta.merging.unregister("spy_demo")
+
+
+def test_bad_vector_lists_and_weights_are_refused():
+    with pytest.raises(ta.TaskArithError, match="at least one"):
+        ta.merge([], "ties")
+    with pytest.raises(ta.TaskArithError, match="#1"):
+        ta.merge([A, {"w": torch.zeros(4)}], "ties")
+    with pytest.raises(ta.ShapeMismatchError, match="'w'"):
+        ta.merge([A, tv(w=[1.0], b=[0.0])], "ties")
+    with pytest.raises(ta.TaskArithError, match="2 weights for 3"):
+        ta.merge([A, B, C], "ties", weights=[1.0, 2.0])
+    with pytest.raises(ta.TaskArithError, match="sum to zero"):
+        ta.merge([A, B], "mean", weights=[1.0, -1.0])
+    with pytest.raises(ta.TaskArithError, match="floating-point"):
+        ta.merge([A, B], "ties", dtype=torch.int8)
+
+
+def test_every_method_documents_its_formula_and_paper():
+    for name, method in ta.methods().items():
+        assert method.paper.startswith("https://arxiv.org/abs/"), name
+        assert len(method.doc) > 40, f"{name} needs a docstring with its formula"
