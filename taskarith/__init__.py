@@ -20,6 +20,7 @@ from .errors import (
     TaskArithError,
 )
 from .merging import merge, methods
+from .streaming import merge_files
 from .vector import TaskVector
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TaskVector",
     "merge",
+    "merge_files",
     "methods",
     "TaskArithError",
     "KeyMismatchError",
@@ -53,3 +55,19 @@ def save(vector: TaskVector, path, metadata=None) -> None:
     """Write a task vector to a ``.safetensors`` file atomically (see :meth:`TaskVector.save`)."""
     vector.save(path, metadata=metadata)
 
+
+
+# Attribution-guided consolidation, loaded on first use: `import taskarith` never imports captum.
+__all__ += ["consolidate", "tune_scale", "attribution"]
+
+
+def __getattr__(name):
+    if name in ("consolidate", "tune_scale"):
+        from . import _consolidate
+
+        return getattr(_consolidate, name)
+    if name == "attribution":
+        import importlib
+
+        return importlib.import_module(".attribution", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -58,6 +58,15 @@ def round_trips(pretrained: torch.Tensor, finetuned: torch.Tensor, delta: torch.
     return True
 
 
+def delta_of(pretrained: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor's delta under the same dtype policy as :func:`extract` (float64 fallback included)."""
+    delta = torch.empty(finetuned.shape, dtype=delta_dtype(finetuned.dtype, dtype), device=finetuned.device)
+    subtract_into(delta, finetuned, pretrained)
+    if dtype is None and finetuned.dtype in HALF and not round_trips(pretrained, finetuned, delta):
+        delta = finetuned.double() - pretrained.double()
+    return delta
+
+
 def tied_groups(state: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, str]:
     """alias -> canonical name for names whose tensors share memory (tied weights)."""
     first: dict[tuple, str] = {}

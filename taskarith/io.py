@@ -173,7 +173,7 @@ def write_safetensors(
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for name, tensor in chunks:
+    for name, tensor in chunks:  # a tensor, or a stand-in with dtype/shape/numel/element_size/blocks
         nbytes = tensor.numel() * tensor.element_size()
         header[name] = {
             "dtype": _ST_DTYPES[tensor.dtype],
@@ -190,16 +190,25 @@ def write_safetensors(
             _write_tensor(f, tensor)
 
 
-def _write_tensor(f: IO[bytes], tensor: torch.Tensor) -> None:
-    if tensor.numel() == 0:
-        return
-    flat = tensor.detach().reshape(-1)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    # Viewing as bytes gives numpy an array type for every dtype (bf16 included).
-    f.write(memoryview(flat.view(torch.uint8).numpy()))
+def _write_tensor(f: IO[bytes], tensor) -> None:
+    """Write one tensor's bytes; a stand-in with ``blocks()`` streams them block by block."""
+    expected = tensor.numel() * tensor.element_size()
+    written = 0
+    for block in tensor.blocks() if hasattr(tensor, "blocks") else [tensor]:
+        if block.dtype != tensor.dtype:
+            raise TaskArithError(f"internal: a block of dtype {block.dtype} streamed into a {tensor.dtype} tensor")
+        flat = block.detach().reshape(-1)
+        if flat.numel() == 0:
+            continue
+        if flat.device.type != "cpu":
+            flat = flat.cpu()
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        # Viewing as bytes gives numpy an array type for every dtype (bf16 included).
+        f.write(memoryview(flat.view(torch.uint8).numpy()))
+        written += flat.numel() * flat.element_size()
+    if written != expected:
+        raise TaskArithError(f"internal: wrote {written} bytes for a tensor of {expected} bytes")
 
 
 @contextmanager

@@ -52,6 +52,11 @@ class Method:
     paper: str
     options: Mapping[str, Option] = field(default_factory=dict)
     randomized: bool = False
+    # How out-of-core merging may split the work: ``trims`` methods start with a magnitude trim
+    # driven by their ``density``/``scope`` options (done by streaming selection instead), and
+    # ``elementwise`` methods treat entries independently after that, so tensors can be chunked.
+    trims: bool = False
+    elementwise: bool = False
 
     @property
     def doc(self) -> str:
@@ -62,7 +67,8 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, fn: Callable[..., Mapping[str, torch.Tensor]], *, paper: str,
-             options: Mapping[str, Option] | None = None, randomized: bool = False) -> Method:
+             options: Mapping[str, Option] | None = None, randomized: bool = False,
+             trims: bool = False, elementwise: bool = False) -> Method:
     """Add a merge method. ``fn(vectors, weights, **options)`` returns ``name -> merged delta``.
 
     ``vectors`` arrive validated (same names and shapes) in their compute dtype;
@@ -81,7 +87,9 @@ def register(name: str, fn: Callable[..., Mapping[str, torch.Tensor]], *, paper:
     """
     if name in _REGISTRY:
         raise TaskArithError(f"a merge method named {name!r} is already registered")
-    method = Method(name, fn, paper, dict(options or {}), randomized)
+    if trims and not {"density", "scope"} <= set(options or {}):
+        raise TaskArithError(f"method {name!r} declares trims=True but has no 'density' and 'scope' options")
+    method = Method(name, fn, paper, dict(options or {}), randomized, trims, elementwise)
     _REGISTRY[name] = method
     return method
 
@@ -257,17 +265,21 @@ def trim(vector: TaskVector, density: float, scope: str) -> dict[str, torch.Tens
     names = list(vector._layout.slots)
     if scope == "tensor":
         return {n: vector[n] * kernels.topk_mask(vector[n].abs(), math.floor(density * vector[n].numel())) for n in names}
-    buffers = list(vector._buffers.items())
-    parts = [buf.abs().to(torch.float64 if dt == torch.float64 else torch.float32) for dt, buf in buffers]
-    magnitudes = parts[0] if len(parts) == 1 else torch.cat(parts)
-    del parts
+    # Global scope: one selection over every entry, in the vector's name order (which is also the
+    # order streaming merges see), so ties at the threshold resolve identically in and out of core.
+    wide = torch.float64 if torch.float64 in vector.dtypes else torch.float32
+    if len(vector._buffers) == 1:
+        magnitudes = next(iter(vector._buffers.values())).abs().to(wide)
+    else:
+        magnitudes = torch.cat([vector[n].abs().to(wide).reshape(-1) for n in names])
     mask = kernels.topk_mask(magnitudes, math.floor(density * magnitudes.numel()))
     del magnitudes
     kept, start = {}, 0
-    for dt, buf in buffers:
-        kept[dt] = buf * mask[start:start + buf.numel()]
-        start += buf.numel()
-    return {n: kept[s.dtype].narrow(0, s.offset, s.numel).view(s.shape) for n, s in vector._layout.slots.items()}
+    for name in names:
+        t = vector[name]
+        kept[name] = t * mask[start:start + t.numel()].view(t.shape)
+        start += t.numel()
+    return kept
 
 
 def _weighted(parts: list[dict[str, torch.Tensor]], weights: list[float]) -> list[dict[str, torch.Tensor]]:
@@ -437,12 +449,13 @@ def _iso_c(vectors, weights, *, scale):
     return out
 
 
-register("task_arithmetic", _task_arithmetic, paper="https://arxiv.org/abs/2212.04089", options={"scale": SCALE})
-register("mean", _mean, paper="https://arxiv.org/abs/2203.05482")
+register("task_arithmetic", _task_arithmetic, paper="https://arxiv.org/abs/2212.04089", options={"scale": SCALE},
+         elementwise=True)
+register("mean", _mean, paper="https://arxiv.org/abs/2203.05482", elementwise=True)
 register("magnitude_prune", _magnitude_prune, paper="https://arxiv.org/abs/2306.01708",
-         options={"density": DENSITY, "scope": SCOPE})
+         options={"density": DENSITY, "scope": SCOPE}, trims=True, elementwise=True)
 register("ties", _ties, paper="https://arxiv.org/abs/2306.01708",
-         options={"density": DENSITY, "scope": SCOPE, "sign": SIGN, "scale": SCALE})
+         options={"density": DENSITY, "scope": SCOPE, "sign": SIGN, "scale": SCALE}, trims=True, elementwise=True)
 register("dare", _dare_linear, paper="https://arxiv.org/abs/2311.03099", randomized=True,
          options={"drop": DROP, "seed": SEED, "scale": SCALE})
 register("dare_ties", _dare_ties, paper="https://arxiv.org/abs/2311.03099", randomized=True,
@@ -452,7 +465,8 @@ register("breadcrumbs", _breadcrumbs, paper="https://arxiv.org/abs/2312.06795",
                   "top": Option(0.01, _fraction(0.0, 1.0, hi_open=True), "a number in [0, 1)"), "scale": SCALE})
 register("consensus", _consensus, paper="https://arxiv.org/abs/2405.07813",
          options={"k": Option(2, lambda x: _integer(x) and x >= 1, "an int >= 1"),
-                  "lambda_": Option(0.5, lambda x: _finite(x) and x >= 0, "a number >= 0"), "scale": SCALE})
+                  "lambda_": Option(0.5, lambda x: _finite(x) and x >= 0, "a number >= 0"), "scale": SCALE},
+         elementwise=True)
 register("tsv", _tsv, paper="https://arxiv.org/abs/2412.00081",
          options={"rank_fraction": Option(None, lambda x: x is None or _fraction(0.0, 1.0, lo_open=True)(x), "None (1/#tasks) or a number in (0, 1]"),
                   "scale": SCALE})

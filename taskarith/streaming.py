@@ -1,0 +1,447 @@
+"""Out-of-core merging: merge checkpoints tensor by tensor, straight from disk to disk.
+
+Inputs are memory-mapped (their pages are file-backed and reclaimable, so they
+do not count against ``max_memory``); only the deltas and results of the tensor
+being merged are private memory, and tensors of element-wise methods are cut
+into row blocks so that even those stay under the budget. Methods that begin
+with a magnitude trim (TIES, magnitude pruning) get their exact thresholds —
+per tensor or over the whole model — from a streaming radix selection that
+reads the inputs once or twice more without holding them, then merge in a final
+pass. The results equal :func:`taskarith.merge` on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import _extract, kernels, merging
+from .errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
+from .io import SHARD_INDEX, SINGLE_FILE, write_safetensors
+from .vector import FORMAT, FORMAT_VERSION, TaskVector
+
+__all__ = ["merge_files", "Checkpoint"]
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|.*\.safetensors\.index\.json$")
+_COLLECT = 1 << 22  # candidates few enough to select among in memory
+
+
+class Checkpoint:
+    """Read-only, zero-copy access to a ``.safetensors`` file or a (sharded) model directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.is_dir():
+            if (self.path / SINGLE_FILE).is_file():
+                files = {None: self.path / SINGLE_FILE}
+                owner = None
+            elif (self.path / SHARD_INDEX).is_file():
+                weight_map = json.loads((self.path / SHARD_INDEX).read_text())["weight_map"]
+                files = {f: self.path / f for f in sorted(set(weight_map.values()))}
+                owner = weight_map
+            else:
+                raise TaskArithError(f"directory {str(self.path)!r} holds neither {SINGLE_FILE} nor {SHARD_INDEX}")
+        elif self.path.suffix == ".safetensors" and self.path.is_file():
+            files, owner = {None: self.path}, None
+        else:
+            raise TaskArithError(f"{str(self.path)!r} is not a .safetensors file or a model directory")
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], Path, int, int]] = {}
+        self.metadata: dict[str, str] = {}
+        self._maps: dict[Path, np.memmap] = {}
+        for key, file in files.items():
+            header, data_start = _read_header(file)
+            self.metadata.update(header.pop("__metadata__", None) or {})
+            for name, info in header.items():
+                if owner is not None and owner.get(name) != key:
+                    continue
+                begin, end = info["data_offsets"]
+                self.entries[name] = (_DTYPES[info["dtype"]], tuple(info["shape"]), file, data_start + begin, data_start + end)
+        if owner is not None:
+            lost = sorted(set(owner) - set(self.entries))
+            if lost:
+                raise TaskArithError(f"shard index of {str(self.path)!r} lists tensors found in no shard: {lost[:20]}")
+        # The order taskarith.io reads the same checkpoint in (so selections break ties alike):
+        # a vector's recorded order, else the shard index's, else sorted as safetensors lists them.
+        recorded = [n for n in json.loads(self.metadata.get("taskarith.names", "[]")) if n in self.entries]
+        if len(recorded) == len(self.entries):
+            self.order = recorded
+        else:
+            self.order = list(owner) if owner is not None else sorted(self.entries)
+
+    def names(self) -> list[str]:
+        return list(self.order)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor as a view of the memory-mapped file (copied only if misaligned)."""
+        dtype, shape, file, begin, end = self.entries[name]
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="c")  # copy-on-write: never writes the file
+        raw = torch.from_numpy(self._maps[file][begin:end])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if begin % itemsize:
+            raw = raw.clone()
+        return raw.view(dtype).view(shape)
+
+    def extra_files(self) -> list[Path]:
+        """Non-weight files beside the weights (config.json, tokenizer files, ...)."""
+        if not self.path.is_dir():
+            return []
+        return [p for p in sorted(self.path.iterdir()) if p.is_file() and not _WEIGHT_FILE.match(p.name)]
+
+
+def _read_header(file: Path) -> tuple[dict, int]:
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise TaskArithError(f"{str(file)!r} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", prefix)
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TaskArithError(f"{str(file)!r} is not a safetensors file: {err}") from err
+    return header, 8 + size
+
+
+def parse_bytes(size: str | int) -> int:
+    """``"2GB"``, ``"512MiB"``, ``10**9`` -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.I)
+    if not match:
+        raise TaskArithError(f"cannot read {size!r} as a size; write e.g. '2GB', '512MiB' or a number of bytes")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
+# ------------------------------------------------------------------ selection
+
+
+def stream_threshold(chunks: Callable[[], Iterator[torch.Tensor]], k: int) -> tuple[float, int]:
+    """Exact k-th largest of the magnitudes produced by ``chunks()`` (re-iterable), by radix passes.
+
+    Returns ``(threshold, above)``: the value and how many entries are strictly
+    larger. Magnitudes are compared as float64 bit patterns, which order like
+    the values for non-negative floats; each pass narrows a 16-bit digit of the
+    pattern until few enough candidates remain to select among in memory.
+    """
+    prefix, shift, above, remaining = 0, 64, 0, k
+    while True:
+        shift -= 16
+        counts = torch.zeros(1 << 16, dtype=torch.int64)
+        for magnitudes in chunks():
+            keys = _keys(magnitudes)
+            if shift < 48:
+                keys = keys[(keys >> (shift + 16)) == prefix]
+            counts += torch.bincount(((keys >> shift) & 0xFFFF), minlength=1 << 16)
+        from_top = torch.flip(counts, [0]).cumsum(0)
+        digit = (1 << 16) - 1 - int(torch.searchsorted(from_top, remaining))
+        above += int(counts[digit + 1:].sum())
+        remaining = k - above
+        prefix = (prefix << 16) | digit
+        if int(counts[digit]) <= _COLLECT or shift == 0:
+            break
+    candidates = torch.cat([k_[(k_ >> shift) == prefix] for k_ in map(_keys, chunks())] or [torch.zeros(0, dtype=torch.int64)])
+    value = kernels.kth_largest(candidates.view(torch.float64), remaining).item()
+    above += int((candidates.view(torch.float64) > value).sum())
+    return value, above
+
+
+def _keys(magnitudes: torch.Tensor) -> torch.Tensor:
+    wide = magnitudes.reshape(-1).to(torch.float64)
+    if bool(torch.isnan(wide).any()):
+        raise TaskArithError("cannot select the largest entries of deltas containing NaN")
+    return wide.view(torch.int64)
+
+
+class _Trim:
+    """Keeps exactly k entries in stream order: all above the threshold, then the first ties."""
+
+    def __init__(self, threshold: float, above: int, k: int):
+        self.threshold, self.ties_left = threshold, k - above
+        self.keep_all = False
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        magnitude = delta.abs().to(torch.float64)
+        mask = magnitude > self.threshold
+        if self.ties_left > 0:
+            ties = torch.nonzero((magnitude == self.threshold).reshape(-1)).squeeze(1)[: self.ties_left]
+            mask.view(-1)[ties] = True
+            self.ties_left -= ties.numel()
+        return delta * mask
+
+
+# ---------------------------------------------------------------------- merge
+
+
+def merge_files(
+    base: str | os.PathLike | None,
+    sources: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    method: str = "ties",
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: torch.dtype | None = None,
+    max_memory: str | int = "2GB",
+    shard_size: str | int = "5GB",
+    progress: bool | None = None,
+    **options,
+) -> Path:
+    """Merge checkpoints on disk without loading them, writing the result atomically.
+
+    With a ``base``, ``sources`` are fine-tuned models (files or Hugging Face
+    directories, sharded or not) and ``out`` becomes a model directory: sharded
+    safetensors with an index, integer buffers and non-weight files (config,
+    tokenizer) copied from the base. With ``base=None``, ``sources`` are task
+    vector files and ``out`` is a task vector file.
+
+    Args:
+        base: the pretrained model, or None to merge task vector files.
+        sources: fine-tuned models (or vector files).
+        out: output directory (or file with ``base=None``); replaced atomically.
+        method: a registered merge method; ``**options`` are its options.
+        weights: one multiplier per source.
+        dtype: output dtype (default: the base's, or the vectors').
+        max_memory: budget for the private memory of the merge ("2GB", bytes, ...).
+        shard_size: largest output shard.
+        progress: show a progress bar (default: when stderr is a terminal and tqdm is installed).
+
+    Returns:
+        the path written.
+    """
+    spec = merging._REGISTRY.get(method) if isinstance(method, str) else None
+    if spec is None:
+        raise TaskArithError(f"unknown merge method {method!r}; valid: {', '.join(sorted(merging._REGISTRY))}")
+    resolved = merging._resolve_options(spec, options)
+    budget, shard_bytes = parse_bytes(max_memory), parse_bytes(shard_size)
+    if not sources:
+        raise TaskArithError("merge_files needs at least one source")
+    weights = merging._validate_weights(weights, len(sources))
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TaskArithError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    pre = Checkpoint(base) if base is not None else None
+    inputs = [Checkpoint(s) for s in sources]
+    reference = pre or inputs[0]
+    _check_inputs(reference, inputs, with_base=pre is not None)
+    floats = [n for n in reference.names() if reference.dtype(n).is_floating_point]
+    aliases = json.loads(inputs[0].metadata.get("taskarith.aliases", "{}")) if pre is None else {}
+
+    def delta(i: int, name: str, rows: slice = slice(None)) -> torch.Tensor:
+        t = inputs[i].tensor(name)[rows] if inputs[i].shape(name) else inputs[i].tensor(name)
+        if pre is None:
+            return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+        b = pre.tensor(name)[rows] if pre.shape(name) else pre.tensor(name)
+        return _extract.delta_of(b, t)
+
+    def row_blocks(name: str, copies: int) -> list[slice]:
+        shape = reference.shape(name)
+        if not shape or not spec.elementwise:
+            return [slice(None)]
+        row_bytes = 8 * math.prod(shape[1:]) * copies  # float64 at worst
+        rows = max(1, budget // max(row_bytes, 1))
+        return [slice(r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)]
+
+    copies = len(inputs) + 3
+    trims = _plan_trims(spec, resolved, floats, len(inputs), reference, delta, row_blocks, copies)
+    fn_options = dict(resolved, density=1.0, scope="tensor") if spec.trims else resolved
+
+    def merged(name: str, rows: slice) -> torch.Tensor:
+        parts = [delta(i, name, rows) for i in range(len(inputs))]
+        if spec.trims:
+            parts = [trims[(i, name)](p) for i, p in enumerate(parts)]
+        # Random methods seed each (vector position, tensor name) alone, so one tensor at a
+        # time draws the same masks as the whole vectors in memory.
+        result = spec.fn([TaskVector({name: p}) for p in parts], weights, **fn_options)[name]
+        if pre is None:
+            return result.to(dtype or _promote_inputs(inputs, name))
+        b = pre.tensor(name)[rows] if pre.shape(name) else pre.tensor(name)
+        return _extract.apply_entry(b, result, 1.0, torch.empty(b.shape, dtype=dtype or b.dtype))
+
+    out = Path(out)
+    names = [n for n in reference.names() if n not in aliases]
+    out_dtype = {n: (dtype or (reference.dtype(n) if pre else _promote_inputs(inputs, n))) if n in floats else reference.dtype(n)
+                 for n in names}
+    bar = _progress(progress, total=len(names), desc=f"merge ({method})")
+
+    def tensors() -> Iterator[tuple[str, Callable[[], Iterator[torch.Tensor]]]]:
+        for name in names:
+            if name in floats:
+                yield name, lambda name=name: (merged(name, rows) for rows in row_blocks(name, copies))
+            else:  # integer buffers come from the base
+                yield name, lambda name=name: iter([reference.tensor(name)])
+            bar.update(1)
+
+    try:
+        if pre is None:
+            metadata = {"taskarith.format": FORMAT, "taskarith.format_version": FORMAT_VERSION,
+                        "taskarith.aliases": json.dumps(aliases), "taskarith.merge": method}
+            _write_stream(out, [(n, out_dtype[n], reference.shape(n)) for n in names], tensors(), metadata)
+        else:
+            with _atomic_dir(out) as tmp:
+                _write_model(tmp, names, out_dtype, reference, tensors(), shard_bytes)
+                for extra in pre.extra_files():
+                    shutil.copy2(extra, tmp / extra.name)
+    finally:
+        bar.close()
+    return out
+
+
+def _check_inputs(reference: Checkpoint, inputs: list[Checkpoint], *, with_base: bool) -> None:
+    for ckpt in inputs:
+        check_same_keys(reference.names(), ckpt.names(), what=f"{reference.path} vs {ckpt.path}",
+                        fix="Every checkpoint must have the same architecture.")
+    problems = []
+    for ckpt in inputs:
+        for name in reference.names():
+            if reference.shape(name) != ckpt.shape(name):
+                problems.append(f"{name!r}: {reference.shape(name)} in {reference.path.name} vs {ckpt.shape(name)} in {ckpt.path.name}")
+            elif with_base and reference.dtype(name) != ckpt.dtype(name):
+                problems.append(f"{name!r}: {reference.dtype(name)} in {reference.path.name} vs {ckpt.dtype(name)} in {ckpt.path.name}")
+    raise_if_any(problems, error=ShapeMismatchError, header="checkpoints differ",
+                 fix="Every checkpoint must have the same architecture and dtypes.")
+
+
+def _plan_trims(spec, resolved, floats, count, reference, delta, row_blocks, copies) -> dict:
+    """Exact trim thresholds per (vector, tensor), found by streaming selection."""
+    if not spec.trims:
+        return {}
+    density, scope = resolved["density"], resolved["scope"]
+    trims = {}
+    for i in range(count):
+        if scope == "global":
+            total = sum(math.prod(reference.shape(n)) for n in floats)
+            k = math.floor(density * total)
+            chunks = lambda i=i: (delta(i, n, rows).abs() for n in floats for rows in row_blocks(n, copies))  # noqa: E731
+            shared = _make_trim(chunks, k, total)
+            trims.update({(i, n): shared for n in floats})
+        else:
+            for n in floats:
+                numel = math.prod(reference.shape(n))
+                chunks = lambda i=i, n=n: (delta(i, n, rows).abs() for rows in row_blocks(n, copies))  # noqa: E731
+                trims[(i, n)] = _make_trim(chunks, math.floor(density * numel), numel)
+    return trims
+
+
+def _make_trim(chunks, k: int, n: int) -> _Trim:
+    if k <= 0:
+        return _Trim(math.inf, 0, 0)
+    if k >= n:
+        return _Trim(-1.0, 0, 0)
+    threshold, above = stream_threshold(chunks, k)
+    return _Trim(threshold, above, k)
+
+
+def _promote_inputs(inputs: list[Checkpoint], name: str) -> torch.dtype:
+    dt = inputs[0].dtype(name)
+    for ckpt in inputs[1:]:
+        dt = torch.promote_types(dt, ckpt.dtype(name))
+    return dt
+
+
+# -------------------------------------------------------------------- writing
+
+
+def _write_stream(path: Path, plan, tensors: Iterator, metadata: dict) -> None:
+    """One safetensors file from a stream of tensors whose dtypes and shapes are known up front."""
+    chunks = []
+    for (name, dtype, shape), (_, blocks) in zip(plan, tensors):
+        chunks.append((name, _Lazy(dtype, shape, blocks)))
+    write_safetensors(path, chunks, metadata)
+
+
+class _Lazy:
+    """Stands in for a tensor in write_safetensors: its bytes are produced while writing."""
+
+    def __init__(self, dtype, shape, blocks):
+        self.dtype, self.shape, self.blocks = dtype, torch.Size(shape), blocks
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def _write_model(tmp: Path, names, out_dtype, reference, tensors: Iterator, shard_bytes: int) -> None:
+    shards, current, size = [], [], 0
+    for name in names:
+        nbytes = math.prod(reference.shape(name)) * torch.empty((), dtype=out_dtype[name]).element_size()
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    stream = iter(tensors)
+    weight_map = {}
+    for index, shard in enumerate(shards, 1):
+        file = SINGLE_FILE if len(shards) == 1 else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        plan = [(n, out_dtype[n], reference.shape(n)) for n in shard]
+        _write_stream(tmp / file, plan, (next(stream) for _ in shard), {"format": "pt"})
+        weight_map.update({n: file for n in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(p.stat().st_size for p in tmp.glob("model-*.safetensors"))},
+                 "weight_map": weight_map}
+        (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=2))
+
+
+@contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
+    """A temporary directory beside ``path``, swapped into place only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "previous")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _progress(enabled: bool | None, total: int, desc: str):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, unit="tensor")
+        except ImportError:
+            pass
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,188 @@
+"""Out-of-core merging equals in-memory merging; streaming selection is exact; writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import taskarith as ta
+from taskarith import kernels, streaming
+
+CASES = [
+    ("task_arithmetic", {"scale": 0.7}),
+    ("mean", {}),
+    ("magnitude_prune", {"density": 0.3}),
+    ("magnitude_prune", {"density": 0.3, "scope": "tensor"}),
+    ("ties", {"density": 0.2}),
+    ("ties", {"density": 0.4, "scope": "tensor", "sign": "count"}),
+    ("dare", {"drop": 0.5, "seed": 7}),
+    ("dare_ties", {"drop": 0.5, "seed": 7}),
+    ("breadcrumbs", {"density": 0.5, "top": 0.1}),
+    ("consensus", {"k": 2}),
+    ("tsv", {}),
+    ("iso_c", {"scale": 0.5}),
+]
+
+
+def write_sharded(directory, state, shards=2):
+    """A Hugging Face style sharded checkpoint with an index, plus a config file."""
+    directory.mkdir(parents=True)
+    names = list(state)
+    per = math.ceil(len(names) / shards)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i * per:(i + 1) * per]
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: state[n] for n in part}, directory / file)
+        weight_map.update({n: file for n in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (directory / "config.json").write_text('{"model_type": "toy"}')
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "embed.weight": torch.randn(40, 16, generator=g),
+        "layer.weight": torch.randn(16, 16, generator=g),
+        "layer.bias": torch.randn(16, generator=g),
+        "norm.running_mean": torch.randn(16, generator=g),
+        "norm.num_batches_tracked": torch.tensor(12),
+        "scalar": torch.tensor(0.5),
+    }
+    sources = []
+    for i in range(3):
+        tuned = {n: t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t + i for n, t in base.items()}
+        save_file(tuned, root / f"ft{i}.safetensors")
+        sources.append(root / f"ft{i}.safetensors")
+    write_sharded(root / "base", base)
+    return root, base, sources
+
+
+def in_memory(base_dir, sources, method, options):
+    base = ta.io.load_state_dict(base_dir)
+    vectors = [ta.TaskVector.from_models(base, ta.io.load_state_dict(s)) for s in sources]
+    return ta.merge(vectors, method, **options).apply_to(base)
+
+
+@pytest.mark.parametrize("method,options", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_merge_files_equals_in_memory_merge(checkpoints, tmp_path, method, options):
+    root, base, sources = checkpoints
+    # A tiny memory budget forces row blocks; a tiny shard size forces several shards.
+    out = ta.merge_files(root / "base", sources, tmp_path / "merged", method, max_memory=4096, shard_size=2048, **options)
+    got = ta.io.load_state_dict(out)
+    want = in_memory(root / "base", sources, method, options)
+    assert list(sorted(got)) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), f"{method}: {name!r} differs"
+    assert torch.equal(got["norm.num_batches_tracked"], base["norm.num_batches_tracked"])
+    assert (out / "config.json").read_text() == '{"model_type": "toy"}'
+    assert (out / "model.safetensors.index.json").exists()
+
+
+def test_merge_files_of_task_vector_files(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randn(6, 3, generator=g)
+    vectors = []
+    for i in range(3):
+        w = torch.randn(6, 3, generator=g)
+        v = ta.TaskVector({"emb": w, "head": w, "b": torch.randn(3, generator=g, dtype=torch.float64) + shared[0, 0]})
+        v.save(tmp_path / f"v{i}.safetensors")
+        vectors.append(ta.load(tmp_path / f"v{i}.safetensors"))
+    files = [tmp_path / f"v{i}.safetensors" for i in range(3)]
+    out = ta.merge_files(None, files, tmp_path / "merged.safetensors", "ties", density=0.5)
+    merged = ta.load(out)
+    want = ta.merge(vectors, "ties", density=0.5)
+    assert merged.equal(want)
+    assert merged.aliases == {"head": "emb"}
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_ties_at_the_threshold_resolve_as_in_memory(tmp_path, scope, monkeypatch):
+    # Integer-valued deltas: many equal magnitudes at every threshold. A collect limit of 1
+    # forces every radix pass.
+    monkeypatch.setattr(streaming, "_COLLECT", 1)
+    g = torch.Generator().manual_seed(3)
+    base = {f"t{i}": torch.zeros(5, 7) for i in range(4)}
+    save_file(base, tmp_path / "base.safetensors")
+    sources = []
+    for j in range(2):
+        tuned = {n: torch.randint(-3, 4, (5, 7), generator=g).float() for n in base}
+        save_file(tuned, tmp_path / f"ft{j}.safetensors")
+        sources.append(tmp_path / f"ft{j}.safetensors")
+    out = ta.merge_files(tmp_path / "base.safetensors", sources, tmp_path / "m", "magnitude_prune", density=0.37, scope=scope)
+    got = ta.io.load_state_dict(out)
+    want = in_memory(tmp_path / "base.safetensors", sources, "magnitude_prune", {"density": 0.37, "scope": scope})
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+@given(values=st.lists(st.floats(0, 1e6, allow_nan=False, width=32), min_size=1, max_size=200),
+       fraction=st.floats(0.0, 1.0), pieces=st.integers(1, 5), collect=st.sampled_from([1, 7, 1 << 22]))
+def test_streaming_threshold_is_the_exact_kth_largest(values, fraction, pieces, collect):
+    data = torch.tensor(values, dtype=torch.float32)
+    k = max(1, math.ceil(fraction * len(values)))
+    chunks = lambda: iter(data.tensor_split(pieces))  # noqa: E731
+    old = streaming._COLLECT
+    streaming._COLLECT = collect
+    try:
+        threshold, above = streaming.stream_threshold(chunks, k)
+    finally:
+        streaming._COLLECT = old
+    assert threshold == kernels.kth_largest(data, k).item()
+    assert above == int((data > threshold).sum())
+
+
+def test_a_failed_merge_leaves_no_output_and_keeps_the_previous_one(checkpoints, tmp_path):
+    root, _, sources = checkpoints
+    out = ta.merge_files(root / "base", sources, tmp_path / "merged", "task_arithmetic")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def explode(vectors, weights):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return vectors[0]
+
+    ta.merging.register("explode_demo", explode, paper="n/a", elementwise=True)
+    try:
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            ta.merge_files(root / "base", sources, tmp_path / "merged", "explode_demo")
+    finally:
+        ta.merging.unregister("explode_demo")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_bad_inputs_are_refused_before_any_work(checkpoints, tmp_path):
+    root, base, sources = checkpoints
+    odd = dict(base)
+    odd["layer.weight"] = torch.zeros(3, 3)
+    del odd["scalar"]
+    save_file(odd, tmp_path / "odd.safetensors")
+    with pytest.raises(ta.KeyMismatchError, match="'scalar'"):
+        ta.merge_files(root / "base", [sources[0], tmp_path / "odd.safetensors"], tmp_path / "m", "ties")
+    with pytest.raises(ta.TaskArithError, match="valid: breadcrumbs"):
+        ta.merge_files(root / "base", sources, tmp_path / "m", "tie")
+    with pytest.raises(ta.TaskArithError, match="density=2"):
+        ta.merge_files(root / "base", sources, tmp_path / "m", "ties", density=2)
+    with pytest.raises(ta.TaskArithError, match="as a size"):
+        ta.merge_files(root / "base", sources, tmp_path / "m", "ties", max_memory="lots")
+    with pytest.raises(ta.TaskArithError, match="neither"):
+        ta.merge_files(tmp_path, sources, tmp_path / "m", "ties")
+    assert not (tmp_path / "m").exists()
+
+
+def test_sizes_parse_in_decimal_and_binary_units():
+    assert streaming.parse_bytes("2GB") == 2_000_000_000
+    assert streaming.parse_bytes("512MiB") == 512 * 2**20
+    assert streaming.parse_bytes("1.5k") == 1500
+    assert streaming.parse_bytes(1234) == 1234
