@@ -22,6 +22,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,21 @@ def view(buffers: Mapping[torch.dtype, torch.Tensor], slot: Slot) -> torch.Tenso
 _MIN_CACHED_BYTES = 1 << 20  # small buffers are cheap to allocate; don't cache them
 _cache: list[torch.Tensor] = []
 _cache_lock = threading.Lock()
+_paused = 0  # > 0 while a memory-budgeted operation runs: nothing is kept
+
+
+@contextmanager
+def cache_paused():
+    """Neither keep nor reuse buffers inside the block (and drop what is cached on entry)."""
+    global _paused
+    with _cache_lock:
+        _paused += 1
+        _cache.clear()
+    try:
+        yield
+    finally:
+        with _cache_lock:
+            _paused -= 1
 
 
 def _cache_limit() -> int:
@@ -153,7 +169,7 @@ def allocate(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     if device.type != "cpu" or nbytes < _MIN_CACHED_BYTES:
         return torch.empty(numel, dtype=dtype, device=device)
     with _cache_lock:
-        for i, buf in enumerate(_cache):
+        for i, buf in enumerate(() if _paused else _cache):
             if buf.dtype == dtype and buf.numel() == numel and _unshared(buf):
                 return _cache.pop(i)
     twin = _NUMPY_TWIN.get(dtype)
@@ -166,6 +182,8 @@ def release(buffers: Mapping[torch.dtype, torch.Tensor]) -> None:
     """Offer the buffers of a dead vector to the cache (called by a finalizer)."""
     limit = _cache_limit()
     with _cache_lock:
+        if _paused:
+            return
         for buf in buffers.values():
             if buf.device.type != "cpu" or buf.nbytes < _MIN_CACHED_BYTES or not _unshared(buf):
                 continue

@@ -13,7 +13,10 @@ entries survive on every run and every device.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -112,7 +115,44 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(h[:8], "little") >> 1
 
 
-def dare_mask(shape: tuple[int, ...], keep: float, seed: int) -> torch.Tensor:
-    """Bernoulli(keep) boolean mask drawn on the CPU from ``seed`` (same bits on every device)."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(shape, generator=generator) < keep
+DARE_BLOCK = 1 << 20  # entries per independently seeded block of a DARE mask
+
+# Where the tensors a method sees start inside their full tensors (flat offset, full size):
+# out-of-core merges hand methods row blocks, and DARE must draw the same bits for them.
+_region: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("taskarith_region", default=None)
+
+
+@contextmanager
+def region(offset: int, full_numel: int):
+    """Declare that tensors passed to merge methods are the entries ``[offset, offset + n)`` of
+    tensors with ``full_numel`` entries (used by out-of-core merging)."""
+    token = _region.set((offset, full_numel))
+    try:
+        yield
+    finally:
+        _region.reset(token)
+
+
+def dare_mask(shape: tuple[int, ...], keep: float, seed: int, *parts: object) -> torch.Tensor:
+    """Bernoulli(keep) boolean mask, identical on every device and for any split of the tensor.
+
+    The full tensor is cut into blocks of :data:`DARE_BLOCK` entries; block ``j``
+    draws from a CPU generator seeded with ``derive_seed(seed, *parts, j)``. So
+    the mask of a tensor depends only on ``seed``, ``parts`` (vector position,
+    tensor name) and the tensor's size, never on which other tensors exist, the
+    iteration order, threads, or how an out-of-core merge splits it.
+    """
+    numel = math.prod(shape)
+    offset, full = _region.get() or (0, numel)
+    stop = offset + numel
+    pieces = []
+    for block in range(offset // DARE_BLOCK, -(-stop // DARE_BLOCK)):
+        begin = block * DARE_BLOCK
+        length = min(DARE_BLOCK, full - begin)
+        generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, *parts, block))
+        draws = torch.rand(length, generator=generator)
+        pieces.append(draws[max(offset - begin, 0):min(stop - begin, length)])
+    if not pieces:  # an empty tensor
+        return torch.zeros(shape, dtype=torch.bool)
+    flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return (flat < keep).view(shape)

@@ -263,6 +263,8 @@ def trim(vector: TaskVector, density: float, scope: str) -> dict[str, torch.Tens
     vector's storage order.
     """
     names = list(vector._layout.slots)
+    if density >= 1:
+        return {n: vector[n] for n in names}
     if scope == "tensor":
         return {n: vector[n] * kernels.topk_mask(vector[n].abs(), math.floor(density * vector[n].numel())) for n in names}
     # Global scope: one selection over every entry, in the vector's name order (which is also the
@@ -312,7 +314,7 @@ def _dare(vectors: list[TaskVector], drop: float, seed: int) -> list[dict[str, t
     for i, v in enumerate(vectors):
         parts = {}
         for name in v._layout.slots:
-            mask = kernels.dare_mask(tuple(v[name].shape), keep, kernels.derive_seed(seed, i, name))
+            mask = kernels.dare_mask(tuple(v[name].shape), keep, seed, i, name)
             # Survivors are scaled by exactly 1/(1-p): one division, no reciprocal rounding.
             parts[name] = torch.where(mask.to(v.device), v[name] / keep, 0)
         out.append(parts)
@@ -457,9 +459,9 @@ register("magnitude_prune", _magnitude_prune, paper="https://arxiv.org/abs/2306.
 register("ties", _ties, paper="https://arxiv.org/abs/2306.01708",
          options={"density": DENSITY, "scope": SCOPE, "sign": SIGN, "scale": SCALE}, trims=True, elementwise=True)
 register("dare", _dare_linear, paper="https://arxiv.org/abs/2311.03099", randomized=True,
-         options={"drop": DROP, "seed": SEED, "scale": SCALE})
+         options={"drop": DROP, "seed": SEED, "scale": SCALE}, elementwise=True)
 register("dare_ties", _dare_ties, paper="https://arxiv.org/abs/2311.03099", randomized=True,
-         options={"drop": DROP, "seed": SEED, "sign": SIGN, "scale": SCALE})
+         options={"drop": DROP, "seed": SEED, "sign": SIGN, "scale": SCALE}, elementwise=True)
 register("breadcrumbs", _breadcrumbs, paper="https://arxiv.org/abs/2312.06795",
          options={"density": Option(0.9, _fraction(0.0, 1.0, lo_open=True), "a number in (0, 1]"),
                   "top": Option(0.01, _fraction(0.0, 1.0, hi_open=True), "a number in [0, 1)"), "scale": SCALE})

@@ -167,6 +167,14 @@ class TaskVector(Mapping[str, torch.Tensor]):
         tv._adopt(layout, buffers, info)
         return tv
 
+    @classmethod
+    def _wrap(cls, name: str, tensor: torch.Tensor) -> TaskVector:
+        """A one-tensor vector sharing memory with ``tensor`` (which must be contiguous)."""
+        layout = _flat.Layout.build({name: tuple(tensor.shape)}, {name: tensor.dtype})
+        tv = cls.__new__(cls)
+        tv._layout, tv._buffers, tv._info, tv._device = layout, {tensor.dtype: tensor.reshape(-1)}, _Info(), tensor.device
+        return tv
+
     def _adopt(self, layout: _flat.Layout, buffers: dict[torch.dtype, torch.Tensor], info: _Info) -> None:
         self._layout = layout
         self._buffers = buffers

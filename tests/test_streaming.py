@@ -186,3 +186,28 @@ def test_sizes_parse_in_decimal_and_binary_units():
     assert streaming.parse_bytes("512MiB") == 512 * 2**20
     assert streaming.parse_bytes("1.5k") == 1500
     assert streaming.parse_bytes(1234) == 1234
+
+
+@given(rows=st.integers(1, 9), cols=st.integers(1, 6), cut=st.integers(0, 9), block=st.integers(1, 8))
+def test_dare_masks_do_not_depend_on_how_a_tensor_is_split(rows, cols, cut, block):
+    old = kernels.DARE_BLOCK
+    kernels.DARE_BLOCK = block
+    try:
+        whole = kernels.dare_mask((rows, cols), 0.5, 3, 0, "w")
+        cut = min(cut, rows)
+        with kernels.region(0, rows * cols):
+            top = kernels.dare_mask((cut, cols), 0.5, 3, 0, "w")
+        with kernels.region(cut * cols, rows * cols):
+            bottom = kernels.dare_mask((rows - cut, cols), 0.5, 3, 0, "w")
+    finally:
+        kernels.DARE_BLOCK = old
+    assert torch.equal(torch.cat([top, bottom]), whole)
+
+
+def test_out_of_core_dare_with_small_mask_blocks_equals_in_memory(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "DARE_BLOCK", 37)  # blocks that straddle the merge's row blocks
+    root, _, sources = checkpoints
+    out = ta.merge_files(root / "base", sources, tmp_path / "m", "dare_ties", drop=0.3, seed=1, max_memory=3000)
+    got = ta.io.load_state_dict(out)
+    want = in_memory(root / "base", sources, "dare_ties", {"drop": 0.3, "seed": 1})
+    assert all(torch.equal(got[n], want[n]) for n in want)
