@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info
 
 METHODS = [
     ("task_arithmetic", {}),
@@ -77,7 +77,7 @@ def write_checkpoint(directory: Path, shapes, dtype, seed: int, base: dict | Non
             state[name] = (torch.randn(shape, generator=g) * 0.02).to(dtype)
         else:
             state[name] = (base[name].float() + torch.randn(shape, generator=g) * 1e-3).to(dtype)
-    weight_map, shard, size, index = {}, {}, 0, 1
+    weight_map, size = {}, 0
     names = list(state)
     groups, current = [], []
     for n in names:

@@ -26,23 +26,23 @@ from .vector import TaskVector
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseMismatchError",
+    "KeyMismatchError",
+    "NonFiniteError",
+    "ShapeMismatchError",
+    "TaskArithError",
     "TaskVector",
+    "__version__",
+    "cache_info",
+    "empty_cache",
+    "io",
+    "kernels",
+    "load",
     "merge",
     "merge_files",
-    "methods",
-    "TaskArithError",
-    "KeyMismatchError",
-    "ShapeMismatchError",
-    "NonFiniteError",
-    "BaseMismatchError",
-    "load",
-    "save",
-    "io",
     "merging",
-    "kernels",
-    "empty_cache",
-    "cache_info",
-    "__version__",
+    "methods",
+    "save",
 ]
 
 
@@ -54,20 +54,3 @@ def load(path, device="cpu") -> TaskVector:
 def save(vector: TaskVector, path, metadata=None) -> None:
     """Write a task vector to a ``.safetensors`` file atomically (see :meth:`TaskVector.save`)."""
     vector.save(path, metadata=metadata)
-
-
-
-# Attribution-guided consolidation, loaded on first use: `import taskarith` never imports captum.
-__all__ += ["consolidate", "tune_scale", "attribution"]
-
-
-def __getattr__(name):
-    if name in ("consolidate", "tune_scale"):
-        from . import _consolidate
-
-        return getattr(_consolidate, name)
-    if name == "attribution":
-        import importlib
-
-        return importlib.import_module(".attribution", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

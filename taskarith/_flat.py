@@ -30,7 +30,7 @@ import torch
 
 from .errors import TaskArithError
 
-__all__ = ["Slot", "Layout", "allocate", "release", "empty_cache", "cache_info"]
+__all__ = ["Layout", "Slot", "allocate", "cache_info", "empty_cache", "release"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Layout:
     lists all names in their original order.
     """
 
-    __slots__ = ("slots", "aliases", "names", "sizes", "_key")
+    __slots__ = ("_key", "aliases", "names", "sizes", "slots")
 
     def __init__(self, slots: dict[str, Slot], aliases: dict[str, str], names: tuple[str, ...]):
         self.slots = slots

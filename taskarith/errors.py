@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 __all__ = [
-    "TaskArithError",
-    "KeyMismatchError",
-    "ShapeMismatchError",
-    "NonFiniteError",
     "BaseMismatchError",
+    "KeyMismatchError",
+    "NonFiniteError",
+    "ShapeMismatchError",
+    "TaskArithError",
 ]
 
 _MAX_LISTED = 20  # a message listing 10,000 names helps nobody

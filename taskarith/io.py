@@ -32,7 +32,7 @@ from safetensors import safe_open
 
 from .errors import TaskArithError
 
-__all__ = ["Source", "load_state_dict", "write_safetensors", "read_safetensors", "atomic_path"]
+__all__ = ["Source", "atomic_path", "load_state_dict", "read_safetensors", "write_safetensors"]
 
 Source = Union[torch.nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 

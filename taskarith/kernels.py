@@ -24,12 +24,12 @@ import torch
 from .errors import TaskArithError
 
 __all__ = [
-    "kth_largest",
-    "topk_mask",
-    "elect_sign",
-    "disjoint_mean",
     "dare_mask",
     "derive_seed",
+    "disjoint_mean",
+    "elect_sign",
+    "kth_largest",
+    "topk_mask",
 ]
 
 _NUMPY_SELECT = (torch.float16, torch.float32, torch.float64)

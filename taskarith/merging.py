@@ -28,7 +28,7 @@ from . import kernels
 from .errors import TaskArithError, raise_if_any
 from .vector import TaskVector, _require_scalar
 
-__all__ = ["merge", "methods", "register", "Method", "Option", "trim"]
+__all__ = ["Method", "Option", "merge", "methods", "register", "trim"]
 
 _HALF = (torch.float16, torch.bfloat16)
 

@@ -32,7 +32,7 @@ from .errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_i
 from .io import SHARD_INDEX, SINGLE_FILE, write_safetensors
 from .vector import FORMAT, FORMAT_VERSION, TaskVector
 
-__all__ = ["merge_files", "Checkpoint"]
+__all__ = ["Checkpoint", "merge_files"]
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -128,7 +128,7 @@ def parse_bytes(size: str | int) -> int:
     """``"2GB"``, ``"512MiB"``, ``10**9`` -> bytes."""
     if isinstance(size, int) and not isinstance(size, bool):
         return size
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.I)
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
     if not match:
         raise TaskArithError(f"cannot read {size!r} as a size; write e.g. '2GB', '512MiB' or a number of bytes")
     number, unit, binary = match.groups()
@@ -364,13 +364,13 @@ def _plan_trims(spec, resolved, floats, count, reference, delta, row_blocks, bud
         if scope == "global":
             total = sum(math.prod(reference.shape(n)) for n in floats)
             k = math.floor(density * total)
-            chunks = lambda i=i: (delta(i, n, rows).abs() for n in floats for rows in row_blocks(n, _SELECT_BYTES))  # noqa: E731
+            chunks = lambda i=i: (delta(i, n, rows).abs() for n in floats for rows in row_blocks(n, _SELECT_BYTES))
             shared = _make_trim(chunks, k, total, budget)
             trims.update({(i, n): shared for n in floats})
         else:
             for n in floats:
                 numel = math.prod(reference.shape(n))
-                chunks = lambda i=i, n=n: (delta(i, n, rows).abs() for rows in row_blocks(n, _SELECT_BYTES))  # noqa: E731
+                chunks = lambda i=i, n=n: (delta(i, n, rows).abs() for rows in row_blocks(n, _SELECT_BYTES))
                 trims[(i, n)] = _make_trim(chunks, math.floor(density * numel), numel, budget)
     return trims
 

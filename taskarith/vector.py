@@ -75,7 +75,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
         tensor([2., 0.])
     """
 
-    __slots__ = ("_layout", "_buffers", "_device", "_info", "__weakref__")
+    __slots__ = ("__weakref__", "_buffers", "_device", "_info", "_layout")
 
     def __init__(self, deltas: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None):
         if isinstance(deltas, TaskVector):
@@ -642,7 +642,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
             >>> loaded.equal(tv), loaded.metadata
             (True, {'task': 'demo'})
         """
-        if str(path).endswith(tuple(".pt .pth .bin .ckpt".split())):
+        if str(path).endswith(tuple([".pt", ".pth", ".bin", ".ckpt"])):
             raise TaskArithError(f"refusing to unpickle {str(path)!r}: task vectors are stored as .safetensors")
         tensors, header = read_safetensors(path, device=str(device))
         version = header.get(_RESERVED + "format_version", FORMAT_VERSION)

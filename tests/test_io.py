@@ -14,9 +14,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file, save_file
+from strategies import model_pairs, vectors
 
 import taskarith as ta
-from strategies import model_pairs, vectors
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import eps, scalars, tiny, vectors
 
 import taskarith as ta
-from conftest import DEVICES
-from strategies import eps, scalars, tiny, vectors
 
 
 def on(device, vs):

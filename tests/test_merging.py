@@ -10,10 +10,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from strategies import scalars, vectors
 
 import taskarith as ta
 from taskarith import kernels
-from strategies import scalars, vectors
 
 DETERMINISTIC = ["task_arithmetic", "mean", "magnitude_prune", "ties", "breadcrumbs", "consensus", "iso_c"]
 WITH_SCALE = ["task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "consensus", "tsv", "iso_c"]

@@ -6,10 +6,10 @@ import gc
 
 import pytest
 import torch
+from conftest import DEVICES
 from torch import nn
 
 import taskarith as ta
-from conftest import DEVICES
 
 
 class TinyLM(nn.Module):

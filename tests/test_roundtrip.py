@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import HALF_DTYPES, eps, model_pairs, scalars, tiny
 
 import taskarith as ta
-from conftest import DEVICES
-from strategies import HALF_DTYPES, eps, model_pairs, scalars, tiny
 
 
 def to(state, device):

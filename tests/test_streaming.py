@@ -80,7 +80,7 @@ def test_merge_files_equals_in_memory_merge(checkpoints, tmp_path, method, optio
     out = ta.merge_files(root / "base", sources, tmp_path / "merged", method, max_memory=4096, shard_size=2048, **options)
     got = ta.io.load_state_dict(out)
     want = in_memory(root / "base", sources, method, options)
-    assert list(sorted(got)) == sorted(want)
+    assert sorted(got) == sorted(want)
     for name, tensor in want.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), f"{method}: {name!r} differs"
     assert torch.equal(got["norm.num_batches_tracked"], base["norm.num_batches_tracked"])
@@ -129,7 +129,7 @@ def test_ties_at_the_threshold_resolve_as_in_memory(tmp_path, scope, monkeypatch
 def test_streaming_threshold_is_the_exact_kth_largest(values, fraction, pieces, collect):
     data = torch.tensor(values, dtype=torch.float32)
     k = max(1, math.ceil(fraction * len(values)))
-    chunks = lambda: iter(data.tensor_split(pieces))  # noqa: E731
+    chunks = lambda: iter(data.tensor_split(pieces))
     old = streaming._COLLECT
     streaming._COLLECT = collect
     try:
