@@ -10,7 +10,8 @@ architecture)::
     model.load_state_dict(tv.apply_to(pretrained, scale=0.5))
 """
 
-from . import io, kernels, merging
+from . import attribution, io, kernels, merging  # attribution imports captum only when used
+from ._consolidate import consolidate, tune_scale
 from ._flat import cache_info, empty_cache
 from .errors import (
     BaseMismatchError,
@@ -33,7 +34,9 @@ __all__ = [
     "TaskArithError",
     "TaskVector",
     "__version__",
+    "attribution",
     "cache_info",
+    "consolidate",
     "empty_cache",
     "io",
     "kernels",
@@ -43,6 +46,7 @@ __all__ = [
     "merging",
     "methods",
     "save",
+    "tune_scale",
 ]
 
 
