@@ -139,25 +139,41 @@ def parse_bytes(size: str | int) -> int:
 # ------------------------------------------------------------------ selection
 
 
-def stream_threshold(chunks: Callable[[], Iterator[torch.Tensor]], k: int, collect: int | None = None) -> tuple[float, int]:
+def stream_threshold(
+    chunks: Callable[[], Iterator[torch.Tensor]], k: int, collect: int | None = None, *, wide: bool = True
+) -> tuple[float, int]:
     """Exact k-th largest of the magnitudes produced by ``chunks()`` (re-iterable), by radix passes.
 
     Returns ``(threshold, above)``: the value and how many entries are strictly
-    larger. Magnitudes are compared as float64 bit patterns, which order like
-    the values for non-negative floats; each pass narrows a 16-bit digit of the
-    pattern until few enough candidates remain to select among in memory.
+    larger. Magnitudes are compared as IEEE bit patterns, which order like the
+    values for non-negative floats: float64 patterns, or float32 ones when
+    ``wide=False`` (every chunk is float32 or narrower; half the memory and
+    work). Each pass histograms the next 16 bits of the patterns that share the
+    digits chosen so far, until few enough candidates remain to select among in
+    memory.
     """
     collect = _COLLECT if collect is None else min(collect, _COLLECT)
-    prefix, shift, above, remaining = 0, 64, 0, k
+    key_dtype, float_dtype, bits = (torch.int64, torch.float64, 64) if wide else (torch.int32, torch.float32, 32)
+
+    def keys_of(magnitudes: torch.Tensor) -> torch.Tensor:
+        flat = magnitudes.reshape(-1)
+        if math.isnan(float(flat.sum())):  # magnitudes are >= 0: only NaN makes the sum NaN (inf stays inf)
+            raise TaskArithError("cannot select the largest entries of deltas containing NaN")
+        if not wide and flat.dtype == torch.float64:
+            raise TaskArithError("internal: a float64 block in a float32 selection")
+        return flat.to(float_dtype).view(key_dtype)
+
+    prefix, shift, above, remaining = 0, bits, 0, k
     while True:
         shift -= 16
         counts = torch.zeros(1 << 16, dtype=torch.int64)
         for magnitudes in chunks():
-            keys = _keys(magnitudes)
+            keys = keys_of(magnitudes)
             del magnitudes
-            if shift < 48:
+            if shift < bits - 16:
                 keys = keys[keys.bitwise_right_shift(shift + 16) == prefix]
-            counts += torch.bincount(keys.bitwise_right_shift_(shift).bitwise_and_(0xFFFF), minlength=1 << 16)
+            # Out of place: keys may share memory with the caller's tensor (float32 input, float32 keys).
+            counts += torch.bincount(keys.bitwise_right_shift(shift).bitwise_and_(0xFFFF), minlength=1 << 16)
             del keys
             _return_freed_memory()
         from_top = torch.flip(counts, [0]).cumsum(0)
@@ -169,24 +185,26 @@ def stream_threshold(chunks: Callable[[], Iterator[torch.Tensor]], k: int, colle
             break
     pieces = []
     for magnitudes in chunks():
-        keys = _keys(magnitudes)
+        keys = keys_of(magnitudes)
         del magnitudes
         pieces.append(keys[keys.bitwise_right_shift(shift) == prefix])
         del keys
         _return_freed_memory()
-    candidates = (torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)).view(torch.float64)
+    candidates = (torch.cat(pieces) if pieces else torch.zeros(0, dtype=key_dtype)).view(float_dtype)
     del pieces
     value = kernels.kth_largest(candidates, remaining).item()
     above += int((candidates > value).sum())
     return value, above
 
 
-def _keys(magnitudes: torch.Tensor) -> torch.Tensor:
-    """Float64 bit patterns of non-negative magnitudes: they order like the values."""
-    wide = magnitudes.reshape(-1).to(torch.float64)
-    if bool(torch.isnan(wide).any()):
-        raise TaskArithError("cannot select the largest entries of deltas containing NaN")
-    return wide.view(torch.int64)
+class _TopK:
+    """Trims a whole tensor that fits in memory with one exact selection (no streaming passes)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.mul_(kernels.topk_mask(delta.abs(), self.k))
 
 
 class _Trim:
@@ -271,7 +289,9 @@ def merge_files(
         b = pre.tensor(name)[rows] if pre.shape(name) else pre.tensor(name)
         return _extract.delta_of(b, t)
 
-    def row_blocks(name: str, bytes_per_entry: int) -> list[slice]:
+    def row_blocks(name: str, bytes_per_entry: int | None) -> list[slice]:
+        """Row slices of ``name`` whose working set fits the budget (None: the merge pass's)."""
+        bytes_per_entry = merge_bytes if bytes_per_entry is None else bytes_per_entry
         shape = reference.shape(name)
         if not shape or not spec.elementwise:
             return [slice(None)]
@@ -308,7 +328,7 @@ def merge_files(
     bar = _progress(progress, total=len(names), desc=f"merge ({method})")
 
     def blocks(name: str) -> Iterator[torch.Tensor]:
-        for rows in row_blocks(name, merge_bytes):
+        for rows in row_blocks(name, None):
             yield merged(name, rows)
             _return_freed_memory()
 
@@ -321,10 +341,13 @@ def merge_files(
             bar.update(1)
 
     # Cached buffers would count against the budget: keep none while merging.
-    with _flat.cache_paused():
+    with _flat.cache_paused(), _trimming(budget):
         try:
             if spec.trims:
-                trims.update(_plan_trims(spec, resolved, floats, len(inputs), reference, delta, row_blocks, budget))
+                # float32 bit patterns suffice unless some delta may be float64 (float64 weights, or
+                # the exact-round-trip fallback of half-precision weights).
+                wide = any(c.dtype(n) in (torch.float64, torch.float16, torch.bfloat16) for c in [*inputs, reference] for n in floats)
+                trims.update(_plan_trims(spec, resolved, floats, len(inputs), reference, delta, row_blocks, budget, wide))
             if pre is None:
                 metadata = {"taskarith.format": FORMAT, "taskarith.format_version": FORMAT_VERSION,
                             "taskarith.aliases": json.dumps(aliases), "taskarith.merge": method}
@@ -354,33 +377,33 @@ def _check_inputs(reference: Checkpoint, inputs: list[Checkpoint], *, with_base:
                  fix="Every checkpoint must have the same architecture and dtypes.")
 
 
-def _plan_trims(spec, resolved, floats, count, reference, delta, row_blocks, budget) -> dict:
-    """Exact trim thresholds per (vector, tensor), found by streaming selection."""
-    if not spec.trims:
-        return {}
+def _plan_trims(spec, resolved, floats, count, reference, delta, row_blocks, budget, wide) -> dict:
+    """Exact trims per (vector, tensor): one selection for tensors merged whole, else streaming passes."""
     density, scope = resolved["density"], resolved["scope"]
-    trims = {}
+    trims: dict = {}
     for i in range(count):
         if scope == "global":
             total = sum(math.prod(reference.shape(n)) for n in floats)
-            k = math.floor(density * total)
-            chunks = lambda i=i: (delta(i, n, rows).abs() for n in floats for rows in row_blocks(n, _SELECT_BYTES))
-            shared = _make_trim(chunks, k, total, budget)
+            chunks = lambda i=i: (delta(i, n, rows).abs() for n in floats for rows in row_blocks(n, _SELECT_BYTES))  # noqa: E731
+            shared = _make_trim(chunks, math.floor(density * total), total, budget, wide)
             trims.update({(i, n): shared for n in floats})
-        else:
-            for n in floats:
-                numel = math.prod(reference.shape(n))
-                chunks = lambda i=i, n=n: (delta(i, n, rows).abs() for rows in row_blocks(n, _SELECT_BYTES))
-                trims[(i, n)] = _make_trim(chunks, math.floor(density * numel), numel, budget)
+            continue
+        for n in floats:
+            numel = math.prod(reference.shape(n))
+            if len(row_blocks(n, None)) == 1:
+                trims[(i, n)] = _TopK(math.floor(density * numel))  # the merge pass sees it whole
+                continue
+            chunks = lambda i=i, n=n: (delta(i, n, rows).abs() for rows in row_blocks(n, _SELECT_BYTES))  # noqa: E731
+            trims[(i, n)] = _make_trim(chunks, math.floor(density * numel), numel, budget, wide)
     return trims
 
 
-def _make_trim(chunks, k: int, n: int, budget: int) -> _Trim:
+def _make_trim(chunks, k: int, n: int, budget: int, wide: bool) -> _Trim:
     if k <= 0:
         return _Trim(math.inf, 0, 0)
     if k >= n:
         return _Trim(-1.0, 0, 0)
-    threshold, above = stream_threshold(chunks, k, collect=max(1024, budget // 48))
+    threshold, above = stream_threshold(chunks, k, collect=max(1024, budget // 48), wide=wide)
     return _Trim(threshold, above, k)
 
 
@@ -459,14 +482,43 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def _return_freed_memory() -> None:
-    """Ask glibc to hand freed heap memory back to the OS after each block.
+    """Ask glibc to hand freed heap memory back to the OS once the process holds more than it needs.
 
     Blocks freed by PyTorch below glibc's (adaptive) mmap threshold otherwise
     stay in the process and count as private memory of the merge: measured on a
-    32M-entry tensor, selection peaked at 172 MB without this and 36 MB with it.
+    32M-entry tensor, selection peaked at 172 MB without trimming and 36 MB with
+    it. Trimming costs page faults on the next allocations, so it only happens
+    when private memory has grown past half the budget.
     """
-    if _libc is not None:
+    if _libc is None or _trim_above is None:
+        return
+    if _private_bytes() > _trim_above:
         _libc.malloc_trim(0)
+
+
+def _private_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * _PAGE  # resident minus shared (file-backed) pages
+    except (OSError, IndexError, ValueError):
+        return 1 << 62  # unknown: always trim
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_trim_above: int | None = None
+
+
+@contextmanager
+def _trimming(budget: int) -> Iterator[None]:
+    """Trim freed memory whenever private memory exceeds the baseline plus half of ``budget``."""
+    global _trim_above
+    previous = _trim_above
+    _trim_above = _private_bytes() + budget // 2
+    try:
+        yield
+    finally:
+        _trim_above = previous
 
 
 def _load_libc():

@@ -125,15 +125,16 @@ def test_ties_at_the_threshold_resolve_as_in_memory(tmp_path, scope, monkeypatch
 
 
 @given(values=st.lists(st.floats(0, 1e6, allow_nan=False, width=32), min_size=1, max_size=200),
-       fraction=st.floats(0.0, 1.0), pieces=st.integers(1, 5), collect=st.sampled_from([1, 7, 1 << 22]))
-def test_streaming_threshold_is_the_exact_kth_largest(values, fraction, pieces, collect):
+       fraction=st.floats(0.0, 1.0), pieces=st.integers(1, 5), collect=st.sampled_from([1, 7, 1 << 22]),
+       wide=st.booleans())
+def test_streaming_threshold_is_the_exact_kth_largest(values, fraction, pieces, collect, wide):
     data = torch.tensor(values, dtype=torch.float32)
     k = max(1, math.ceil(fraction * len(values)))
     chunks = lambda: iter(data.tensor_split(pieces))
     old = streaming._COLLECT
     streaming._COLLECT = collect
     try:
-        threshold, above = streaming.stream_threshold(chunks, k)
+        threshold, above = streaming.stream_threshold(chunks, k, wide=wide)
     finally:
         streaming._COLLECT = old
     assert threshold == kernels.kth_largest(data, k).item()
@@ -176,6 +177,11 @@ def test_bad_inputs_are_refused_before_any_work(checkpoints, tmp_path):
         ta.merge_files(root / "base", sources, tmp_path / "m", "ties", density=2)
     with pytest.raises(ta.TaskArithError, match="as a size"):
         ta.merge_files(root / "base", sources, tmp_path / "m", "ties", max_memory="lots")
+    nan = {n: t.clone() for n, t in base.items()}
+    nan["layer.bias"][3] = float("nan")
+    save_file(nan, tmp_path / "nan.safetensors")
+    with pytest.raises(ta.TaskArithError, match="NaN"):
+        ta.merge_files(root / "base", [sources[0], tmp_path / "nan.safetensors"], tmp_path / "m", "ties", density=0.5)
     with pytest.raises(ta.TaskArithError, match="neither"):
         ta.merge_files(tmp_path, sources, tmp_path / "m", "ties")
     assert not (tmp_path / "m").exists()
