@@ -68,15 +68,28 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    if bool(torch.isnan(flat).any()):
+    # One reduction usually settles it: the sum is NaN only with a NaN (or +inf and -inf) present.
+    if math.isnan(float(flat.sum())) and bool(torch.isnan(flat).any()):
         raise TaskArithError("cannot select the largest entries of scores containing NaN")
-    threshold = kth_largest(flat, k).to(flat.device)
-    mask = flat > threshold
-    missing = k - int(mask.sum())
+    threshold, above = _select(flat, k)
+    mask = flat > threshold.to(flat.device)
+    missing = k - above
     if missing:
-        ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+        ties = torch.nonzero(flat == threshold.to(flat.device)).squeeze(1)[:missing]
         mask[ties] = True
     return mask.view(scores.shape)
+
+
+def _select(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The k-th largest value and how many entries exceed it, counted among the top k only."""
+    n = flat.numel()
+    if flat.device.type == "cpu" and flat.dtype in _NUMPY_SELECT:
+        part = np.partition(flat.detach().numpy(), n - k)
+        top = part[n - k:]
+        threshold = top[0]
+        return torch.tensor(threshold, dtype=flat.dtype), int(np.count_nonzero(top > threshold))
+    threshold = kth_largest(flat, k)
+    return threshold, int((flat > threshold.to(flat.device)).sum())
 
 
 def elect_sign(trimmed: list[torch.Tensor], how: str) -> torch.Tensor:
