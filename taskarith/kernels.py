@@ -71,25 +71,25 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     # One reduction usually settles it: the sum is NaN only with a NaN (or +inf and -inf) present.
     if math.isnan(float(flat.sum())) and bool(torch.isnan(flat).any()):
         raise TaskArithError("cannot select the largest entries of scores containing NaN")
-    threshold, above = _select(flat, k)
-    mask = flat > threshold.to(flat.device)
-    missing = k - above
-    if missing:
-        ties = torch.nonzero(flat == threshold.to(flat.device)).squeeze(1)[:missing]
-        mask[ties] = True
+    threshold, excess = _select(flat, k)
+    threshold = threshold.to(flat.device)
+    mask = flat >= threshold
+    if excess:  # more entries equal the threshold than slots left: drop the last ones
+        ties = torch.nonzero(flat == threshold).squeeze(1)
+        mask[ties[ties.numel() - excess:]] = False
     return mask.view(scores.shape)
 
 
 def _select(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """The k-th largest value and how many entries exceed it, counted among the top k only."""
+    """The k-th largest value and how many more than k entries are >= it (ties past the k-th)."""
     n = flat.numel()
     if flat.device.type == "cpu" and flat.dtype in _NUMPY_SELECT:
         part = np.partition(flat.detach().numpy(), n - k)
-        top = part[n - k:]
-        threshold = top[0]
-        return torch.tensor(threshold, dtype=flat.dtype), int(np.count_nonzero(top > threshold))
+        threshold = part[n - k]
+        # After partitioning, only the lower part can hold further copies of the threshold.
+        return torch.tensor(threshold, dtype=flat.dtype), int(np.count_nonzero(part[: n - k] == threshold))
     threshold = kth_largest(flat, k)
-    return threshold, int((flat > threshold.to(flat.device)).sum())
+    return threshold, int((flat >= threshold.to(flat.device)).sum()) - k
 
 
 def elect_sign(trimmed: list[torch.Tensor], how: str) -> torch.Tensor:
@@ -104,7 +104,7 @@ def elect_sign(trimmed: list[torch.Tensor], how: str) -> torch.Tensor:
             total += t
         else:
             total += torch.sign(t).to(torch.int32)
-    return torch.where(total >= 0, 1, -1).to(torch.int8)
+    return (total >= 0).to(torch.int8).mul_(2).sub_(1)
 
 
 def disjoint_mean(trimmed: list[torch.Tensor], sign: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -158,14 +158,12 @@ def dare_mask(shape: tuple[int, ...], keep: float, seed: int, *parts: object) ->
     numel = math.prod(shape)
     offset, full = _region.get() or (0, numel)
     stop = offset + numel
-    pieces = []
+    mask = torch.empty(numel, dtype=torch.bool)
     for block in range(offset // DARE_BLOCK, -(-stop // DARE_BLOCK)):
         begin = block * DARE_BLOCK
         length = min(DARE_BLOCK, full - begin)
         generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, *parts, block))
         draws = torch.rand(length, generator=generator)
-        pieces.append(draws[max(offset - begin, 0):min(stop - begin, length)])
-    if not pieces:  # an empty tensor
-        return torch.zeros(shape, dtype=torch.bool)
-    flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    return (flat < keep).view(shape)
+        lo, hi = max(offset - begin, 0), min(stop - begin, length)
+        torch.lt(draws[lo:hi], keep, out=mask[begin + lo - offset:begin + hi - offset])
+    return mask.view(shape)

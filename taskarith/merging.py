@@ -147,6 +147,9 @@ def merge(
     out_dtypes = {n: dtype or _promote(v[n].dtype for v in vectors) for n in first._layout.slots}
     compute = [v.to(dtype=_compute_dtype(v)) for v in vectors]
     merged = spec.fn(compute, weights, **resolved)
+    fresh = isinstance(merged, TaskVector) and all(merged is not v for v in [*vectors, *compute])
+    if fresh and merged._layout == first._layout and all(merged[n].dtype == out_dtypes[n] for n in first._layout.slots):
+        return merged  # already packed in the right layout: skip a copy
     result = {n: merged[n].to(out_dtypes[n]) for n in first._layout.slots}
     return TaskVector({n: result[first._layout.canonical(n)] for n in first._layout.names})
 
@@ -298,14 +301,16 @@ def _sum(parts: list[Mapping[str, torch.Tensor]], scale: float) -> dict[str, tor
     return out
 
 
-def _elect_and_merge(parts: list[dict[str, torch.Tensor]], sign: str, scale: float) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in parts[0]:
+def _elect_and_merge(parts: list[dict[str, torch.Tensor]], sign: str, scale: float) -> TaskVector:
+    """Sign election and disjoint mean per tensor, written straight into one packed result."""
+    names = list(parts[0])
+    result = TaskVector._empty({n: parts[0][n] for n in names})
+    for name in names:
         tensors = [p[name] for p in parts]
-        elected = kernels.elect_sign(tensors, sign)
-        merged = kernels.disjoint_mean(tensors, elected, torch.empty_like(tensors[0]))
-        out[name] = merged.mul_(scale) if scale != 1.0 else merged
-    return out
+        merged = kernels.disjoint_mean(tensors, kernels.elect_sign(tensors, sign), result[name])
+        if scale != 1.0:
+            merged.mul_(scale)
+    return result
 
 
 def _dare(vectors: list[TaskVector], drop: float, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -315,7 +320,7 @@ def _dare(vectors: list[TaskVector], drop: float, seed: int) -> list[dict[str, t
         parts = {}
         for name in v._layout.slots:
             mask = kernels.dare_mask(tuple(v[name].shape), keep, seed, i, name)
-            # Survivors are scaled by exactly 1/(1-p): one division, no reciprocal rounding.
+            # Survivors are divided by (1 - p) in the delta's dtype (one rounding, no reciprocal).
             parts[name] = torch.where(mask.to(v.device), v[name] / keep, 0)
         out.append(parts)
     return out

@@ -168,6 +168,14 @@ class TaskVector(Mapping[str, torch.Tensor]):
         return tv
 
     @classmethod
+    def _empty(cls, like: Mapping[str, torch.Tensor]) -> TaskVector:
+        """An uninitialised vector with the names, shapes and dtypes of ``like`` (one device)."""
+        layout = _flat.Layout.build({n: tuple(t.shape) for n, t in like.items()}, {n: t.dtype for n, t in like.items()})
+        device = next(iter(like.values())).device if like else torch.device("cpu")
+        buffers = {dt: _flat.allocate(size, dt, device) for dt, size in layout.sizes.items()}
+        return cls._make(layout, buffers, _Info())
+
+    @classmethod
     def _wrap(cls, name: str, tensor: torch.Tensor) -> TaskVector:
         """A one-tensor vector sharing memory with ``tensor`` (which must be contiguous)."""
         layout = _flat.Layout.build({name: tuple(tensor.shape)}, {name: tensor.dtype})
