@@ -227,8 +227,8 @@ def integrated_gradients(
     if check_completeness and abs(result.delta) > rtol * abs(gain) + allowance:
         warnings.warn(
             f"attributions sum to {total:.6g} but the objective changed by {gain:.6g} "
-            f"(relative gap {result.relative_gap:.3g} > rtol={rtol}); raise n_steps (now {n_steps}) "
-            f"or use method='gausslegendre'"
+            f"(relative gap {result.relative_gap:.3g} > rtol={rtol}); raise n_steps (now {n_steps})"
+            + ("" if method == "gausslegendre" else " or use method='gausslegendre'")
             + (f"; held at θ0 with zero attribution: {format_names(held)}." if held else "."),
             CompletenessWarning, stacklevel=2,
         )
