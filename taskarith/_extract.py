@@ -27,6 +27,12 @@ HALF = (torch.float16, torch.bfloat16)
 POLICY_AUTO = "auto: float32 deltas for half-precision weights (float64 where needed for an exact round trip), else the weights' dtype"
 
 
+def check_float_dtype(dtype: object) -> None:
+    """Raise unless ``dtype`` is None or a floating-point torch.dtype."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TaskArithError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+
+
 def delta_dtype(weight_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
     if requested is not None:
         return requested
@@ -109,8 +115,7 @@ def extract(
     check_finite: bool,
 ) -> tuple[_flat.Layout, dict[torch.dtype, torch.Tensor], list[str], str]:
     """Deltas of every floating-point entry; returns layout, buffers, skipped names, policy."""
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TaskArithError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    check_float_dtype(dtype)
     check_same_keys(
         pretrained, finetuned, what="pretrained vs finetuned",
         fix="Both models must have the same architecture and parameter names.",

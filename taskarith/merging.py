@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels
+from . import _extract, kernels
 from .errors import TaskArithError, raise_if_any
 from .vector import TaskVector, _require_scalar
 
@@ -134,17 +134,13 @@ def merge(
         >>> ta.merge([a, b], "ties", density=2 / 3)["w"]  # trim to 2 of 3, elect, disjoint mean
         tensor([ 2., -2.,  0.])
     """
-    spec = _REGISTRY.get(method) if isinstance(method, str) else None
-    if spec is None:
-        raise TaskArithError(f"unknown merge method {method!r}; valid: {', '.join(sorted(_REGISTRY))}")
-    resolved = _resolve_options(spec, options)
+    spec, resolved = lookup(method, options)
     vectors = _validate_vectors(vectors, method)
     weights = _validate_weights(weights, len(vectors))
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TaskArithError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    _extract.check_float_dtype(dtype)
     vectors = _common_ties(vectors)
     first = vectors[0]
-    out_dtypes = {n: dtype or _promote(v[n].dtype for v in vectors) for n in first._layout.slots}
+    out_dtypes = {n: dtype or promote(v[n].dtype for v in vectors) for n in first._layout.slots}
     compute = [v.to(dtype=_compute_dtype(v)) for v in vectors]
     merged = spec.fn(compute, weights, **resolved)
     fresh = isinstance(merged, TaskVector) and all(merged is not v for v in [*vectors, *compute])
@@ -166,6 +162,14 @@ def _common_ties(vectors: list[TaskVector]) -> list[TaskVector]:
 
 
 # ----------------------------------------------------------------- validation
+
+
+def lookup(method: str, options: Mapping[str, object]) -> tuple[Method, dict[str, object]]:
+    """The registered method and its validated options (defaults filled in)."""
+    spec = _REGISTRY.get(method) if isinstance(method, str) else None
+    if spec is None:
+        raise TaskArithError(f"unknown merge method {method!r}; valid: {', '.join(sorted(_REGISTRY))}")
+    return spec, _resolve_options(spec, options)
 
 
 def _resolve_options(spec: Method, options: Mapping[str, object]) -> dict[str, object]:
@@ -217,7 +221,8 @@ def _validate_weights(weights, n: int) -> list[float]:
     return weights
 
 
-def _promote(dtypes) -> torch.dtype:
+def promote(dtypes) -> torch.dtype:
+    """The dtype torch promotes a mix of ``dtypes`` to."""
     dtypes = list(dtypes)
     out = dtypes[0]
     for d in dtypes[1:]:

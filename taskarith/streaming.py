@@ -265,16 +265,12 @@ def merge_files(
     Returns:
         the path written.
     """
-    spec = merging._REGISTRY.get(method) if isinstance(method, str) else None
-    if spec is None:
-        raise TaskArithError(f"unknown merge method {method!r}; valid: {', '.join(sorted(merging._REGISTRY))}")
-    resolved = merging._resolve_options(spec, options)
+    spec, resolved = merging.lookup(method, options)
     budget, shard_bytes = parse_bytes(max_memory), parse_bytes(shard_size)
     if not sources:
         raise TaskArithError("merge_files needs at least one source")
     weights = merging._validate_weights(weights, len(sources))
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TaskArithError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    _extract.check_float_dtype(dtype)
     pre = Checkpoint(base) if base is not None else None
     inputs = [Checkpoint(s) for s in sources]
     reference = pre or inputs[0]
@@ -408,10 +404,7 @@ def _make_trim(chunks, k: int, n: int, budget: int, wide: bool) -> _Trim:
 
 
 def _promote_inputs(inputs: list[Checkpoint], name: str) -> torch.dtype:
-    dt = inputs[0].dtype(name)
-    for ckpt in inputs[1:]:
-        dt = torch.promote_types(dt, ckpt.dtype(name))
-    return dt
+    return merging.promote(c.dtype(name) for c in inputs)
 
 
 # -------------------------------------------------------------------- writing
