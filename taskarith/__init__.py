@@ -10,7 +10,7 @@ architecture)::
     model.load_state_dict(tv.apply_to(pretrained, scale=0.5))
 """
 
-from . import attribution, io, kernels, merging  # attribution imports captum only when used
+from . import attribution, hf, io, kernels, lora, merging, metrics  # attribution imports captum only when used
 from ._consolidate import consolidate, tune_scale
 from ._flat import cache_info, empty_cache
 from .errors import (
@@ -38,13 +38,16 @@ __all__ = [
     "cache_info",
     "consolidate",
     "empty_cache",
+    "hf",
     "io",
     "kernels",
     "load",
+    "lora",
     "merge",
     "merge_files",
     "merging",
     "methods",
+    "metrics",
     "save",
     "tune_scale",
 ]
