@@ -29,7 +29,9 @@ __all__ = [
     "disjoint_mean",
     "elect_sign",
     "kth_largest",
+    "segment_thresholds",
     "topk_mask",
+    "trim_threshold",
 ]
 
 _NUMPY_SELECT = (torch.float16, torch.float32, torch.float64)
@@ -80,16 +82,132 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(scores.shape)
 
 
-def _select(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """The k-th largest value and how many more than k entries are >= it (ties past the k-th)."""
+_BITS = {torch.float16: np.int16, torch.float32: np.int32, torch.float64: np.int64}
+
+
+def _select(flat: torch.Tensor, k: int, *, inplace: bool = False, magnitudes: bool = False) -> tuple[torch.Tensor, int]:
+    """The k-th largest value and how many more than k entries are >= it (ties past the k-th).
+
+    ``inplace=True`` lets a CPU selection reorder ``flat`` instead of copying it.
+    ``magnitudes=True`` promises values >= 0 without NaN: their IEEE bit patterns
+    then sort like the values, and selecting on integers runs ~3x faster.
+    """
     n = flat.numel()
     if flat.device.type == "cpu" and flat.dtype in _NUMPY_SELECT:
-        part = np.partition(flat.detach().numpy(), n - k)
+        array = flat.detach().numpy()
+        if magnitudes:
+            array = array.view(_BITS[flat.dtype])
+        if inplace:
+            array.partition(n - k)
+            part = array
+        else:
+            part = np.partition(array, n - k)
         threshold = part[n - k]
         # After partitioning, only the lower part can hold further copies of the threshold.
-        return torch.tensor(threshold, dtype=flat.dtype), int(np.count_nonzero(part[: n - k] == threshold))
-    threshold = kth_largest(flat, k)
+        lower = part[: n - k]
+        # A max (no temporary) settles the common case of no tie before counting.
+        excess = int(np.count_nonzero(lower == threshold)) if n - k and lower.max() == threshold else 0
+        if magnitudes:
+            threshold = threshold.view(flat.numpy().dtype)
+        return torch.tensor(threshold, dtype=flat.dtype), excess
+    if flat.device.type != "cpu":
+        # A device radix sort beats torch.kthvalue, whose single-slice select runs in one thread block.
+        threshold = torch.sort(flat.detach()).values[n - k]
+    else:
+        threshold = kth_largest(flat, k)
     return threshold, int((flat >= threshold.to(flat.device)).sum()) - k
+
+
+def trim_threshold(
+    values: torch.Tensor, k: int, *, absolute: bool = False, scratch: torch.Tensor | None = None,
+    check_nan: bool = True,
+) -> tuple[float, torch.Tensor | None]:
+    """How to keep exactly the ``k`` largest magnitudes of a 1-D tensor.
+
+    Returns the k-th largest magnitude ``t`` (keep ``|x| >= t``) and, when more
+    than ``k`` entries reach ``t``, the indices of the tied entries to drop (the
+    last ones: ties go to the lowest indices), else None. ``k = 0`` gives
+    ``t = inf``. With ``absolute=True`` the values are magnitudes already;
+    ``scratch`` (1-D, at least as long as ``values``) holds the magnitudes
+    otherwise, saving an allocation per call. ``check_nan=False`` skips the NaN
+    check (for callers that checked the whole vector already).
+
+    Example:
+        >>> trim_threshold(torch.tensor([1.0, -2.0, 2.0, 0.5]), 1)
+        (2.0, tensor([2]))
+    """
+    n = values.numel()
+    if k <= 0:
+        return math.inf, None
+    if k >= n:
+        return 0.0, None
+    if check_nan:
+        check_no_nan(values)
+    if absolute:
+        magnitudes = values
+    elif scratch is not None:
+        magnitudes = torch.abs(values, out=scratch[:n])
+    else:
+        magnitudes = values.abs()
+    threshold, excess = _select(magnitudes, k, inplace=not absolute, magnitudes=True)  # own copy: reorder freely
+    threshold = float(threshold)
+    if not excess or threshold == 0:  # dropping tied zeros changes nothing
+        return threshold, None
+    ties = torch.nonzero((values if absolute else values.abs()) == threshold).squeeze(1)
+    return threshold, ties[ties.numel() - excess:]
+
+
+def segment_thresholds(flat: torch.Tensor, sizes: list[int], ks: list[int]) -> list[tuple[float, int]]:
+    """For consecutive segments of a float32 tensor, each one's k-th largest magnitude and how many
+    entries past k tie with it: ``[(threshold, excess), ...]``, as :func:`trim_threshold` would give.
+
+    One sort of ``(segment, |x| bits)`` keys serves every segment, instead of one selection and one
+    device synchronisation per tensor (on a GPU, 900 small selections cost more than the merge).
+
+    Example:
+        >>> segment_thresholds(torch.tensor([3.0, -1.0, 2.0, 5.0, 5.0]), [3, 2], [2, 1])
+        [(2.0, 0), (5.0, 1)]
+    """
+    out: list[tuple[float, int]] = []
+    device = flat.device
+    start, group = 0, []
+    groups = []
+    for size, k in zip(sizes, ks):  # groups of ~2^27 entries bound the sort's memory
+        group.append((start, size, k))
+        start += size
+        if sum(g[1] for g in group) >= 1 << 27:
+            groups.append(group)
+            group = []
+    if group:
+        groups.append(group)
+    for group in groups:
+        lo, hi = group[0][0], group[-1][0] + group[-1][1]
+        size_t = torch.tensor([g[1] for g in group], device=device)
+        k_t = torch.tensor([g[2] for g in group], device=device).clamp(1, None).minimum(size_t.clamp(1, None))
+        segment = torch.repeat_interleave(torch.arange(len(group), device=device), size_t)
+        # |x| >= 0, so its float32 bit pattern orders like the value; the segment goes in the high bits.
+        keys = (segment << 32) | flat[lo:hi].abs().view(torch.int32).to(torch.int64)
+        del segment
+        keys = torch.sort(keys).values
+        ends = torch.cumsum(size_t, 0)
+        picked = keys[(ends - k_t).clamp(0, max(keys.numel() - 1, 0))] if keys.numel() else ends
+        first_at_or_above = torch.searchsorted(keys, picked)
+        excess = (ends - first_at_or_above - k_t).tolist()
+        bits = (picked & 0xFFFFFFFF).to(torch.int32).view(torch.float32).tolist()
+        for (_, size, k), threshold, extra in zip(group, bits, excess):
+            if k <= 0:
+                out.append((math.inf, 0))
+            elif k >= size:
+                out.append((0.0, 0))
+            else:
+                out.append((threshold, extra))
+    return out
+
+
+def check_no_nan(values: torch.Tensor) -> None:
+    """Raise if ``values`` holds a NaN (one fast reduction; the exact scan only when it is NaN)."""
+    if math.isnan(float(values.sum())) and bool(torch.isnan(values).any()):
+        raise TaskArithError("cannot select the largest entries of scores containing NaN")
 
 
 def elect_sign(trimmed: list[torch.Tensor], how: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _extract, kernels
+from . import _extract, _fused, kernels
 from .errors import TaskArithError, raise_if_any
 from .vector import TaskVector, _require_scalar
 
@@ -270,26 +270,88 @@ def trim(vector: TaskVector, density: float, scope: str) -> dict[str, torch.Tens
     (``scope="global"``). Ties at the threshold keep the earliest entries in the
     vector's storage order.
     """
+    plan = _trim_plan(vector, density, scope)
+    out = {}
+    for name, x in plan.tensors.items():
+        lam = plan.lambdas.get(name)
+        if lam is None:
+            out[name] = x
+        elif x.dtype in (torch.float32, torch.float64):
+            out[name] = torch.hardshrink(x, lam)
+        else:
+            out[name] = torch.hardshrink(x.float(), lam).to(x.dtype)
+    return out
+
+
+def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed:
+    """How to trim ``vector``: per tensor, a ``hardshrink`` threshold and, where ties at the
+    threshold must lose some entries, a copy with those entries already zeroed."""
     names = list(vector._layout.slots)
+    tensors = {n: vector[n] for n in names}
     if density >= 1:
-        return {n: vector[n] for n in names}
+        return _fused.Trimmed(tensors)
+    for buffer in vector._buffers.values():
+        kernels.check_no_nan(buffer)
+    if scope == "tensor" and vector.device.type != "cpu" and vector.dtypes.keys() == {torch.float32}:
+        return _trim_plan_segmented(vector, density, tensors)
     if scope == "tensor":
-        return {n: vector[n] * kernels.topk_mask(vector[n].abs(), math.floor(density * vector[n].numel())) for n in names}
+        lambdas = {}
+        largest = max((t.numel() for t in tensors.values()), default=0)
+        scratch = torch.empty(largest, dtype=vector.dtype, device=vector.device) if len(vector.dtypes) == 1 else None
+        for name in names:
+            x = tensors[name].reshape(-1)
+            threshold, drop = kernels.trim_threshold(
+                x, math.floor(density * x.numel()), scratch=scratch, check_nan=False)
+            if drop is not None:
+                tensors[name] = _zeroed(tensors[name], drop)
+            lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(x.dtype))
+        return _fused.Trimmed(tensors, lambdas)
     # Global scope: one selection over every entry, in the vector's name order (which is also the
     # order streaming merges see), so ties at the threshold resolve identically in and out of core.
     wide = torch.float64 if torch.float64 in vector.dtypes else torch.float32
     if len(vector._buffers) == 1:
         magnitudes = next(iter(vector._buffers.values())).abs().to(wide)
     else:
-        magnitudes = torch.cat([vector[n].abs().to(wide).reshape(-1) for n in names])
-    mask = kernels.topk_mask(magnitudes, math.floor(density * magnitudes.numel()))
+        magnitudes = torch.cat([tensors[n].abs().to(wide).reshape(-1) for n in names])
+    threshold, drop = kernels.trim_threshold(
+        magnitudes, math.floor(density * magnitudes.numel()), absolute=True, check_nan=False)
     del magnitudes
-    kept, start = {}, 0
+    lambdas, start = {}, 0
     for name in names:
-        t = vector[name]
-        kept[name] = t * mask[start:start + t.numel()].view(t.shape)
-        start += t.numel()
-    return kept
+        numel = tensors[name].numel()
+        if drop is not None:
+            mine = drop[(drop >= start) & (drop < start + numel)]
+            if mine.numel():
+                tensors[name] = _zeroed(tensors[name], mine - start)
+        lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(tensors[name].dtype))
+        start += numel
+    return _fused.Trimmed(tensors, lambdas)
+
+
+def _trim_plan_segmented(vector: TaskVector, density: float, tensors: dict[str, torch.Tensor]) -> _fused.Trimmed:
+    """Tensor-scope trim of a float32 vector on an accelerator: every tensor's threshold from one sort."""
+    slots = sorted(vector._layout.slots.items(), key=lambda item: item[1].offset)
+    sizes = [slot.numel for _, slot in slots]
+    ks = [math.floor(density * size) for size in sizes]
+    found = kernels.segment_thresholds(vector._buffers[torch.float32], sizes, ks)
+    lambdas = {}
+    for (name, _), k, (threshold, excess) in zip(slots, ks, found):
+        if excess and threshold != 0:  # ties past k: the exact per-tensor path picks which to drop
+            threshold, drop = kernels.trim_threshold(tensors[name].reshape(-1), k, check_nan=False)
+            if drop is not None:
+                tensors[name] = _zeroed(tensors[name], drop)
+        lambdas[name] = _fused.shrink_threshold(threshold, torch.float32)
+    return _fused.Trimmed(tensors, lambdas)
+
+
+def _compute_of(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _zeroed(tensor: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
+    copy = tensor.clone()
+    copy.view(-1)[flat_indices.to(copy.device)] = 0
+    return copy
 
 
 def _weighted(parts: list[dict[str, torch.Tensor]], weights: list[float]) -> list[dict[str, torch.Tensor]]:
@@ -306,15 +368,16 @@ def _sum(parts: list[Mapping[str, torch.Tensor]], scale: float) -> dict[str, tor
     return out
 
 
-def _elect_and_merge(parts: list[dict[str, torch.Tensor]], sign: str, scale: float) -> TaskVector:
-    """Sign election and disjoint mean per tensor, written straight into one packed result."""
-    names = list(parts[0])
-    result = TaskVector._empty({n: parts[0][n] for n in names})
-    for name in names:
-        tensors = [p[name] for p in parts]
-        merged = kernels.disjoint_mean(tensors, kernels.elect_sign(tensors, sign), result[name])
-        if scale != 1.0:
-            merged.mul_(scale)
+def _elect_and_merge(inputs: list[_fused.Trimmed], weights: list[float], sign: str, scale: float) -> TaskVector:
+    """Weighting, sign election and disjoint mean in one blocked pass, into one packed result."""
+    names = list(inputs[0].tensors)
+    result = TaskVector._empty({n: inputs[0].tensors[n] for n in names})
+    layout = result._layout
+    segments = [
+        (buffer, sorted(((n, s.offset) for n, s in layout.slots.items() if s.dtype == dtype), key=lambda p: p[1]))
+        for dtype, buffer in result._buffers.items()
+    ]
+    _fused.elect_and_merge(result, inputs, weights, sign, scale, segments)
     return result
 
 
@@ -360,7 +423,7 @@ def _ties(vectors, weights, *, density, scope, sign, scale):
     entry, the non-zero trimmed values whose sign is the elected one (0 where
     there are none). Result × ``scale``.
     """
-    return _elect_and_merge(_weighted([trim(v, density, scope) for v in vectors], weights), sign, scale)
+    return _elect_and_merge([_trim_plan(v, density, scope) for v in vectors], weights, sign, scale)
 
 
 def _dare_linear(vectors, weights, *, drop, seed, scale):
@@ -370,7 +433,7 @@ def _dare_linear(vectors, weights, *, drop, seed, scale):
 
 def _dare_ties(vectors, weights, *, drop, seed, sign, scale):
     """DARE-TIES: DARE's drop and rescale in place of TIES' trim, then TIES' election and disjoint mean."""
-    return _elect_and_merge(_weighted(_dare(vectors, drop, seed), weights), sign, scale)
+    return _elect_and_merge([_fused.Trimmed(p) for p in _dare(vectors, drop, seed)], weights, sign, scale)
 
 
 def _breadcrumbs(vectors, weights, *, density, top, scale):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from . import _extract, _flat
+from . import _extract, _flat, _triton
 from .errors import (
     BaseMismatchError,
     KeyMismatchError,
@@ -336,6 +336,8 @@ class TaskVector(Mapping[str, torch.Tensor]):
     def _check_compatible(self, other: object, op: str) -> TaskVector:
         if not isinstance(other, TaskVector):
             raise TaskArithError(f"{op} needs another TaskVector, got {type(other).__name__}")
+        if self._layout == other._layout and self._device == other._device:
+            return other  # same names, shapes and device: nothing to report (and no per-name Python loop)
         check_same_keys(self, other, what=f"{op} of two task vectors", fix="Both vectors must come from the same architecture.")
         problems = [
             f"{n!r}: {tuple(self[n].shape)} vs {tuple(other[n].shape)}"
@@ -470,6 +472,9 @@ class TaskVector(Mapping[str, torch.Tensor]):
         out = {dt: _flat.allocate(buf.numel(), dt, buf.device) for dt, buf in first._buffers.items()}
         for dt, dst in out.items():
             srcs = [v._buffers[dt] for v in vectors]
+            if _triton.usable([dst, *srcs]):  # one pass on the GPU instead of len(srcs) - 1
+                _triton.weighted_sum(dst, srcs, weights)
+                continue
             # Whole-buffer kernels: blocking these passes to stay in cache measured slower here
             # (per-block thread start-up outweighs the saved memory traffic).
             if len(srcs) > 1 and _is_one(weights[0]):

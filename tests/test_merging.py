@@ -192,6 +192,39 @@ def test_topk_keeps_exactly_k_with_lowest_index_tie_break(values, fraction):
     assert np.array_equal(mask.numpy(), _reference_topk(values, k)), "topk_mask differs from the sorted reference"
 
 
+@given(segments=st.lists(hnp.arrays(np.float32, st.integers(0, 40),
+                                     elements=st.sampled_from([0.0, -0.5, 0.5, 1.0, -1.0, 2.0, -3.5, 1e-30])),
+                          min_size=1, max_size=6),
+       fractions=st.lists(st.floats(0, 1), min_size=6, max_size=6))
+def test_segment_thresholds_match_one_selection_per_segment(segments, fractions):
+    """The accelerator path (one sort for all tensors) finds the same threshold and tie excess."""
+    sizes = [len(s) for s in segments]
+    ks = [math.floor(f * n) for f, n in zip(fractions, sizes)]
+    flat = torch.from_numpy(np.concatenate(segments)) if sum(sizes) else torch.zeros(0)
+    got = kernels.segment_thresholds(flat, sizes, ks)
+    start = 0
+    for i, (n, k) in enumerate(zip(sizes, ks)):
+        values = flat[start:start + n]
+        threshold, drop = kernels.trim_threshold(values, k)
+        excess = 0 if drop is None else drop.numel()
+        assert got[i][0] == threshold, f"segment {i} (n={n}, k={k}): threshold {got[i][0]} vs {threshold}"
+        if threshold != 0 and not math.isinf(threshold):
+            assert got[i][1] == excess, f"segment {i} (n={n}, k={k}): excess {got[i][1]} vs {excess}"
+        start += n
+
+
+@given(vs=vectors(n=3, dtypes=[torch.float32]), density=st.floats(0.0, 1.0, exclude_min=True),
+       sign=st.sampled_from(["sum", "count"]))
+def test_segmented_trim_plan_gives_the_same_ties_merge(vs, density, sign):
+    """The one-sort tensor-scope trim (used on accelerators) merges exactly like the per-tensor one."""
+    vs = [v.to(dtype=torch.float32) for v in vs]
+    want = ta.merge(vs, "ties", density=density, scope="tensor", sign=sign)
+    plans = [ta.merging._trim_plan_segmented(v, density, {n: v[n] for n in v._layout.slots}) if density < 1
+             else ta.merging._trim_plan(v, density, "tensor") for v in vs]
+    got = ta.merging._elect_and_merge(plans, [1.0] * 3, sign, 1.0)
+    assert all(torch.equal(got[n], want[n]) for n in want._layout.slots), "segmented trim changed the merge"
+
+
 @given(vs=vectors(n=1, dtypes=[torch.float32, torch.float64]), density=st.floats(0.01, 1.0), scope=st.sampled_from(["global", "tensor"]))
 def test_trim_keeps_exactly_floor_density_n_entries(vs, density, scope):
     (v,) = vs

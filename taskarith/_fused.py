@@ -1,0 +1,196 @@
+"""Fused, blocked trim → elect sign → disjoint mean (the core of TIES and DARE-TIES).
+
+Written as a chain of whole-tensor passes (trim each vector, sum, compare, mask,
+sum again, divide) TIES moves every entry through main memory a dozen times and
+allocates as many temporaries: that runs at under 1 GB/s. Here the flat result
+buffer is walked in blocks of :data:`BLOCK` entries; each block's trimmed inputs
+are written into a small preallocated ``[k, block]`` scratch, every later step
+reads and writes only scratch (which stays in the CPU's large caches), and the
+block's result is written once into the preallocated output. Main memory sees
+each input entry read once and each output entry written once, and nothing is
+allocated per block.
+
+Trimming is ``hardshrink``: keeping ``|x| >= t`` is ``hardshrink(x, λ)`` with
+``λ`` the largest float below ``t`` (no float lies between them).
+
+Measured on a 2-core x86 VM (3 x 100M float32, elect + merge only): this eager
+version ~0.75 s; the same block as one ``torch.compile``-generated loop ~0.17 s,
+but compiling took ~20 s in a fresh process and needs a C++ toolchain at run
+time, so the eager version is the one used. Blocks of 2^16 entries (L2-sized)
+ran slower than 2^18: per-kernel dispatch overhead, not cache misses, bounds
+the small blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from . import _triton
+
+BLOCK = 1 << 18  # entries per block: large enough that per-kernel overhead stays small, scratch a few MB
+DEVICE_BLOCK = 1 << 24  # on accelerators without Triton: bounds the scratch (~16 bytes per entry per input)
+
+
+def shrink_threshold(threshold: float, dtype: torch.dtype) -> float:
+    """The ``λ`` for which ``hardshrink(x, λ)`` keeps exactly the entries with ``|x| >= threshold``.
+
+    ``λ`` is the largest ``dtype`` value below ``threshold``, where ``dtype`` is
+    the dtype the comparison runs in (float32 or float64).
+
+    Example:
+        >>> shrink_threshold(1.0, torch.float32) == 1.0 - 2.0**-24
+        True
+    """
+    if threshold <= 0:
+        return 0.0  # keep every entry: zeros stay zero either way
+    if math.isinf(threshold):
+        return math.inf
+    below = torch.tensor(threshold, dtype=torch.float64).to(dtype)
+    if float(below) >= threshold:
+        below = torch.nextafter(below, torch.zeros((), dtype=dtype))
+    return float(below)
+
+
+class Trimmed:
+    """One input of the merge: tensors by name and, per name, the hardshrink ``λ`` (None: no trim)."""
+
+    __slots__ = ("lambdas", "tensors")
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], lambdas: Mapping[str, float | None] | None = None):
+        self.tensors = tensors
+        self.lambdas = lambdas or {}
+
+
+def elect_and_merge(
+    out: Mapping[str, torch.Tensor],
+    inputs: Sequence[Trimmed],
+    weights: Sequence[float],
+    sign: str,
+    scale: float,
+    segments: Sequence[tuple[torch.Tensor, Sequence[tuple[str, int]]]],
+) -> None:
+    """Write TIES' merge of ``inputs`` into the tensors of ``out``.
+
+    For each entry: ``t_i = w_i · trim_i(x_i)``; the elected sign is that of
+    ``Σ t_i`` (``sign="sum"``, accumulated in float64) or of
+    ``#{t_i > 0} − #{t_i < 0}`` (``"count"``), a tie going to +; the result is
+    ``scale ·`` the mean of the ``t_i`` that are non-zero and of the elected
+    sign (0 where none are).
+
+    ``segments`` lists the output buffers, each with its ``(name, offset)``
+    slots in offset order; blocks run over each buffer and may span tensors,
+    so many small tensors cost no more than a few large ones.
+    """
+    k = len(inputs)
+    for buffer, slots in segments:
+        if k <= _triton.MAX_INPUTS and _triton_ready(out, inputs, buffer, slots):
+            for name, _ in slots:
+                _triton.ties_merge(out[name].reshape(-1), [inp.tensors[name].reshape(-1) for inp in inputs],
+                                   [inp.lambdas.get(name) for inp in inputs], weights, sign, scale)
+            continue
+        compute = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+        block = BLOCK if buffer.device.type == "cpu" else DEVICE_BLOCK
+        scratch = _Scratch(k, min(block, buffer.numel()), compute, buffer.device)
+        spans = [(name, offset, out[name].numel()) for name, offset in slots]
+        first = 0
+        for start in range(0, buffer.numel(), block):
+            stop = min(start + block, buffer.numel())
+            while spans[first][1] + spans[first][2] <= start:
+                first += 1
+            s = scratch.take(stop - start)
+            for i, source in enumerate(inputs):
+                j = first
+                while j < len(spans) and spans[j][1] < stop:
+                    name, offset, numel = spans[j]
+                    lo, hi = max(start, offset), min(stop, offset + numel)
+                    x = source.tensors[name].reshape(-1)[lo - offset:hi - offset]
+                    row = s.trimmed[i, lo - start:hi - start]
+                    lam = source.lambdas.get(name)
+                    if lam is None:
+                        row.copy_(x)
+                    elif x.dtype == compute:
+                        torch.hardshrink(x, lam, out=row)
+                    else:  # half inputs: widen first so λ (a float32 value) compares exactly
+                        torch.hardshrink(x.to(compute), lam, out=row)
+                    j += 1
+                if weights[i] != 1.0:
+                    s.trimmed[i].mul_(weights[i])
+            _merge_block(s, sign, scale, buffer[start:stop])
+
+
+def _triton_ready(out, inputs, buffer, slots) -> bool:
+    tensors = [buffer] + [inp.tensors[name] for inp in inputs for name, _ in slots]
+    return _triton.usable(tensors)
+
+
+class _Scratch:
+    """Preallocated working memory for one block (reused for every block)."""
+
+    def __init__(self, k: int, size: int, dtype: torch.dtype, device: torch.device):
+        self.k, self.size = k, size
+        self.trimmed = torch.empty(k, size, dtype=dtype, device=device)
+        self.agree = torch.empty(k, size, dtype=dtype, device=device)
+        self.total = torch.empty(size, dtype=torch.float64, device=device)
+        self.wide = None if dtype == torch.float64 else torch.empty(k, size, dtype=torch.float64, device=device)
+        self.positive = torch.empty(size, dtype=torch.bool, device=device)
+        self.elected = torch.empty(size, dtype=dtype, device=device)
+        self.count = torch.empty(size, dtype=dtype, device=device)
+        self.kept = torch.empty(size, dtype=dtype, device=device)
+
+    def take(self, n: int) -> _Scratch:
+        if n == self.size:
+            return self
+        view = _Scratch.__new__(_Scratch)
+        view.k, view.size = self.k, n
+        for field in ("trimmed", "agree"):
+            setattr(view, field, getattr(self, field)[:, :n])
+        view.wide = None if self.wide is None else self.wide[:, :n]
+        for field in ("total", "positive", "elected", "count", "kept"):
+            setattr(view, field, getattr(self, field)[:n])
+        return view
+
+
+def _merge_block(s: _Scratch, sign: str, scale: float, out: torch.Tensor) -> None:
+    if sign == "sum":
+        if s.wide is None:  # float64 inputs: sum them directly
+            _sum_rows(s.trimmed, s.total)
+        else:  # float32: widen all rows in one kernel (mixed-dtype add_ would copy each row)
+            s.wide.copy_(s.trimmed)
+            _sum_rows(s.wide, s.total)
+        torch.ge(s.total, 0, out=s.positive)
+    else:
+        torch.sign(s.trimmed, out=s.agree)
+        _sum_rows(s.agree, s.count)
+        torch.ge(s.count, 0, out=s.positive)
+    s.elected.copy_(s.positive).mul_(2).sub_(1)  # +1 / -1 (three plain kernels beat torch.where here)
+    # agree_i = max(t_i · e, 0) is |t_i| where t_i has the elected sign and 0 elsewhere, so the
+    # disjoint sum is e · Σ agree_i (negation is exact: the same bits as summing the t_i themselves).
+    torch.mul(s.trimmed, s.elected, out=s.agree)
+    s.agree.clamp_min_(0)
+    _sum_rows(s.agree, s.kept)
+    torch.sign(s.agree, out=s.agree)
+    _sum_rows(s.agree, s.count)
+    s.kept.mul_(s.elected)
+    s.count.clamp_min_(1)
+    if out.dtype == s.kept.dtype:
+        torch.div(s.kept, s.count, out=out)
+        if scale != 1.0:
+            out.mul_(scale)
+    else:
+        s.kept.div_(s.count)
+        if scale != 1.0:
+            s.kept.mul_(scale)
+        out.copy_(s.kept)
+
+
+def _sum_rows(rows: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = rows[0] + rows[1] + ...`` in row order (binary kernels beat a dim-0 reduction here)."""
+    if rows.shape[0] == 1:
+        out.copy_(rows[0])
+        return
+    torch.add(rows[0], rows[1], out=out)
+    for row in rows[2:]:
+        out.add_(row)

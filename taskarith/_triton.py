@@ -1,0 +1,90 @@
+"""Single-pass Triton kernels for CUDA tensors: weighted sums and TIES' trim → elect → merge.
+
+On a GPU, element-wise work is bound by memory bandwidth, so the number of
+passes decides speed. ``TaskVector.sum`` of three vectors written with torch
+kernels is two passes (read 2 + write 1, then read 2 + write 1: 6 vector-sized
+transfers for a result that needs 4), and TIES as torch kernels is a dozen. Each
+kernel here reads every input once and writes the output once.
+
+They compute exactly what the torch code they replace computes, operation for
+operation and in the same order (float64 sign sums, a correctly rounded
+division), so results do not depend on which path ran; tests check this on the
+CPU through Triton's interpreter (``TRITON_INTERPRET=1``). Triton is optional:
+without it, or for dtypes other than float32, or more than :data:`MAX_INPUTS`
+inputs, callers use their torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+
+MAX_INPUTS = 4
+_BLOCK = 1024
+
+
+def usable(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether these float32 tensors can go through the Triton kernels (CUDA, or the interpreter)."""
+    if not tensors:
+        return False
+    on_device = all(t.is_cuda for t in tensors) or (
+        os.environ.get("TRITON_INTERPRET") == "1" and all(t.device.type == "cpu" for t in tensors)
+    )
+    if not (on_device and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)):
+        return False
+    return _kernels() is not None
+
+
+@functools.cache
+def _kernels():
+    try:
+        from . import _triton_kernels
+    except ImportError:  # Triton ships with CUDA builds of PyTorch only
+        return None
+    return _triton_kernels
+
+
+def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``out = Σ weights[i] · sources[i]`` (flat float32 tensors), one pass per four sources."""
+    first = 0
+    while first < len(sources):
+        chunk = list(sources[first:first + MAX_INPUTS])
+        ws = [float(w) for w in weights[first:first + MAX_INPUTS]]
+        if first:  # fold the running total in as the first input
+            chunk, ws = [out, *chunk[:MAX_INPUTS - 1]], [1.0, *ws[:MAX_INPUTS - 1]]
+        taken = len(chunk) - (1 if first else 0)
+        padded = chunk + [chunk[0]] * (MAX_INPUTS - len(chunk))
+        ws = ws + [0.0] * (MAX_INPUTS - len(ws))
+        n = out.numel()
+        _kernels()._sum_kernel[(-(-n // _BLOCK),)](out, *padded, n, *ws, K=len(chunk), BLOCK=_BLOCK)
+        first += taken
+    return out
+
+
+def ties_merge(
+    out: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    lambdas: Sequence[float | None],
+    weights: Sequence[float],
+    sign: str,
+    scale: float,
+) -> None:
+    """TIES' trim (``hardshrink`` by ``λ``; None keeps all), weighting, election and disjoint mean
+    of flat float32 ``inputs`` into ``out``, in one pass (see ``_fused.elect_and_merge``)."""
+    k = len(inputs)
+    padded = list(inputs) + [inputs[0]] * (MAX_INPUTS - k)
+    lams = [-1.0 if lam is None else float(lam) for lam in lambdas] + [0.0] * (MAX_INPUTS - k)
+    ws = [float(w) for w in weights] + [0.0] * (MAX_INPUTS - k)
+    n = out.numel()
+    _kernels()._ties_kernel[(-(-n // _BLOCK),)](
+        out, *padded, n, *lams, *ws, float(scale), K=k, COUNT=sign == "count", BLOCK=_BLOCK,
+        **_NO_FMA,
+    )
+
+
+# Contracting a multiply and an add into one FMA rounds once instead of twice: the torch path
+# rounds twice, so results would differ in the last bit. (The interpreter takes no such option.)
+_NO_FMA = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}

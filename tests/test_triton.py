@@ -1,0 +1,70 @@
+"""The Triton kernels (used for CUDA tensors) compute what the torch path computes.
+
+CI has no GPU, so the kernels run here through Triton's interpreter
+(``TRITON_INTERPRET=1``, which executes them on CPU tensors) in a child process:
+the environment variable must be set before Triton compiles anything.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="Triton ships with CUDA builds of PyTorch only")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, sys, torch
+import taskarith as ta
+from taskarith import _triton
+
+def vector(seed):
+    g = torch.Generator().manual_seed(seed)
+    d = {"a": torch.randn(700, 4, generator=g), "b": torch.randn(100, generator=g), "t": torch.randn(3, generator=g),
+         "q": torch.randint(-3, 4, (900,), generator=g).float(), "z": torch.zeros(50)}
+    return ta.TaskVector(d)
+
+out = {}
+for k in [1, 2, 3, 4, 5]:
+    vs = [vector(i) for i in range(k)]
+    assert _triton.usable([vs[0]._buffers[torch.float32]]) == (sys.argv[1] == "triton")
+    for scope in ["tensor", "global"]:
+        for sign in ["sum", "count"]:
+            for weights in [None, [(-1.0) ** i * (i + 0.5) for i in range(k)]]:
+                r = ta.merge(vs, "ties", density=0.3, scope=scope, sign=sign, weights=weights, scale=0.7)
+                out[f"ties {k} {scope} {sign} {weights}"] = {n: r[n].reshape(-1).view(torch.int32).tolist() for n in r}
+    r = ta.merge(vs, "dare_ties", drop=0.5, seed=1)
+    out[f"dare_ties {k}"] = {n: r[n].reshape(-1).view(torch.int32).tolist() for n in r}
+    r = ta.TaskVector.sum(vs, [0.5 + i for i in range(k)])
+    out[f"sum {k}"] = {n: r[n].reshape(-1).tolist() for n in r}
+json.dump(out, sys.stdout)
+"""
+
+
+def _run(mode: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    if mode == "triton":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_triton_kernels_match_the_torch_path():
+    eager, triton = _run("torch"), _run("triton")
+    assert eager.keys() == triton.keys()
+    for case, tensors in eager.items():
+        for name, values in tensors.items():
+            if case.startswith("sum"):
+                # Sums may round differently (fused multiply-add): float32 summation of k <= 5 terms
+                # errs by at most k * 2^-24 * sum |w_i x_i| <= 5 * 6e-8 * ~60 here, under 2e-5.
+                got = triton[case][name]
+                worst = max(abs(a - b) for a, b in zip(values, got))
+                assert worst <= 2e-5, f"{case} {name}: Triton and torch sums differ by {worst}"
+            else:  # TIES: the same operations in the same order, so the same bits
+                assert triton[case][name] == values, f"{case}: {name} differs between Triton and torch"
