@@ -19,6 +19,8 @@ Conventions shared by every method:
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -383,11 +385,19 @@ def _elect_and_merge(inputs: list[_fused.Trimmed], weights: list[float], sign: s
 
 def _dare(vectors: list[TaskVector], drop: float, seed: int) -> list[dict[str, torch.Tensor]]:
     keep = 1.0 - drop
+
+    def masks(i: int, v: TaskVector) -> dict[str, torch.Tensor]:
+        names = list(v._layout.slots)
+        # Each mask draws from its own CPU generator, a serial stream: drawing several at once on
+        # threads (torch releases the GIL) is what makes DARE fast with more than one core.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            drawn = pool.map(lambda name: kernels.dare_mask(tuple(v[name].shape), keep, seed, i, name), names)
+            return dict(zip(names, drawn))
+
     out = []
     for i, v in enumerate(vectors):
         parts = {}
-        for name in v._layout.slots:
-            mask = kernels.dare_mask(tuple(v[name].shape), keep, seed, i, name)
+        for name, mask in masks(i, v).items():
             # Survivors are divided by (1 - p) in the delta's dtype (one rounding, no reciprocal).
             parts[name] = torch.where(mask.to(v.device), v[name] / keep, 0)
         out.append(parts)

@@ -557,14 +557,21 @@ class TaskVector(Mapping[str, torch.Tensor]):
         self._check_fingerprint(state, covered, on_base_mismatch)
         out: dict[str, torch.Tensor] = {}
         made: dict[tuple, torch.Tensor] = {}  # (canonical, base storage) -> result, so ties stay tied
+        edited: dict[tuple, torch.Tensor] = {}  # base storage -> result, for names tied to a covered one
+        for name, b in state.items():
+            if name in covered:
+                key = (self._layout.canonical(name), b.data_ptr(), b.stride())
+                if key not in made:
+                    made[key] = _extract.apply_entry(b.detach(), self[name], alpha, torch.empty_like(b))
+                out[name] = made[key]
+                edited[_storage_key(b)] = made[key]
         for name, b in state.items():
             if name not in covered:
-                out[name] = b.detach().clone()
-                continue
-            key = (self._layout.canonical(name), b.data_ptr(), b.stride())
-            if key not in made:
-                made[key] = _extract.apply_entry(b.detach(), self[name], alpha, torch.empty_like(b))
-            out[name] = made[key]
+                # A name the vector does not cover but that shares memory with one it does (a tied
+                # weight under another name) takes the edited tensor, so the tie survives.
+                tied = edited.get(_storage_key(b)) if b.is_floating_point() else None
+                out[name] = tied if tied is not None else b.detach().clone()
+        out = {name: out[name] for name in state}
         if check_finite:
             bad = [f"{n!r}" for n in covered if not bool(torch.isfinite(out[n]).all())]
             raise_if_any(bad, error=_extract.NonFiniteError, header="non-finite values after apply_to",
@@ -694,6 +701,10 @@ def _scalar(value: object):
 
 def _is_one(value) -> bool:
     return isinstance(value, numbers.Number) and value == 1
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.data_ptr(), t.stride(), tuple(t.shape), t.dtype)
 
 
 def _require_scalar(value: object):

@@ -165,3 +165,14 @@ def test_buffers_of_dead_vectors_are_reused_and_can_be_freed():
     del second
     ta.empty_cache()
     assert ta.cache_info()["buffers"] == 0
+
+
+def test_a_partial_vector_edits_both_names_of_a_tied_weight():
+    """strict=False with a vector covering one name of a tied pair: the other name follows and stays tied."""
+    shared = torch.zeros(3)
+    base = {"embed.weight": shared, "head.weight": shared, "norm": torch.ones(2)}
+    out = ta.TaskVector({"embed.weight": torch.ones(3)}).apply_to(base, strict=False)
+    assert torch.equal(out["head.weight"], torch.ones(3)), "the tied name kept the old value"
+    assert out["head.weight"].data_ptr() == out["embed.weight"].data_ptr(), "the tie was lost"
+    assert torch.equal(out["norm"], torch.ones(2)) and out["norm"].data_ptr() != base["norm"].data_ptr()
+    assert list(out) == list(base)
