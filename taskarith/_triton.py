@@ -26,14 +26,15 @@ MAX_INPUTS = 4
 _BLOCK = 1024
 
 
-def usable(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether these float32 tensors can go through the Triton kernels (CUDA, or the interpreter)."""
-    if not tensors:
+def usable(tensors: Sequence[torch.Tensor], dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether these tensors can go through the Triton kernels (CUDA, or the interpreter): all of
+    one dtype among ``dtypes``, contiguous."""
+    if not tensors or tensors[0].dtype not in dtypes:
         return False
     on_device = all(t.is_cuda for t in tensors) or (
         os.environ.get("TRITON_INTERPRET") == "1" and all(t.device.type == "cpu" for t in tensors)
     )
-    if not (on_device and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)):
+    if not (on_device and all(t.dtype == tensors[0].dtype and t.is_contiguous() for t in tensors)):
         return False
     return _kernels() is not None
 
@@ -47,8 +48,12 @@ def _kernels():
     return _triton_kernels
 
 
+SUM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``out = Σ weights[i] · sources[i]`` (flat float32 tensors), one pass per four sources."""
+    """``out = Σ weights[i] · sources[i]`` (flat tensors of one of :data:`SUM_DTYPES`), accumulated
+    in float32, one pass per four sources."""
     first = 0
     while first < len(sources):
         chunk = list(sources[first:first + MAX_INPUTS])

@@ -6,16 +6,17 @@ import triton.language as tl
 
 @triton.jit
 def _sum_kernel(out, x0, x1, x2, x3, n, w0, w1, w2, w3, K: tl.constexpr, BLOCK: tl.constexpr):
+    # Accumulates in float32 whatever the storage dtype (bfloat16 and float16 round once, at the store).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    acc = tl.load(x0 + offs, mask=m, other=0.0) * w0
+    acc = tl.load(x0 + offs, mask=m, other=0.0).to(tl.float32) * w0
     if K > 1:
-        acc += tl.load(x1 + offs, mask=m, other=0.0) * w1
+        acc += tl.load(x1 + offs, mask=m, other=0.0).to(tl.float32) * w1
     if K > 2:
-        acc += tl.load(x2 + offs, mask=m, other=0.0) * w2
+        acc += tl.load(x2 + offs, mask=m, other=0.0).to(tl.float32) * w2
     if K > 3:
-        acc += tl.load(x3 + offs, mask=m, other=0.0) * w3
-    tl.store(out + offs, acc, mask=m)
+        acc += tl.load(x3 + offs, mask=m, other=0.0).to(tl.float32) * w3
+    tl.store(out + offs, acc.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit

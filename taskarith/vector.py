@@ -472,7 +472,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
         out = {dt: _flat.allocate(buf.numel(), dt, buf.device) for dt, buf in first._buffers.items()}
         for dt, dst in out.items():
             srcs = [v._buffers[dt] for v in vectors]
-            if _triton.usable([dst, *srcs]):  # one pass on the GPU instead of len(srcs) - 1
+            if _triton.usable([dst, *srcs], _triton.SUM_DTYPES):  # one pass on the GPU, not len(srcs) - 1
                 _triton.weighted_sum(dst, srcs, weights)
                 continue
             # Whole-buffer kernels: blocking these passes to stay in cache measured slower here
