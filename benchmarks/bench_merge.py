@@ -20,6 +20,7 @@ bit-for-bit where the semantics agree, by statistics for DARE (random masks diff
     python benchmarks/bench_merge.py                  # 100M fp32 parameters per vector, 3 repeats
     python benchmarks/bench_merge.py --quick          # 10M parameters
     python benchmarks/bench_merge.py --skip-peft --threads 8
+    python benchmarks/bench_merge.py --shapes lora    # thousands of small LoRA A/B matrices
     python benchmarks/bench_merge.py --rounds 3       # a busy machine: interleave and pool 3 rounds
 
 Results go to ``benchmarks/results/merge-<hostname>-cpu.json`` (see ``--out``).
@@ -51,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _machine import describe, machine_info  # sibling file
-from bench_vector_ops import transformer_shapes  # sibling file: the same model shapes as that benchmark
+from bench_vector_ops import SHAPES, model_shapes  # sibling file: the same model shapes as that benchmark
 
 import taskarith as ta
 
@@ -122,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--params", type=int, default=None,
                    help="parameters per vector (default 100_000_000; 10M with --quick)")
     p.add_argument("--tensors", type=int, default=300, help="approximate number of tensors per vector (default 300)")
+    p.add_argument("--shapes", choices=SHAPES, default="transformer",
+                   help="transformer: ~--tensors tensors shaped like a decoder transformer's; lora: pairs of "
+                        "rank-16 LoRA A/B matrices, thousands of small tensors at 10M (default transformer)")
     p.add_argument("--vectors", type=int, default=VECTORS, help=f"task vectors to merge (default {VECTORS})")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
     p.add_argument("--rounds", type=int, default=1,
@@ -344,7 +348,7 @@ def peak_rss() -> int | None:
 def build_call(op: str, impl: str, args: argparse.Namespace,
                names: list[str]) -> tuple[Callable[[], Mapping], list[Mapping[str, torch.Tensor]]]:
     """Build the inputs the implementation takes; return the call to time and the inputs."""
-    shapes = transformer_shapes(args.params, args.tensors)
+    shapes = model_shapes(args.shapes, args.params, args.tensors)
     if impl.startswith("taskarith"):
         vectors = []
         for i in range(args.vectors):  # one dict at a time, so setup does not set the peak
@@ -392,7 +396,7 @@ def child_main(args: argparse.Namespace) -> int:
     op, impl = args.child.split(":")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    shapes = transformer_shapes(args.params, args.tensors)
+    shapes = model_shapes(args.shapes, args.params, args.tensors)
     names = list(shapes)
     t0 = time.perf_counter()
     call, inputs = build_call(op, impl, args, names)
@@ -700,7 +704,8 @@ def run_checks(ops: list[str], impls_of: dict[str, list[str]], workdir: Path, in
 
 def child_command(args: argparse.Namespace, op: str, impl: str, workdir: Path) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"{op}:{impl}", "--workdir", str(workdir),
-           "--params", str(args.params), "--tensors", str(args.tensors), "--vectors", str(args.vectors),
+           "--params", str(args.params), "--tensors", str(args.tensors), "--shapes", args.shapes,
+           "--vectors", str(args.vectors),
            "--repeats", str(args.repeats), "--seed", str(args.seed)]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
@@ -750,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     machine = machine_info()
     started = dt.datetime.now(dt.timezone.utc)
-    shapes = transformer_shapes(args.params, args.tensors)
+    shapes = model_shapes(args.shapes, args.params, args.tensors)
     numel = sum(math.prod(s) for s in shapes.values())
     nbytes = numel * 4
     min_bytes = (args.vectors + 1) * nbytes  # read every vector once, write the result once
@@ -768,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         peft_note = "--skip-peft: PEFT's rows are skipped"
 
     print(f"machine: {describe(machine)}")
-    print(f"vectors: {args.vectors} x {numel:,} float32 entries in {len(shapes)} tensors = {nbytes / 1e6:,.0f} MB "
+    print(f"vectors: {args.vectors} x {numel:,} float32 entries in {len(shapes)} {args.shapes}-like tensors = {nbytes / 1e6:,.0f} MB "
           f"each; {args.repeats} repeats (median and best after one warm-up) x {args.rounds} round(s); "
           "one process per measurement; "
           f"load average at start {machine['load_average']}")
@@ -951,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
             "params_requested": args.params,
             "params": numel,
             "tensors_requested": args.tensors,
+            "shapes": args.shapes,
             "tensors": len(shapes),
             "tensors_by_rank": by_dim,
             "largest_tensor": max(math.prod(s) for s in shapes.values()),

@@ -8,7 +8,7 @@ norms, one scalar), then times, in one run:
 * a memory-bandwidth probe: ``dst.copy_(src)`` over one flat, preallocated buffer of the size of one
   vector (measured at the start and at the end of the run);
 * taskarith's public API: ``a + b``, ``s * a``, ``ta.TaskVector.sum([a, b, c])``, Python's
-  ``sum([a, b, c])``, in-place ``a.add_(b)`` and ``a.mul_(s)``;
+  ``sum([a, b, c])``, in-place ``a.add_(b)`` and ``a.mul_(s)``, and ``a.apply_to(base, scale=0.5)``;
 * the plain dict-of-tensors way of doing the same (``{k: a[k] + b[k] for k in a}``, ...);
 * for reference, the same arithmetic as single torch kernels over flat buffers into a preallocated
   output (no allocation at all: an upper bound for what a library can reach).
@@ -23,6 +23,7 @@ Outputs of every implementation are checked against the dict baseline; a mismatc
     python benchmarks/bench_vector_ops.py --quick          # 10M parameters, 3 repeats
     python benchmarks/bench_vector_ops.py --dtype bfloat16 --threads 8
     python benchmarks/bench_vector_ops.py --device cuda
+    python benchmarks/bench_vector_ops.py --shapes lora    # thousands of small LoRA A/B matrices
 
 Results go to ``benchmarks/results/vector_ops-<hostname>-<device>.json`` (see ``--out``).
 Timings are measurements, not tests: nothing here asserts on them.
@@ -59,6 +60,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SCALE = 0.3  # the scalar s of ``s * a`` and ``a.mul_(s)``: a typical task-arithmetic lambda
 # allclose tolerances for sum of 3, where the order of the additions may differ between implementations
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-4), torch.bfloat16: (1.6e-2, 1e-3)}
+APPLY_SCALE = 0.5  # the lambda of ``tv.apply_to(base, scale=...)``
+LORA_RANK = 16
+SHAPES = ("transformer", "lora")
 HEADLINE_ROWS = [("a + b", "taskarith"), ("s * a", "taskarith"), ("sum of 3", "taskarith TaskVector.sum")]
 
 
@@ -73,7 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--params", type=int, default=None,
                    help="parameters per vector (default 100_000_000; 10M with --quick)")
-    p.add_argument("--tensors", type=int, default=300, help="approximate number of tensors per vector (default 300)")
+    p.add_argument("--tensors", type=int, default=300,
+                   help="approximate number of tensors per vector (default 300; transformer shapes only)")
+    p.add_argument("--shapes", choices=SHAPES, default="transformer",
+                   help="transformer: ~--tensors tensors shaped like a decoder transformer (a few large ones); "
+                        f"lora: pairs of rank-{LORA_RANK} LoRA A [r, d] / B [d, r] matrices (thousands of small "
+                        "tensors at 10M) (default transformer)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the vectors (default float32)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 7; 3 with --quick)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device of the vectors (default cpu)")
@@ -153,6 +162,54 @@ def transformer_shapes(params: int, tensors: int) -> dict[str, tuple[int, ...]]:
         "lm_head.weight": (vocab, d),
         "logit_scale": (),
     }
+
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_WIDTHS = (128, 256, 512)
+
+
+def lora_shapes(params: int, rank: int = LORA_RANK) -> dict[str, tuple[int, ...]]:
+    """About ``params`` entries in pairs of LoRA matrices ``A [rank, d]`` and ``B [d, rank]``.
+
+    The pairs cycle over the widths ``LORA_WIDTHS`` and are named like PEFT's adapters
+    (``layers.{i}.{module}.lora_A.weight``, seven modules per layer); a last, narrower pair takes up
+    the remainder. A pair holds ``2 * rank * d`` entries, so 10M entries make about 2,000 tensors
+    of a few thousand entries each: the many-small-tensors case.
+    """
+    if params < 1 or rank < 1:
+        raise ValueError("params and rank must be positive")
+    shapes: dict[str, tuple[int, ...]] = {}
+    total = j = 0
+
+    def add(d: int) -> None:
+        nonlocal total, j
+        prefix = f"layers.{j // len(LORA_MODULES)}.{LORA_MODULES[j % len(LORA_MODULES)]}."
+        shapes[prefix + "lora_A.weight"] = (rank, d)
+        shapes[prefix + "lora_B.weight"] = (d, rank)
+        total += 2 * rank * d
+        j += 1
+
+    while True:
+        d = LORA_WIDTHS[j % len(LORA_WIDTHS)]
+        if total + 2 * rank * d > params:
+            break
+        add(d)
+    rest = (params - total) // (2 * rank)
+    if rest >= 1:
+        add(rest)
+    if not shapes:  # fewer than 2 * rank entries asked for: one pair of rank 1
+        shapes["layers.0.q_proj.lora_A.weight"] = (1, params // 2 or 1)
+        shapes["layers.0.q_proj.lora_B.weight"] = (params // 2 or 1, 1)
+    return shapes
+
+
+def model_shapes(kind: str, params: int, tensors: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``--shapes kind``: ``transformer_shapes(params, tensors)`` or ``lora_shapes(params)``."""
+    if kind == "transformer":
+        return transformer_shapes(params, tensors)
+    if kind == "lora":
+        return lora_shapes(params)
+    raise ValueError(f"unknown shapes {kind!r}; choose from {', '.join(SHAPES)}")
 
 
 def make_state(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device,
@@ -267,12 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     started = dt.datetime.now(dt.timezone.utc)
 
-    shapes = transformer_shapes(args.params, args.tensors)
+    shapes = model_shapes(args.shapes, args.params, args.tensors)
     numel = sum(math.prod(s) for s in shapes.values())
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = numel * itemsize
     print(f"machine: {describe(machine)}")
-    print(f"vectors: {numel:,} {args.dtype} entries in {len(shapes)} tensors = {nbytes / 1e6:,.0f} MB each, "
+    print(f"vectors: {numel:,} {args.dtype} entries in {len(shapes)} {args.shapes}-like tensors = "
+          f"{nbytes / 1e6:,.0f} MB each, "
           f"on {device}; {args.repeats} repeats (median and best after one warm-up); "
           f"load average at start {machine['load_average']}")
     busy = machine["load_average"] is not None and machine["load_average"][0] > 0.25 * (machine["usable_cores"] or 1)
@@ -376,6 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     check("a.mul_(s)", "taskarith", w_ta, w_dict, exact=True)
     del w_dict, w_ta
 
+    # base + scale * a: a new state_dict from a base (C plays the base) -----------------------
+    t = APPLY_SCALE
+    want = record("apply_to", "dict", f"{{k: base[k] + {t} * a[k] for k in base}}", 3,
+                  lambda: {k: C[k] + t * A[k] for k in C})
+    got = record("apply_to", "taskarith", f"a.apply_to(base, scale={t})", 3, lambda: a.apply_to(C, scale=t))
+    check("apply_to", "taskarith", got, want, exact=False)
+    del got, want
+
     copy_probe()
 
     # -------------------------------------------------------------------------------- summary
@@ -413,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['op']:<10} {r['impl']:<28} {r['median_ms']:10.2f} {r['best_ms']:10.2f} "
               f"{r['gbps']:8.2f} {r['ratio_to_copy']:8.2f}")
     print()
-    print("GB/s = minimum bytes the op must move / median time (copy, s*a, mul_: 2x; a+b, add_: 3x; "
+    print("GB/s = minimum bytes the op must move / median time (copy, s*a, mul_: 2x; a+b, add_, apply_to: 3x; "
           "sum of 3: 4x one vector's bytes)")
     print(f"headline: public API ops vs in-place copy = {headline[worst_op]:.2f} "
           f"(worst of a + b {headline['a + b']:.2f}, s * a {headline['s * a']:.2f}, "
@@ -453,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
             "params_requested": args.params,
             "params": numel,
             "tensors_requested": args.tensors,
+            "shapes": args.shapes,
+            "lora_rank": LORA_RANK if args.shapes == "lora" else None,
             "tensors": len(shapes),
             "tensors_by_rank": by_dim,
             "largest_tensor": max(math.prod(s) for s in shapes.values()),
@@ -466,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "quick": args.quick,
             "scale": SCALE,
+            "apply_scale": APPLY_SCALE,
             "taskarith_cache_limit": ta.cache_info()["limit"],
             "taskarith_cache_bytes_env": os.environ.get("TASKARITH_CACHE_BYTES"),
             "timing": "time.perf_counter around 'result = op()' (previous result alive until reassigned)"

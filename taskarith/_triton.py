@@ -48,12 +48,15 @@ def _kernels():
     return _triton_kernels
 
 
-SUM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float32 only: for bfloat16/float16 a single rounding at the store would differ from the
+# documented law ``TaskVector.sum([a, b, c]) == (a + b) + c`` (two roundings), and measured no
+# faster through the public API on an H100 (0.56x vs 0.53x of a copy at 100M entries).
+SUM_DTYPES = (torch.float32,)
 
 
 def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``out = Σ weights[i] · sources[i]`` (flat tensors of one of :data:`SUM_DTYPES`), accumulated
-    in float32, one pass per four sources."""
+    """``out = Σ weights[i] · sources[i]`` (flat tensors of one of :data:`SUM_DTYPES`), one pass per
+    four sources."""
     first = 0
     while first < len(sources):
         chunk = list(sources[first:first + MAX_INPUTS])
@@ -63,8 +66,10 @@ def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], weights: Se
         taken = len(chunk) - (1 if first else 0)
         padded = chunk + [chunk[0]] * (MAX_INPUTS - len(chunk))
         ws = ws + [0.0] * (MAX_INPUTS - len(ws))
-        n = out.numel()
-        _kernels()._sum_kernel[(-(-n // _BLOCK),)](out, *padded, n, *ws, K=len(chunk), BLOCK=_BLOCK)
+        for part in _aligned_parts(out.numel()):
+            n = part.stop - part.start
+            _kernels()._sum_kernel[(-(-n // _BLOCK),)](out[part], *(t[part] for t in padded), n, *ws,
+                                                      K=len(chunk), BLOCK=_BLOCK)
         first += taken
     return out
 
@@ -83,11 +88,23 @@ def ties_merge(
     padded = list(inputs) + [inputs[0]] * (MAX_INPUTS - k)
     lams = [-1.0 if lam is None else float(lam) for lam in lambdas] + [0.0] * (MAX_INPUTS - k)
     ws = [float(w) for w in weights] + [0.0] * (MAX_INPUTS - k)
-    n = out.numel()
-    _kernels()._ties_kernel[(-(-n // _BLOCK),)](
-        out, *padded, n, *lams, *ws, float(scale), K=k, COUNT=sign == "count", BLOCK=_BLOCK,
-        **_NO_FMA,
-    )
+    for part in _aligned_parts(out.numel()):
+        n = part.stop - part.start
+        _kernels()._ties_kernel[(-(-n // _BLOCK),)](
+            out[part], *(t[part] for t in padded), n, *lams, *ws, float(scale), K=k, COUNT=sign == "count",
+            BLOCK=_BLOCK, **_NO_FMA,
+        )
+
+
+def _aligned_parts(n: int) -> list[slice]:
+    """Split ``[0, n)`` into a head whose length is a multiple of 16 and a short tail.
+
+    Triton specialises a kernel on whether its integer arguments divide by 16; only then can it
+    prove the bounds mask constant over a vector and load 16 bytes at a time. Without that, 2-byte
+    loads of bfloat16 ran at ~0.65x of a copy on an H100; with it, at ~1.05x.
+    """
+    head = n - n % 16
+    return [s for s in (slice(0, head), slice(head, n)) if s.stop > s.start]
 
 
 # Contracting a multiply and an add into one FMA rounds once instead of twice: the torch path

@@ -470,21 +470,27 @@ class TaskVector(Mapping[str, torch.Tensor]):
         for v in vectors[1:]:
             info = info.combine(v._info)
         out = {dt: _flat.allocate(buf.numel(), dt, buf.device) for dt, buf in first._buffers.items()}
+        # A weight below float32's smallest normal number is flushed to zero when it travels as a
+        # kernel's float32 ``alpha``; multiplying by it as a Python scalar keeps it.
+        subnormal = any(w != 0 and abs(w) < torch.finfo(torch.float32).tiny for w in weights)
         for dt, dst in out.items():
             srcs = [v._buffers[dt] for v in vectors]
-            if _triton.usable([dst, *srcs], _triton.SUM_DTYPES):  # one pass on the GPU, not len(srcs) - 1
+            if not subnormal and _triton.usable([dst, *srcs], _triton.SUM_DTYPES):  # one pass on a GPU
                 _triton.weighted_sum(dst, srcs, weights)
                 continue
             # Whole-buffer kernels: blocking these passes to stay in cache measured slower here
             # (per-block thread start-up outweighs the saved memory traffic).
-            if len(srcs) > 1 and _is_one(weights[0]):
+            if len(srcs) > 1 and _is_one(weights[0]) and not subnormal:
                 torch.add(srcs[0], srcs[1], alpha=weights[1], out=dst)
                 rest = zip(srcs[2:], weights[2:])
             else:
                 torch.mul(srcs[0], weights[0], out=dst)
                 rest = zip(srcs[1:], weights[1:])
             for src, w in rest:
-                dst.add_(src, alpha=w)
+                if subnormal:
+                    dst.add_(torch.mul(src, w))
+                else:
+                    dst.add_(src, alpha=w)
         return TaskVector._make(first._layout, out, info)
 
     # ------------------------------------------------------------ reductions

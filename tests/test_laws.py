@@ -170,3 +170,14 @@ def test_tied_entries_count_once_in_reductions():
     assert tv.aliases == {"head": "embed"}
     assert tv.numel() == 2 and len(tv) == 2
     assert tv.norm() == 5.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weighted_sum_keeps_weights_below_the_smallest_float32_normal(device):
+    """A weight like 2e-41 must not be flushed to zero on its way into a kernel."""
+    a = ta.TaskVector({"x": torch.tensor([3e38, 5.0], dtype=torch.bfloat16, device=device)})
+    w = [0.0, 0.0, 2.1514135322778916e-41]
+    got = ta.TaskVector.sum([a, a, a], weights=w)
+    want = w[0] * a + w[1] * a + w[2] * a
+    assert float(want["x"][0]) != 0, "the reference itself lost the weight"
+    assert_same(got, want, "TaskVector.sum with a subnormal weight")

@@ -6,7 +6,6 @@ the environment variable must be set before Triton compiles anything.
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -42,7 +41,7 @@ for k in [1, 2, 3, 4, 5]:
     out[f"dare_ties {k}"] = {n: r[n].reshape(-1).view(torch.int32).tolist() for n in r}
     r = ta.TaskVector.sum(vs, [0.5 + i for i in range(k)])
     out[f"sum {k}"] = {n: r[n].reshape(-1).tolist() for n in r}
-    r = ta.TaskVector.sum([v.to(dtype=torch.bfloat16) for v in vs], [0.5 + i for i in range(k)])
+    r = ta.TaskVector.sum([v.to(dtype=torch.bfloat16) for v in vs], [1.0] * k)
     out[f"bf16sum {k}"] = {n: r[n].float().reshape(-1).tolist() for n in r}
 json.dump(out, sys.stdout)
 """
@@ -53,7 +52,8 @@ def _run(mode: str) -> dict:
     env.pop("TRITON_INTERPRET", None)
     if mode == "triton":
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -69,12 +69,7 @@ def test_triton_kernels_match_the_torch_path():
                 got = triton[case][name]
                 worst = max(abs(a - b) for a, b in zip(values, got))
                 assert worst <= 2e-5, f"{case} {name}: Triton and torch sums differ by {worst}"
-            elif case.startswith("bf16sum"):
-                # The torch path rounds to bfloat16 after every addition, the kernel once at the end:
-                # they may differ by a few bfloat16 ulps (2^-8 relative) of the partial sums.
-                got = triton[case][name]
-                for a, b in zip(values, got):
-                    ulp = 2.0 ** (math.floor(math.log2(max(abs(a), abs(b), 1e-30))) - 7)
-                    assert abs(a - b) <= 4 * ulp + 0.1, f"{case} {name}: {a} vs {b}"
+            elif case.startswith("bf16sum"):  # half sums stay on the torch path: pairwise, bit for bit
+                assert triton[case][name] == values, f"{case}: {name} differs"
             else:  # TIES: the same operations in the same order, so the same bits
                 assert triton[case][name] == values, f"{case}: {name} differs between Triton and torch"
