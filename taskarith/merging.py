@@ -18,6 +18,7 @@ Conventions shared by every method:
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -390,8 +391,12 @@ def _dare(vectors: list[TaskVector], drop: float, seed: int) -> list[dict[str, t
         names = list(v._layout.slots)
         # Each mask draws from its own CPU generator, a serial stream: drawing several at once on
         # threads (torch releases the GIL) is what makes DARE fast with more than one core.
+        # Worker threads do not inherit context variables: each task runs in a copy of ours, so an
+        # out-of-core merge's kernels.region() reaches dare_mask.
+        contexts = [contextvars.copy_context() for _ in names]
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            drawn = pool.map(lambda name: kernels.dare_mask(tuple(v[name].shape), keep, seed, i, name), names)
+            drawn = pool.map(lambda ctx, name: ctx.run(kernels.dare_mask, tuple(v[name].shape), keep, seed, i, name),
+                             contexts, names)
             return dict(zip(names, drawn))
 
     out = []
