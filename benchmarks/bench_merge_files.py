@@ -125,7 +125,7 @@ def child(args) -> None:
     sampler.start()
     start = time.perf_counter()
     ta.merge_files(Path(args.workdir) / "base", sources, Path(args.workdir) / "out", args.method,
-                   max_memory=args.budget, progress=False, **options)
+                   max_memory=args.budget, progress=False, device=args.device, **options)
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="20M parameters")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/merge_files-<host>.json)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help="where merge_files computes (cpu, cuda; default cpu)")
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--options", help=argparse.SUPPRESS)
     p.add_argument("--budget", type=int, help=argparse.SUPPRESS)
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
     print("-" * len(header))
     for method, options in METHODS:
         cmd = [sys.executable, __file__, "--child", "--workdir", str(workdir), "--method", method,
-               "--options", json.dumps(options), "--budget", str(budget), "--sources", str(args.sources)]
+               "--options", json.dumps(options), "--budget", str(budget), "--sources", str(args.sources),
+               "--device", args.device]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
         "benchmark": "merge_files", "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(),
         "machine": machine_info(), "torch": torch.__version__,
         "config": {"params": params, "dtype": args.dtype, "sources": args.sources, "checkpoint_bytes": ckpt_bytes,
+                   "device": args.device,
                    "budget_bytes": budget},
         "rows": rows,
     }, indent=2))

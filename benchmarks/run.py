@@ -82,8 +82,9 @@ VECTOR_ROWS = (
 )
 FIGURE_NAMES = {"a + b": "add", "s * a": "scale", "TaskVector.sum([a, b, c])": "sum3", "sum([a, b, c])": "python_sum3",
                 "a.add_(b)": "add_inplace", "a.mul_(s)": "mul_inplace", "a.apply_to(base, 0.5)": "apply_to"}
-GOAL_ALGEBRA_ROWS = (("a + b", "taskarith"), ("s * a", "taskarith"), ("sum of 3", "taskarith TaskVector.sum"),
-                     ("apply_to", "taskarith"))
+GOAL_ALGEBRA_ROWS = (("a + b", "taskarith"), ("s * a", "taskarith"), ("sum of 3", "taskarith TaskVector.sum"))
+# Reported beside the goal, not part of it: the goal names add, scale, sum and task arithmetic.
+INFO_ROWS = (("apply_to", "taskarith"),)
 MERGE_OPS = ("ties_tensor", "ties_global", "dare", "task_arithmetic")
 MERGE_LABELS = {"ties_tensor": "TIES tensor", "ties_global": "TIES global", "dare": "DARE",
                 "task_arithmetic": "task arithmetic"}
@@ -631,6 +632,17 @@ def algebra_goal(vector_runs: list[dict], merge_runs: list[dict], device: str) -
         key = desc.split("`")[1]
         by_op[key] = min(ratio, by_op.get(key, math.inf))
     lines.append("  Worst per operation: " + ", ".join(f"`{k}` {v:.2f}x" for k, v in by_op.items()) + ".")
+    extra = []
+    for v in runs:
+        if size_of(v) != largest:
+            continue
+        for op, impl in INFO_ROWS:
+            r = find_row(v, op, impl)
+            if r is not None and r.get("ratio_to_copy") is not None:
+                extra.append(r["ratio_to_copy"])
+    if extra:
+        lines.append(f"  Not part of the goal: `apply_to` ranges {min(extra):.2f}x-{max(extra):.2f}x at "
+                     f"{size_label(largest)} (it allocates one output tensor per entry, as a state_dict needs).")
     return lines
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from . import _flat
@@ -96,14 +97,31 @@ def fingerprint(state: Mapping[str, torch.Tensor], names: list[str]) -> str:
     while any two independently trained or differently fine-tuned models differ
     in the sampled values.
     """
-    h = hashlib.sha256()
-    for name in sorted(names):
-        t = state[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        flat = t.detach().reshape(-1)
+    names = sorted(names)
+    samples = []
+    for name in names:
+        flat = state[name].detach().reshape(-1)
         if flat.numel():
             idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 16)).long().to(flat.device)
-            h.update(flat[idx].double().cpu().numpy().tobytes())
+            samples.append(flat[idx].double())
+    # One transfer for all samples: a copy to the host per tensor would synchronise a GPU each time.
+    by_device: dict[torch.device, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_device.setdefault(sample.device, []).append(i)
+    host: list[np.ndarray | None] = [None] * len(samples)
+    for indices in by_device.values():
+        joined = torch.cat([samples[i] for i in indices]).cpu().numpy()
+        start = 0
+        for i in indices:
+            host[i] = joined[start:start + samples[i].numel()]
+            start += samples[i].numel()
+    h = hashlib.sha256()
+    sampled = iter(host)
+    for name in names:
+        t = state[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(next(sampled).tobytes())
     return "sha256:" + h.hexdigest()[:32]
 
 

@@ -157,6 +157,23 @@ def trim_threshold(
     return threshold, ties[ties.numel() - excess:]
 
 
+def select_magnitudes(magnitudes: torch.Tensor, k: int) -> tuple[float, int]:
+    """The k-th largest of non-negative, NaN-free ``magnitudes`` (reordered in place) and how many
+    more entries than k reach it; ``(inf, 0)`` for k <= 0 and ``(0.0, 0)`` for k >= n.
+
+    Example:
+        >>> select_magnitudes(torch.tensor([1.0, 2.0, 2.0, 0.5]), 1)
+        (2.0, 1)
+    """
+    n = magnitudes.numel()
+    if k <= 0:
+        return math.inf, 0
+    if k >= n:
+        return 0.0, 0
+    threshold, excess = _select(magnitudes, k, inplace=True, magnitudes=True)
+    return float(threshold), excess
+
+
 def segment_thresholds(flat: torch.Tensor, sizes: list[int], ks: list[int]) -> list[tuple[float, int]]:
     """For consecutive segments of a float32 tensor, each one's k-th largest magnitude and how many
     entries past k tie with it: ``[(threshold, excess), ...]``, as :func:`trim_threshold` would give.
@@ -281,7 +298,9 @@ def dare_mask(shape: tuple[int, ...], keep: float, seed: int, *parts: object) ->
         begin = block * DARE_BLOCK
         length = min(DARE_BLOCK, full - begin)
         generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, *parts, block))
-        draws = torch.rand(length, generator=generator)
         lo, hi = max(offset - begin, 0), min(stop - begin, length)
+        # Entry i of a block is the generator's i-th draw whatever the count asked for, so a row
+        # block ending inside this block draws only up to its end (tests check split == whole).
+        draws = torch.rand(hi, generator=generator)
         torch.lt(draws[lo:hi], keep, out=mask[begin + lo - offset:begin + hi - offset])
     return mask.view(shape)

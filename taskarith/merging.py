@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _extract, _fused, kernels
+from . import _extract, _flat, _fused, kernels
 from .errors import TaskArithError, raise_if_any
 from .vector import TaskVector, _require_scalar
 
@@ -143,11 +143,15 @@ def merge(
     _extract.check_float_dtype(dtype)
     vectors = _common_ties(vectors)
     first = vectors[0]
-    out_dtypes = {n: dtype or promote(v[n].dtype for v in vectors) for n in first._layout.slots}
+    # Slot dtypes, not tensor views: with thousands of small tensors, per-name views cost more
+    # than the merge itself.
+    out_dtypes = {n: dtype or promote(v._layout.slot(n).dtype for v in vectors) for n in first._layout.slots}
     compute = [v.to(dtype=_compute_dtype(v)) for v in vectors]
     merged = spec.fn(compute, weights, **resolved)
     fresh = isinstance(merged, TaskVector) and all(merged is not v for v in [*vectors, *compute])
-    if fresh and merged._layout == first._layout and all(merged[n].dtype == out_dtypes[n] for n in first._layout.slots):
+    if fresh and merged._layout == first._layout and all(
+        merged._layout.slots[n].dtype == out_dtypes[n] for n in first._layout.slots
+    ):
         return merged  # already packed in the right layout: skip a copy
     result = {n: merged[n].to(out_dtypes[n]) for n in first._layout.slots}
     return TaskVector({n: result[first._layout.canonical(n)] for n in first._layout.names})
@@ -312,22 +316,37 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
     # Global scope: one selection over every entry, in the vector's name order (which is also the
     # order streaming merges see), so ties at the threshold resolve identically in and out of core.
     wide = torch.float64 if torch.float64 in vector.dtypes else torch.float32
-    if len(vector._buffers) == 1:
-        magnitudes = next(iter(vector._buffers.values())).abs().to(wide)
+    if len(vector._buffers) == 1:  # storage order (the names' order for every packed vector)
+        order = sorted(((n, s.offset) for n, s in vector._layout.slots.items()), key=lambda p: p[1])
     else:
-        magnitudes = torch.cat([tensors[n].abs().to(wide).reshape(-1) for n in names])
-    threshold, drop = kernels.trim_threshold(
-        magnitudes, math.floor(density * magnitudes.numel()), absolute=True, check_nan=False)
+        starts = [0]
+        for n in names[:-1]:
+            starts.append(starts[-1] + tensors[n].numel())
+        order = list(zip(names, starts))
+    total = vector.numel()
+    # Magnitudes go into a reused buffer and are reordered in place by the selection: no copies.
+    magnitudes = _flat.allocate(total, wide, vector.device)
+    buffer = next(iter(vector._buffers.values()))
+    if len(vector._buffers) == 1 and buffer.dtype == wide:
+        torch.abs(buffer, out=magnitudes)
+    else:
+        for name, start in order:
+            flat = tensors[name].reshape(-1)
+            magnitudes[start:start + flat.numel()].copy_(flat).abs_()
+    threshold, excess = kernels.select_magnitudes(magnitudes, math.floor(density * total))
+    _flat.release({wide: magnitudes})
     del magnitudes
-    lambdas, start = {}, 0
-    for name in names:
-        numel = tensors[name].numel()
-        if drop is not None:
-            mine = drop[(drop >= start) & (drop < start + numel)]
+    lambdas = {}
+    if excess and threshold != 0:  # more entries tie at the threshold than k allows: drop the last ones
+        ties = torch.cat([torch.nonzero(tensors[n].reshape(-1).abs().to(wide) == threshold).squeeze(1) + start
+                          for n, start in order])
+        drop = ties[ties.numel() - excess:]
+        for name, start in order:
+            mine = drop[(drop >= start) & (drop < start + tensors[name].numel())]
             if mine.numel():
                 tensors[name] = _zeroed(tensors[name], mine - start)
+    for name in names:
         lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(tensors[name].dtype))
-        start += numel
     return _fused.Trimmed(tensors, lambdas)
 
 

@@ -173,7 +173,7 @@ def stream_threshold(
             if shift < bits - 16:
                 keys = keys[keys.bitwise_right_shift(shift + 16) == prefix]
             # Out of place: keys may share memory with the caller's tensor (float32 input, float32 keys).
-            counts += torch.bincount(keys.bitwise_right_shift(shift).bitwise_and_(0xFFFF), minlength=1 << 16)
+            counts += torch.bincount(keys.bitwise_right_shift(shift).bitwise_and_(0xFFFF), minlength=1 << 16).cpu()
             del keys
             _return_freed_memory()
         from_top = torch.flip(counts, [0]).cumsum(0)
@@ -190,7 +190,7 @@ def stream_threshold(
         pieces.append(keys[keys.bitwise_right_shift(shift) == prefix])
         del keys
         _return_freed_memory()
-    candidates = (torch.cat(pieces) if pieces else torch.zeros(0, dtype=key_dtype)).view(float_dtype)
+    candidates = (torch.cat([p.cpu() for p in pieces]) if pieces else torch.zeros(0, dtype=key_dtype)).view(float_dtype)
     del pieces
     value = kernels.kth_largest(candidates, remaining).item()
     above += int((candidates > value).sum())
@@ -241,6 +241,7 @@ def merge_files(
     max_memory: str | int = "2GB",
     shard_size: str | int = "5GB",
     progress: bool | None = None,
+    device: str | torch.device = "cpu",
     **options,
 ) -> Path:
     """Merge checkpoints on disk without loading them, writing the result atomically.
@@ -261,6 +262,9 @@ def merge_files(
         max_memory: budget for the private memory of the merge ("2GB", bytes, ...).
         shard_size: largest output shard.
         progress: show a progress bar (default: when stderr is a terminal and tqdm is installed).
+        device: where to compute (``"cuda"``: each row block is copied from the memory-mapped
+            files through pinned host memory, asynchronously, so reading the next input overlaps
+            the copy of the previous one; results come back to the host to be written).
 
     Returns:
         the path written.
@@ -277,13 +281,16 @@ def merge_files(
     _check_inputs(reference, inputs, with_base=pre is not None)
     floats = [n for n in reference.names() if reference.dtype(n).is_floating_point]
     aliases = json.loads(inputs[0].metadata.get("taskarith.aliases", "{}")) if pre is None else {}
+    device = torch.device(device)
 
     def delta(i: int, name: str, rows: slice = slice(None)) -> torch.Tensor:
-        t = inputs[i].tensor(name)[rows] if inputs[i].shape(name) else inputs[i].tensor(name)
+        t = _to_device(inputs[i].tensor(name)[rows] if inputs[i].shape(name) else inputs[i].tensor(name), device)
         if pre is None:
             return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-        b = pre.tensor(name)[rows] if pre.shape(name) else pre.tensor(name)
-        return _extract.delta_of(b, t)
+        return _extract.delta_of(base_rows(name, rows), t)
+
+    def base_rows(name: str, rows: slice) -> torch.Tensor:
+        return _to_device(pre.tensor(name)[rows] if pre.shape(name) else pre.tensor(name), device)
 
     def row_blocks(name: str, bytes_per_entry: int | None) -> list[slice]:
         """Row slices of ``name`` whose working set fits the budget (None: the merge pass's)."""
@@ -314,8 +321,8 @@ def merge_files(
         del parts
         if pre is None:
             return result.to(dtype or _promote_inputs(inputs, name))
-        b = pre.tensor(name)[rows] if pre.shape(name) else pre.tensor(name)
-        return _extract.apply_entry(b, result, 1.0, torch.empty(b.shape, dtype=dtype or b.dtype))
+        b = base_rows(name, rows)
+        return _extract.apply_entry(b, result, 1.0, torch.empty(b.shape, dtype=dtype or b.dtype, device=b.device))
 
     out = Path(out)
     names = [n for n in reference.names() if n not in aliases]
@@ -325,7 +332,7 @@ def merge_files(
 
     def blocks(name: str) -> Iterator[torch.Tensor]:
         for rows in row_blocks(name, None):
-            yield merged(name, rows)
+            yield merged(name, rows).cpu()
             _return_freed_memory()
 
     def tensors() -> Iterator[tuple[str, Callable[[], Iterator[torch.Tensor]]]]:
@@ -356,6 +363,13 @@ def merge_files(
         finally:
             bar.close()
     return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (a view of a memory-mapped file) on ``device``: through pinned memory, asynchronously."""
+    if device.type == "cpu":
+        return t
+    return t.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 def _check_inputs(reference: Checkpoint, inputs: list[Checkpoint], *, with_base: bool) -> None:

@@ -19,8 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 PARAMS = 200_000
-ALGEBRA_ROWS = [("a + b", "taskarith"), ("s * a", "taskarith"), ("sum of 3", "taskarith TaskVector.sum"),
-                ("apply_to", "taskarith")]
+ALGEBRA_ROWS = [("a + b", "taskarith"), ("s * a", "taskarith"), ("sum of 3", "taskarith TaskVector.sum")]
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

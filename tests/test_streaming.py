@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from conftest import DEVICES
+
 import taskarith as ta
 from taskarith import kernels, streaming
 
@@ -86,6 +88,20 @@ def test_merge_files_equals_in_memory_merge(checkpoints, tmp_path, method, optio
     assert torch.equal(got["norm.num_batches_tracked"], base["norm.num_batches_tracked"])
     assert (out / "config.json").read_text() == '{"model_type": "toy"}'
     assert (out / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method,options", [("ties", {"density": 0.3, "scope": "global"}),
+                                            ("ties", {"density": 0.3, "scope": "tensor"}),
+                                            ("dare_ties", {"drop": 0.5, "seed": 3})])
+def test_merge_files_on_a_device_equals_the_in_memory_merge(checkpoints, tmp_path, device, method, options):
+    """device= moves every row block to the device (through pinned memory on CUDA), same bits."""
+    root, base, sources = checkpoints
+    out = ta.merge_files(root / "base", sources, tmp_path / "merged", method, max_memory=4096, device=device, **options)
+    got = ta.io.load_state_dict(out)
+    want = in_memory(root / "base", sources, method, options)
+    for name, tensor in want.items():
+        assert got[name].device.type == "cpu" and torch.equal(got[name], tensor), f"{method} on {device}: {name!r}"
 
 
 def test_merge_files_of_task_vector_files(tmp_path):
