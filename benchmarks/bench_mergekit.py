@@ -17,7 +17,9 @@ and TIES, it times three ways of producing the merged model folder, each in a fr
 Each is run ``--repeats`` times (default 2; every other round in reverse order) and the median wall
 time of the whole process (start to exit, imports included) is reported, with the process's peak RSS
 (``ru_maxrss`` from ``wait4``, memory-mapped input pages included) and its peak private memory
-(``RssAnon`` sampled from ``/proc/PID/status`` every 20 ms). The inputs were just written, so they
+(``RssAnon`` sampled from ``/proc/PID/status`` every 20 ms); each tool is started by a small launcher
+process, so that its ``ru_maxrss`` does not begin at the RSS of this script (Linux carries the
+spawning process's high-water mark over ``exec``). The inputs were just written, so they
 sit in the page cache for every run: the timings are warm-cache timings, the same for every tool.
 Before every run the script calls ``sync`` (untimed), so that no run pays for writing back data
 that the model writer or an earlier run left dirty (on ext4 an ``fsync`` can wait for all of it);
@@ -35,19 +37,21 @@ memory, independently of both libraries:
   averaged (0 where there are none); ``base + mean`` in float32, rounded once to the model's dtype.
 
 Reported per tool: the fraction of output entries that differ from the reference, the largest
-absolute difference, and the largest difference in units of the reference's last place (ulp).
-mergekit computes in the model's dtype (bfloat16 here) by default, so some of its entries differ:
-that is a measurement, not an error.
+absolute difference, and the largest difference in ulps (units in the last place of the larger of the
+two values). mergekit computes in the config's ``dtype`` (the model's: bfloat16 by default), so some
+of its entries differ: that is a measurement, not an error.
 
 Why the configurations compute the same merge (mergekit's
-``mergekit/merge_methods/generalized_task_arithmetic.py`` and ``sparsify.py``; docs/cli.md):
+``mergekit/merge_methods/generalized_task_arithmetic.py``, ``registry.py`` and ``sparsify.py``, read in
+mergekit 0.1.5; docs/cli.md):
 
 * ``merge_method: task_arithmetic`` with ``weight: 1.0`` per model and ``normalize: false`` (its
   default) returns ``base + Σ w_i (m_i − base)``, which is taskarith's ``task_arithmetic`` with
   weights 1 and ``scale=1``.
 * ``merge_method: ties`` trims each tensor on its own (``sparsify`` runs per tensor: taskarith's
-  ``scope="tensor"``), keeping ``int(density · numel)`` largest magnitudes (``rescale`` is false for
-  ties, so the kept entries are not rescaled); it weights the trimmed deltas, elects per entry
+  ``scope="tensor"``), keeping the ``max(1, int(density · numel))`` largest magnitudes (taskarith's
+  ``floor(density · n)`` for every tensor here; ``rescale`` defaults to false for ties, so the kept
+  entries are not rescaled); it weights the trimmed deltas, elects per entry
   ``+1 if Σ_i w_i δ̃_i >= 0 else −1`` (``consensus_method: sum``: taskarith's ``sign="sum"``, a zero sum
   electing + in both), and builds the mask ``m_i = (sign(w_i δ̃_i) == elected)``, which is 0 for
   trimmed (zero) entries because their sign is 0. The merged delta is ``Σ w_i m_i δ̃_i``, divided,
@@ -88,7 +92,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -263,7 +266,14 @@ def taskarith_options(method: str) -> dict:
 # ------------------------------------------------------------------ measuring
 
 
-def _status_fields(pid: int) -> dict[str, int]:
+# Linux starts a process's ru_maxrss at the RSS of the process that spawned it (the high-water mark of
+# the forked image survives exec). The parent holds torch and whatever the checks touched, so it starts
+# every tool through this small launcher (standard library only): the tool's peak is its own.
+LAUNCHER = r"""
+import json, os, subprocess, sys, threading, time
+spec = json.loads(sys.argv[1])
+
+def status(pid):
     fields = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -272,58 +282,82 @@ def _status_fields(pid: int) -> dict[str, int]:
                 fields[key] = int(value.split()[0]) * 1024
     return fields
 
+def cpu_times():
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+os.sync()
+load = os.getloadavg()[0]
+busy0, steal0 = cpu_times()
+with open(spec["log"], "w") as out:
+    start = time.perf_counter()
+    proc = subprocess.Popen(spec["cmd"], stdout=out, stderr=subprocess.STDOUT, env=spec["env"], cwd=spec["cwd"])
+    peak = {"RssAnon": 0, "VmRSS": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                for key, value in status(proc.pid).items():
+                    peak[key] = max(peak[key], value)
+            except (OSError, ValueError, IndexError):
+                pass
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    timed_out = False
+    while True:  # wait4 with a deadline: a hung tool cannot hang the benchmark
+        pid, status_, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - start > spec["timeout"]:
+            proc.kill()
+            pid, status_, usage = os.wait4(proc.pid, 0)
+            timed_out = True
+            break
+        time.sleep(0.01)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status_)
+busy1, steal1 = cpu_times()
+cpu = usage.ru_utime + usage.ru_stime
+synced = time.perf_counter()
+os.sync()
+print(json.dumps({"wall_seconds": wall, "sync_after_seconds": time.perf_counter() - synced,
+                  "returncode": proc.returncode, "timed_out": timed_out,
+                  "cpu_seconds": cpu, "other_cpu_seconds": max(0.0, busy1 - busy0 - cpu), "steal_seconds": steal1 - steal0,
+                  "maxrss_bytes": usage.ru_maxrss * 1024,
+                  "peak_rss_anon_bytes": peak["RssAnon"], "peak_vmrss_sampled_bytes": peak["VmRSS"],
+                  "load_average_before": load}))
+"""
+
 
 def run_measured(cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
-    """Run ``cmd`` to completion: wall time, ru_maxrss (wait4) and sampled peak RssAnon / VmRSS.
+    """Run ``cmd`` to completion through the launcher: wall and CPU time, ru_maxrss (wait4), sampled
+    peak RssAnon / VmRSS, the 1-minute load average just before, and the CPU time the rest of the
+    machine used meanwhile (all busy CPU time in /proc/stat minus the tool's: other programs competing
+    for the cores; the launcher's sampling is a small part of it) and the VM's steal time.
 
     ``sync`` runs first (untimed), so that the run does not pay for writing back data another
     process left dirty, and again after it (timed apart): what the tool left unwritten."""
-    os.sync()
-    with open(log, "w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        peak = {"RssAnon": 0, "VmRSS": 0}
-        done = threading.Event()
-
-        def sample():
-            while not done.is_set():
-                try:
-                    for key, value in _status_fields(proc.pid).items():
-                        peak[key] = max(peak[key], value)
-                except (OSError, ValueError, IndexError):
-                    pass
-                done.wait(0.02)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        deadline = start + timeout
-        while True:  # wait4 with a deadline: poll, so that a hung tool cannot hang the benchmark
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.01)
-        wall = time.perf_counter() - start
-        done.set()
-        sampler.join()
-        synced = time.perf_counter()
-        os.sync()
-        sync_after = time.perf_counter() - synced
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    spec = {"cmd": cmd, "env": env, "cwd": str(ROOT), "log": str(log), "timeout": timeout}
+    launched = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(spec)], check=False,
+                              capture_output=True, text=True)
+    if launched.returncode:
+        raise RuntimeError(f"the launcher failed: {launched.stderr[-2000:]}")
+    result = json.loads(launched.stdout.strip().splitlines()[-1])
     text = log.read_text(errors="replace")
-    in_process = None
+    result["in_process_seconds"] = None
     for line in reversed(text.splitlines()):
         if line.startswith("{") and '"seconds"' in line:
-            in_process = json.loads(line)["seconds"]
+            result["in_process_seconds"] = json.loads(line)["seconds"]
             break
-    return {"wall_seconds": wall, "in_process_seconds": in_process, "sync_after_seconds": sync_after,
-            "returncode": proc.returncode,
-            "timed_out": wall > timeout, "maxrss_bytes": usage.ru_maxrss * 1024,
-            "peak_rss_anon_bytes": peak["RssAnon"], "peak_vmrss_sampled_bytes": peak["VmRSS"],
-            "log_tail": text[-2000:] if proc.returncode else None}
+    result["log_tail"] = text[-2000:] if result["returncode"] else None
+    return result
 
 
 def child_api(args) -> None:
@@ -512,6 +546,10 @@ def _median(runs: list[dict], key: str) -> float | None:
     return statistics.median(values) if values and None not in values else None
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
@@ -605,7 +643,7 @@ def main(argv=None) -> int:
         return cmd, env_ta
 
     rows, checks, failures = [], {}, []
-    header = (f"{'method':<17}{'tool':<24}{'median s':>10}{'runs s':>14}{'in-proc s':>11}{'sync s':>8}"
+    header = (f"{'method':<17}{'tool':<24}{'median s':>10}{'runs s':>20}{'in-proc s':>11}{'CPU s':>8}{'sync s':>8}"
               f"{'peak RSS GiB':>14}{'private GiB':>13}")
     for method in methods:
         cfg = workdir / "configs" / f"{method}.yml"
@@ -622,7 +660,8 @@ def main(argv=None) -> int:
                 result = run_measured(cmd, env, workdir / "logs" / f"{method}-{tool}-{r}.log", args.timeout)
                 runs[tool].append(result)
                 status = "" if result["returncode"] == 0 else f"  FAILED (exit {result['returncode']})"
-                print(f"  {tool:<15} run {r + 1}: {result['wall_seconds']:8.2f} s  peak RSS {_gib(result['maxrss_bytes'])} GiB{status}",
+                print(f"  {tool:<15} run {r + 1}: {result['wall_seconds']:8.2f} s  CPU {result['cpu_seconds']:7.1f} s  "
+                      f"others' CPU {result['other_cpu_seconds']:6.1f} s  peak RSS {_gib(result['maxrss_bytes'])} GiB{status}",
                       flush=True)
                 if result["returncode"]:
                     failures.append(f"{method} {tool} run {r + 1}: exit {result['returncode']}")
@@ -630,8 +669,8 @@ def main(argv=None) -> int:
         for tool in tools:
             ok = [x for x in runs[tool] if x["returncode"] == 0]
             medians = {key: _median(ok, key) for key in
-                       ("wall_seconds", "in_process_seconds", "sync_after_seconds", "maxrss_bytes",
-                        "peak_rss_anon_bytes")}
+                       ("wall_seconds", "in_process_seconds", "sync_after_seconds", "cpu_seconds",
+                        "other_cpu_seconds", "maxrss_bytes", "peak_rss_anon_bytes")}
             rows.append({"method": method, "tool": tool, "label": LABELS[tool],
                          "command": command(tool, method, cfg, workdir / "out" / method / tool)[0],
                          **{f"median_{key}": value for key, value in medians.items()},
@@ -654,9 +693,15 @@ def main(argv=None) -> int:
         in_proc = row["median_in_process_seconds"]
         wall = row["median_wall_seconds"]
         synced = row["median_sync_after_seconds"]
-        print(f"{row['method']:<17}{LABELS[row['tool']]:<24}{(f'{wall:.2f}' if wall else 'failed'):>10}{times:>14}"
-              f"{(f'{in_proc:.2f}' if in_proc else '-'):>11}{(f'{synced:.2f}' if synced is not None else '-'):>8}"
+        print(f"{row['method']:<17}{LABELS[row['tool']]:<24}{(f'{wall:.2f}' if wall else 'failed'):>10}{times:>20}"
+              f"{(f'{in_proc:.2f}' if in_proc else '-'):>11}{_num(row['median_cpu_seconds']):>8}"
+              f"{(f'{synced:.2f}' if synced is not None else '-'):>8}"
               f"{_gib(row['median_maxrss_bytes']):>14}{_gib(row['median_peak_rss_anon_bytes']):>13}")
+    busy = [f"{r['method']} {r['tool']} run {i + 1} ({x['other_cpu_seconds']:.0f} s)" for r in rows
+            for i, x in enumerate(r["runs"]) if x["other_cpu_seconds"] > 0.1 * x["wall_seconds"]]
+    if busy:
+        print("note: other programs used the CPU during " + ", ".join(busy) + "; those runs are slower than they "
+              "would be on an idle machine")
     print("process start-up alone ('--help'): " + ", ".join(f"{t} {s:.2f} s" for t, s in startup.items()))
 
     speedups = {}
