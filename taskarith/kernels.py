@@ -119,17 +119,15 @@ def _select(flat: torch.Tensor, k: int, *, inplace: bool = False, magnitudes: bo
 
 
 def trim_threshold(
-    values: torch.Tensor, k: int, *, absolute: bool = False, scratch: torch.Tensor | None = None,
-    check_nan: bool = True,
+    values: torch.Tensor, k: int, *, scratch: torch.Tensor | None = None, check_nan: bool = True,
 ) -> tuple[float, torch.Tensor | None]:
     """How to keep exactly the ``k`` largest magnitudes of a 1-D tensor.
 
     Returns the k-th largest magnitude ``t`` (keep ``|x| >= t``) and, when more
     than ``k`` entries reach ``t``, the indices of the tied entries to drop (the
     last ones: ties go to the lowest indices), else None. ``k = 0`` gives
-    ``t = inf``. With ``absolute=True`` the values are magnitudes already;
-    ``scratch`` (1-D, at least as long as ``values``) holds the magnitudes
-    otherwise, saving an allocation per call. ``check_nan=False`` skips the NaN
+    ``t = inf``. ``scratch`` (1-D, at least as long as ``values``) holds the
+    magnitudes, saving an allocation per call. ``check_nan=False`` skips the NaN
     check (for callers that checked the whole vector already).
 
     Example:
@@ -137,23 +135,13 @@ def trim_threshold(
         (2.0, tensor([2]))
     """
     n = values.numel()
-    if k <= 0:
-        return math.inf, None
-    if k >= n:
-        return 0.0, None
-    if check_nan:
+    if check_nan and 0 < k < n:
         check_no_nan(values)
-    if absolute:
-        magnitudes = values
-    elif scratch is not None:
-        magnitudes = torch.abs(values, out=scratch[:n])
-    else:
-        magnitudes = values.abs()
-    threshold, excess = _select(magnitudes, k, inplace=not absolute, magnitudes=True)  # own copy: reorder freely
-    threshold = float(threshold)
+    magnitudes = values.abs() if scratch is None else torch.abs(values, out=scratch[:n])
+    threshold, excess = select_magnitudes(magnitudes, k)  # our own copy: reordered freely
     if not excess or threshold == 0:  # dropping tied zeros changes nothing
         return threshold, None
-    ties = torch.nonzero((values if absolute else values.abs()) == threshold).squeeze(1)
+    ties = torch.nonzero(values.abs() == threshold).squeeze(1)
     return threshold, ties[ties.numel() - excess:]
 
 
