@@ -383,7 +383,7 @@ def _weighted(parts: list[dict[str, torch.Tensor]], weights: list[float]) -> lis
 def _sum(parts: list[Mapping[str, torch.Tensor]], scale: float) -> dict[str, torch.Tensor]:
     out = {}
     for name in parts[0]:
-        total = parts[0][name].clone()
+        total = parts[0][name].to(promote(p[name].dtype for p in parts), copy=True)
         for p in parts[1:]:
             total += p[name]
         out[name] = total.mul_(scale) if scale != 1.0 else total
@@ -393,7 +393,9 @@ def _sum(parts: list[Mapping[str, torch.Tensor]], scale: float) -> dict[str, tor
 def _elect_and_merge(inputs: list[_fused.Trimmed], weights: list[float], sign: str, scale: float) -> TaskVector:
     """Weighting, sign election and disjoint mean in one blocked pass, into one packed result."""
     names = list(inputs[0].tensors)
-    result = TaskVector._empty({n: inputs[0].tensors[n] for n in names})
+    # An entry whose delta is wider in one vector (a float64 fallback) is merged at that width.
+    dtypes = {n: promote(inp.tensors[n].dtype for inp in inputs) for n in names}
+    result = TaskVector._empty({n: inputs[0].tensors[n] for n in names}, dtypes)
     layout = result._layout
     segments = [
         (buffer, sorted(((n, s.offset) for n, s in layout.slots.items() if s.dtype == dtype), key=lambda p: p[1]))

@@ -283,11 +283,28 @@ def merge_files(
     aliases = json.loads(inputs[0].metadata.get("taskarith.aliases", "{}")) if pre is None else {}
     device = torch.device(device)
 
+    def input_rows(i: int, name: str, rows: slice) -> torch.Tensor:
+        return _to_device(inputs[i].tensor(name)[rows] if inputs[i].shape(name) else inputs[i].tensor(name), device)
+
     def delta(i: int, name: str, rows: slice = slice(None)) -> torch.Tensor:
-        t = _to_device(inputs[i].tensor(name)[rows] if inputs[i].shape(name) else inputs[i].tensor(name), device)
+        t = input_rows(i, name, rows)
         if pre is None:
             return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-        return _extract.delta_of(base_rows(name, rows), t)
+        return _extract.delta_of(base_rows(name, rows), t, delta_dtypes(name)[i])
+
+    def delta_dtypes(name: str) -> list[torch.dtype | None]:
+        """Per input, the delta dtype of a tensor merged in several row blocks: whether the float64
+        fallback applies is decided for the whole tensor, as in memory (None: whole, decide there)."""
+        if name not in split_dtypes:
+            if len(row_blocks(name, None)) == 1 or reference.dtype(name) not in _extract.HALF:
+                split_dtypes[name] = [None] * len(inputs)
+            else:
+                b = base_rows(name, slice(None))
+                split_dtypes[name] = [torch.float32 if _extract.float32_round_trips(b, input_rows(i, name, slice(None)))
+                                      else torch.float64 for i in range(len(inputs))]
+        return split_dtypes[name]
+
+    split_dtypes: dict[str, list[torch.dtype | None]] = {}
 
     def base_rows(name: str, rows: slice) -> torch.Tensor:
         return _to_device(pre.tensor(name)[rows] if pre.shape(name) else pre.tensor(name), device)
@@ -309,6 +326,15 @@ def merge_files(
     fn_options = dict(resolved, density=1.0, scope="tensor") if spec.trims else resolved
 
     def merged(name: str, rows: slice) -> torch.Tensor:
+        shape = reference.shape(name)
+        if (pre is not None and device.type == "cpu" and not spec.trims and spec.elementwise and shape
+                and all(d in (None, torch.float32) for d in delta_dtypes(name))):
+            out = _merge_in_pieces(
+                lambda parts: spec.fn(parts, weights, **fn_options), name, base_rows(name, rows),
+                [input_rows(i, name, rows) for i in range(len(inputs))], dtype or pre.dtype(name),
+                (rows.start or 0) * math.prod(shape[1:]), math.prod(shape))
+            if out is not None:
+                return out
         parts = [delta(i, name, rows).contiguous() for i in range(len(inputs))]
         if spec.trims:
             parts = [trims[(i, name)](p) for i, p in enumerate(parts)]
@@ -363,6 +389,63 @@ def merge_files(
         finally:
             bar.close()
     return out
+
+
+# Entries per piece of :func:`_merge_in_pieces`: its dozen float32 scratch rows (1 MB each) stay in
+# cache. Measured on a 374M-entry bfloat16 task-arithmetic merge (2 cores): 2^16 3.5 s, 2^18 2.3 s,
+# 2^20 2.4 s, against 4.7 s for the same work on whole tensors (fresh memory for every temporary).
+_PIECE = 1 << 18
+
+
+def _merge_in_pieces(fn, name: str, base: torch.Tensor, finetuned: list[torch.Tensor], out_dtype: torch.dtype,
+                     offset: int, full: int) -> torch.Tensor | None:
+    """``base + fn(deltas)`` of an element-wise method for one row block, a cache-sized piece at a time.
+
+    Computes exactly what the whole-block path computes (the deltas of
+    :func:`_extract.delta_of`, ``fn`` on them, ``base + result`` rounded once),
+    without its full-size temporaries. Returns None when a half-precision
+    delta does not round-trip in float32: the whole-block path then decides
+    the float64 fallback for the tensor, as :func:`taskarith.extract` does.
+    """
+    b = base.reshape(-1)
+    fts = [f.reshape(-1) for f in finetuned]
+    n, count = b.numel(), len(fts)
+    wide = _extract.delta_dtype(b.dtype, None)
+    half = b.dtype != wide
+    width = min(n, _PIECE)
+    base_wide = torch.empty(width, dtype=wide) if half else None
+    fts_wide = torch.empty(count, width, dtype=wide) if half else None
+    deltas, gaps = torch.empty(count, width, dtype=wide), torch.empty(count, width, dtype=wide) if half else None
+    out = torch.empty(n, dtype=out_dtype)
+    result_wide = None
+    # Pieces start at multiples of _PIECE of the whole tensor, so a DARE mask block is drawn once.
+    starts = [0, *range(_PIECE - offset % _PIECE if offset % _PIECE else _PIECE, n, _PIECE)]
+    for s, e in zip(starts, [*starts[1:], n]):
+        m = e - s
+        if half:
+            wb = base_wide[:m].copy_(b[s:e])
+            for i, f in enumerate(fts):
+                fts_wide[i, :m].copy_(f[s:e])
+            d = torch.sub(fts_wide[:, :m], wb, out=deltas[:, :m])
+            # Every round trip at once: (base + delta) - finetuned is all zeros (see _extract).
+            low, high = torch.aminmax(torch.add(d, wb, out=gaps[:, :m]).sub_(fts_wide[:, :m]))
+            if not (low.item() == 0 and high.item() == 0) and not all(
+                    _extract.round_trips(b[s:e], f[s:e], deltas[i, :m]) for i, f in enumerate(fts)):
+                return None
+        else:
+            wb = b[s:e]
+            for i, f in enumerate(fts):
+                torch.sub(f[s:e], wb, out=deltas[i, :m])
+        with kernels.region(offset + s, full):
+            result = fn([TaskVector._wrap(name, deltas[i, :m]) for i in range(count)])[name].reshape(-1)
+        total = torch.promote_types(wb.dtype, result.dtype)
+        if total == out_dtype:
+            torch.add(wb if wb.dtype == total else wb.to(total), result, out=out[s:e])
+        else:
+            if result_wide is None or result_wide.dtype != total:
+                result_wide = torch.empty(width, dtype=total)
+            out[s:e].copy_(torch.add(wb if wb.dtype == total else wb.to(total), result, out=result_wide[:m]))
+    return out.view(base.shape)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -169,9 +169,10 @@ class TaskVector(Mapping[str, torch.Tensor]):
         return tv
 
     @classmethod
-    def _empty(cls, like: Mapping[str, torch.Tensor]) -> TaskVector:
-        """An uninitialised vector with the names, shapes and dtypes of ``like`` (one device)."""
-        layout = _flat.Layout.build({n: tuple(t.shape) for n, t in like.items()}, {n: t.dtype for n, t in like.items()})
+    def _empty(cls, like: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype] | None = None) -> TaskVector:
+        """An uninitialised vector with the names, shapes and dtypes (unless given) of ``like`` (one device)."""
+        dtypes = {n: t.dtype for n, t in like.items()} if dtypes is None else dtypes
+        layout = _flat.Layout.build({n: tuple(t.shape) for n, t in like.items()}, {n: dtypes[n] for n in like})
         device = next(iter(like.values())).device if like else torch.device("cpu")
         buffers = {dt: _flat.allocate(size, dt, device) for dt, size in layout.sizes.items()}
         return cls._make(layout, buffers, _Info())

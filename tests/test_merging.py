@@ -161,6 +161,21 @@ def test_half_precision_inputs_merge_in_float32_and_return_their_dtype():
     assert ta.merge([a16, b16], "ties", density=0.6, dtype=torch.float32).equal(reference)
 
 
+@pytest.mark.parametrize("method,options", [("ties", {"density": 0.5}), ("ties", {"density": 0.5, "scope": "tensor"}),
+                                            ("magnitude_prune", {"density": 0.5}), ("task_arithmetic", {})])
+def test_a_tensor_wider_in_one_vector_is_merged_at_that_width(method, options):
+    """A float64 fallback delta in one vector (others float32) merges as if every vector held float64 there
+    (weights are powers of two, so weighting each vector in its own dtype is exact)."""
+    g = torch.Generator().manual_seed(0)
+    vectors = [ta.TaskVector({"a": torch.randn(40, generator=g),
+                              "w": torch.randn(50, generator=g).to(torch.float64 if i == 1 else torch.float32)})
+               for i in range(3)]
+    wide = [ta.TaskVector({"a": v["a"], "w": v["w"].double()}) for v in vectors]
+    got = ta.merge(vectors, method, weights=[1.0, 0.5, 2.0], **options)["w"]
+    want = ta.merge(wide, method, weights=[1.0, 0.5, 2.0], **options)["w"]
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
 def test_tied_names_stay_tied_through_a_merge():
     w1, w2 = torch.randn(4), torch.randn(4)
     a = ta.TaskVector({"embed": w1, "head": w1})

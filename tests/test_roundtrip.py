@@ -136,3 +136,30 @@ def test_apply_to_keeps_the_base_dtype_and_accepts_a_tensor_scale():
     out = ta.TaskVector.from_models(base, tuned).apply_to(base, torch.tensor(0.5))
     assert out["w"].dtype == torch.bfloat16
     assert out["w"].tolist() == [1.5, 3.0]
+
+
+@given(bits=st.lists(st.tuples(st.integers(-(1 << 15), (1 << 15) - 1), st.integers(-(1 << 15), (1 << 15) - 1)),
+                     min_size=1, max_size=40),
+       dtype=st.sampled_from(HALF_DTYPES), scale=st.sampled_from([1.0, 0.3, -2.5]), block=st.integers(1, 7))
+def test_blocked_half_precision_kernels_equal_the_mixed_dtype_ones(bits, dtype, scale, block):
+    """The CPU paths that widen a block at a time into float32 scratch give the mixed-dtype kernels' bits,
+    NaN, inf, subnormals and signed zeros included (any bit pattern of the half dtype)."""
+    from taskarith import _extract
+
+    pattern = torch.tensor(bits, dtype=torch.int16)
+    pretrained, finetuned = pattern[:, 0].view(dtype), pattern[:, 1].view(dtype)
+    want_delta = torch.empty(len(bits)).copy_(finetuned).sub_(pretrained)
+    want_sum = torch.add(pretrained, want_delta, alpha=scale, out=torch.empty_like(pretrained))
+    want_trip = _extract._round_trips_exact(pretrained, finetuned, want_delta)
+    saved, _extract._BLOCK = _extract._BLOCK, block
+    try:
+        delta = torch.empty(len(bits))
+        _extract.subtract_into(delta, finetuned, pretrained)
+        got_sum = _extract.apply_entry(pretrained, want_delta, scale, torch.empty_like(pretrained))
+        trips = _extract.round_trips(pretrained, finetuned, want_delta)
+        trips_unformed = _extract.float32_round_trips(pretrained, finetuned)
+    finally:
+        _extract._BLOCK = saved
+    torch.testing.assert_close(delta, want_delta, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got_sum, want_sum, rtol=0, atol=0, equal_nan=True)
+    assert trips == trips_unformed == want_trip

@@ -233,3 +233,56 @@ def test_out_of_core_dare_with_small_mask_blocks_equals_in_memory(checkpoints, t
     got = ta.io.load_state_dict(out)
     want = in_memory(root / "base", sources, "dare_ties", {"drop": 0.3, "seed": 1})
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+@pytest.fixture(scope="module", params=[torch.bfloat16, torch.float16])
+def half_checkpoints(request, tmp_path_factory):
+    """Half-precision models. In bfloat16, a tensor split into row blocks and one merged whole each hold an
+    entry whose float32 delta cannot round-trip (fine-tuned 2^-30, base 1: the float64 fallback); float16
+    deltas always fit float32."""
+    dtype = request.param
+    root = tmp_path_factory.mktemp(f"half-{dtype}".replace("torch.", ""))
+    g = torch.Generator().manual_seed(1)
+    base = {"big.weight": torch.randn(30, 20, generator=g), "needs64.weight": torch.randn(30, 20, generator=g),
+            "small.weight": torch.randn(6, 5, generator=g), "small64.bias": torch.randn(7, generator=g)}
+    base = {n: t.to(dtype) for n, t in base.items()}
+    base["needs64.weight"][3, 4] = base["small64.bias"][2] = 1.0
+    sources = []
+    for i in range(3):
+        tuned = {n: (t.float() + 0.01 * torch.randn(t.shape, generator=g)).to(dtype) for n, t in base.items()}
+        tuned["big.weight"][0, :5] = base["big.weight"][0, :5]  # zero deltas
+        # One fine-tune only moves that entry, so the fallback applies to one input of the tensor and
+        # plain task arithmetic lands exactly on 2^-30 there (0 with a rounded float32 delta).
+        tuned["needs64.weight"][3, 4] = tuned["small64.bias"][2] = 2.0 ** -30 if i == 1 else 1.0
+        save_file(tuned, root / f"ft{i}.safetensors")
+        sources.append(root / f"ft{i}.safetensors")
+    write_sharded(root / "base", base)
+    return root, sources
+
+
+@pytest.mark.parametrize("max_memory", [1500, "1GB"], ids=["row-blocks", "whole"])
+@pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("task_arithmetic", {"scale": 0.7}), ("mean", {}),
+                                            ("dare", {"drop": 0.4, "seed": 2}), ("dare_ties", {"drop": 0.5, "seed": 7}),
+                                            ("consensus", {"k": 2}), ("ties", {"density": 0.3, "scope": "tensor"}),
+                                            ("ties", {"density": 0.3})])
+def test_half_precision_merge_files_equals_in_memory_merge(half_checkpoints, tmp_path, monkeypatch, max_memory,
+                                                           method, options):
+    """Pieces smaller than a row block, row blocks smaller than a tensor, float64 fallbacks: same bits."""
+    from taskarith import _extract
+
+    monkeypatch.setattr(streaming, "_PIECE", 7, raising=False)
+    monkeypatch.setattr(_extract, "_BLOCK", 5, raising=False)
+    monkeypatch.setattr(kernels, "DARE_BLOCK", 11)
+    root, sources = half_checkpoints
+    out = ta.merge_files(root / "base", sources, tmp_path / "m", method, max_memory=max_memory, **options)
+    got = ta.io.load_state_dict(out)
+    want = in_memory(root / "base", sources, method, options)
+    vector = ta.TaskVector.from_models(ta.io.load_state_dict(root / "base"), ta.io.load_state_dict(sources[1]))
+    wide = torch.float64 if vector["big.weight"].dtype == torch.float32 and base_dtype(root) == torch.bfloat16 else torch.float32
+    assert vector["needs64.weight"].dtype == vector["small64.bias"].dtype == wide  # the fixture's premise
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), f"{method}: {name!r} differs"
+
+
+def base_dtype(root):
+    return ta.io.load_state_dict(root / "base")["big.weight"].dtype
