@@ -197,16 +197,6 @@ def stream_threshold(
     return value, above
 
 
-class _TopK:
-    """Trims a whole tensor that fits in memory with one exact selection (no streaming passes)."""
-
-    def __init__(self, k: int):
-        self.k = k
-
-    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta.mul_(kernels.topk_mask(delta.abs(), self.k))
-
-
 class _Trim:
     """Keeps exactly k entries in stream order: all above the threshold, then the first ties."""
 
@@ -327,6 +317,8 @@ def merge_files(
 
     def merged(name: str, rows: slice) -> torch.Tensor:
         shape = reference.shape(name)
+        # A trim the merge does itself (a tensor merged whole): the in-memory selection and fused merge.
+        options = resolved if spec.trims and trims.get((0, name)) is None else fn_options
         if (pre is not None and device.type == "cpu" and not spec.trims and spec.elementwise and shape
                 and all(d in (None, torch.float32) for d in delta_dtypes(name))):
             out = _merge_in_pieces(
@@ -336,14 +328,13 @@ def merge_files(
             if out is not None:
                 return out
         parts = [delta(i, name, rows).contiguous() for i in range(len(inputs))]
-        if spec.trims:
+        if options is fn_options and spec.trims:
             parts = [trims[(i, name)](p) for i, p in enumerate(parts)]
-        shape = reference.shape(name)
         offset = (rows.start or 0) * math.prod(shape[1:]) if shape else 0
         # Random methods seed each (vector position, tensor name, fixed block) alone, so a row
         # block draws the same masks as the whole vectors in memory.
         with kernels.region(offset, math.prod(shape)):
-            result = spec.fn([TaskVector._wrap(name, p) for p in parts], weights, **fn_options)[name]
+            result = spec.fn([TaskVector._wrap(name, p) for p in parts], weights, **options)[name]
         del parts
         if pre is None:
             return result.to(dtype or _promote_inputs(inputs, name))
@@ -376,7 +367,8 @@ def merge_files(
                 # float32 bit patterns suffice unless some delta may be float64 (float64 weights, or
                 # the exact-round-trip fallback of half-precision weights).
                 wide = any(c.dtype(n) in (torch.float64, torch.float16, torch.bfloat16) for c in [*inputs, reference] for n in floats)
-                trims.update(_plan_trims(spec, resolved, floats, len(inputs), reference, delta, row_blocks, budget, wide))
+                trims.update(_plan_trims(resolved, floats, len(inputs), reference, delta, delta_dtypes, row_blocks,
+                                         budget, wide))
             if pre is None:
                 metadata = {"taskarith.format": FORMAT, "taskarith.format_version": FORMAT_VERSION,
                             "taskarith.aliases": json.dumps(aliases), "taskarith.merge": method}
@@ -470,8 +462,9 @@ def _check_inputs(reference: Checkpoint, inputs: list[Checkpoint], *, with_base:
                  fix="Every checkpoint must have the same architecture and dtypes.")
 
 
-def _plan_trims(spec, resolved, floats, count, reference, delta, row_blocks, budget, wide) -> dict:
-    """Exact trims per (vector, tensor): one selection for tensors merged whole, else streaming passes."""
+def _plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_blocks, budget, wide) -> dict:
+    """Exact trims per (vector, tensor): None where the merge pass sees the tensor whole (it trims
+    in memory), else a threshold from one in-memory selection or, past the budget, streaming passes."""
     density, scope = resolved["density"], resolved["scope"]
     trims: dict = {}
     for i in range(count):
@@ -484,11 +477,34 @@ def _plan_trims(spec, resolved, floats, count, reference, delta, row_blocks, bud
         for n in floats:
             numel = math.prod(reference.shape(n))
             if len(row_blocks(n, None)) == 1:
-                trims[(i, n)] = _TopK(math.floor(density * numel))  # the merge pass sees it whole
+                trims[(i, n)] = None
                 continue
+            k = math.floor(density * numel)
             chunks = lambda i=i, n=n: (delta(i, n, rows).abs() for rows in row_blocks(n, _SELECT_BYTES))  # noqa: E731
-            trims[(i, n)] = _make_trim(chunks, math.floor(density * numel), numel, budget, wide)
+            itemsize = 8 if delta_dtypes(n)[i] == torch.float64 or reference.dtype(n) == torch.float64 else 4
+            if 0 < k < numel and numel * itemsize <= budget // 2:
+                trims[(i, n)] = _select_in_memory(chunks, k, numel, torch.float64 if itemsize == 8 else torch.float32)
+            else:
+                trims[(i, n)] = _make_trim(chunks, k, numel, budget, wide)
     return trims
+
+
+def _select_in_memory(chunks, k: int, numel: int, dtype: torch.dtype) -> _Trim:
+    """The trim of one tensor whose magnitudes fit the budget though its merge does not: the
+    magnitudes are gathered block by block into one buffer and selected among in place."""
+    magnitudes = torch.empty(numel, dtype=dtype)
+    start = 0
+    for block in chunks():
+        flat = block.reshape(-1)
+        kernels.check_no_nan(flat)
+        magnitudes[start:start + flat.numel()].copy_(flat)
+        start += flat.numel()
+        del block, flat
+    threshold, _ = kernels.select_magnitudes(magnitudes, k)
+    above = int((magnitudes > threshold).sum())
+    del magnitudes
+    _return_freed_memory()
+    return _Trim(threshold, above, k)
 
 
 def _make_trim(chunks, k: int, n: int, budget: int, wide: bool) -> _Trim:
