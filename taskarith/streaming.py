@@ -317,8 +317,10 @@ def merge_files(
 
     def merged(name: str, rows: slice) -> torch.Tensor:
         shape = reference.shape(name)
-        # A trim the merge does itself (a tensor merged whole): the in-memory selection and fused merge.
-        options = resolved if spec.trims and trims.get((0, name)) is None else fn_options
+        # A tensor merged whole trims itself (the in-memory selection and fused merge);
+        # a split one gets its planned trims here and merges untrimmed.
+        whole_trim = spec.trims and trims.get((0, name)) is None
+        options = resolved if whole_trim else fn_options
         if (pre is not None and device.type == "cpu" and not spec.trims and spec.elementwise and shape
                 and all(d in (None, torch.float32) for d in delta_dtypes(name))):
             out = _merge_in_pieces(
@@ -328,7 +330,7 @@ def merge_files(
             if out is not None:
                 return out
         parts = [delta(i, name, rows).contiguous() for i in range(len(inputs))]
-        if options is fn_options and spec.trims:
+        if spec.trims and not whole_trim:
             parts = [trims[(i, name)](p) for i, p in enumerate(parts)]
         offset = (rows.start or 0) * math.prod(shape[1:]) if shape else 0
         # Random methods seed each (vector position, tensor name, fixed block) alone, so a row
@@ -411,7 +413,7 @@ def _merge_in_pieces(fn, name: str, base: torch.Tensor, finetuned: list[torch.Te
     out = torch.empty(n, dtype=out_dtype)
     result_wide = None
     # Pieces start at multiples of _PIECE of the whole tensor, so a DARE mask block is drawn once.
-    starts = [0, *range(_PIECE - offset % _PIECE if offset % _PIECE else _PIECE, n, _PIECE)]
+    starts = [0, *range((-offset) % _PIECE or _PIECE, n, _PIECE)]
     for s, e in zip(starts, [*starts[1:], n]):
         m = e - s
         if half:
@@ -419,9 +421,8 @@ def _merge_in_pieces(fn, name: str, base: torch.Tensor, finetuned: list[torch.Te
             for i, f in enumerate(fts):
                 fts_wide[i, :m].copy_(f[s:e])
             d = torch.sub(fts_wide[:, :m], wb, out=deltas[:, :m])
-            # Every round trip at once: (base + delta) - finetuned is all zeros (see _extract).
-            low, high = torch.aminmax(torch.add(d, wb, out=gaps[:, :m]).sub_(fts_wide[:, :m]))
-            if not (low.item() == 0 and high.item() == 0) and not all(
+            # Every input's round trip at once; an exact check per input only where that fails.
+            if not _extract.sums_equal(wb, d, fts_wide[:, :m], gaps[:, :m]) and not all(
                     _extract.round_trips(b[s:e], f[s:e], deltas[i, :m]) for i, f in enumerate(fts)):
                 return None
         else:
