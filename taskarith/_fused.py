@@ -54,14 +54,72 @@ def shrink_threshold(threshold: float, dtype: torch.dtype) -> float:
     return float(below)
 
 
+def floor_threshold(threshold: float, dtype: torch.dtype) -> float:
+    """The ``λ`` for which ``hardshrink(x, λ)`` keeps exactly the entries with ``|x| > threshold``:
+    the largest ``dtype`` value not above ``threshold``.
+
+    Example:
+        >>> floor_threshold(1.0, torch.float32)
+        1.0
+    """
+    if math.isinf(threshold):
+        return threshold
+    below = torch.tensor(threshold, dtype=torch.float64).to(dtype)
+    if float(below) > threshold:
+        below = torch.nextafter(below, torch.zeros((), dtype=dtype))
+    return float(below)
+
+
 class Trimmed:
-    """One input of the merge: tensors by name and, per name, the hardshrink ``λ`` (None: no trim)."""
+    """One input of the merge: tensors by name and, per name, how to trim them.
 
-    __slots__ = ("lambdas", "tensors")
+    ``lambdas[name]`` is the hardshrink ``λ`` (absent or None: no trim).
+    ``cuts[name] = (index, λ_after)``: from that flat index on, the tensor is
+    trimmed by ``λ_after`` instead; that is how ties at a threshold are broken
+    by position (the entries equal to it are kept before the cut, dropped
+    after) without copying the tensor.
+    """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], lambdas: Mapping[str, float | None] | None = None):
+    __slots__ = ("cuts", "lambdas", "tensors")
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], lambdas: Mapping[str, float | None] | None = None,
+                 cuts: Mapping[str, tuple[int, float]] | None = None):
         self.tensors = tensors
         self.lambdas = lambdas or {}
+        self.cuts = cuts or {}
+
+    def pieces(self, name: str, lo: int, hi: int) -> list[tuple[int, int, float | None]]:
+        """The flat range ``[lo, hi)`` of tensor ``name`` as ``(start, stop, λ)`` pieces."""
+        lam = self.lambdas.get(name)
+        if name not in self.cuts or lam is None:
+            return [(lo, hi, lam)]
+        cut, after = self.cuts[name]
+        if cut >= hi:
+            return [(lo, hi, lam)]
+        if cut <= lo:
+            return [(lo, hi, after)]
+        return [(lo, cut, lam), (cut, hi, after)]
+
+    def trimmed(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` with its trim applied, in its own dtype (a new tensor unless untrimmed)."""
+        x = self.tensors[name]
+        flat = x.reshape(-1)
+        if self.lambdas.get(name) is None:
+            return x
+        out = torch.empty_like(flat)
+        for lo, hi, lam in self.pieces(name, 0, flat.numel()):
+            _hardshrink_into(flat[lo:hi], lam, out[lo:hi])
+        return out.view(x.shape)
+
+
+def _hardshrink_into(x: torch.Tensor, lam: float, out: torch.Tensor) -> None:
+    """``out = hardshrink(x, λ)``, compared in float32 or float64 (half inputs widen first, so
+    that ``λ``, a float32 value, compares exactly)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.dtype == compute and out.dtype == compute:
+        torch.hardshrink(x, lam, out=out)
+    else:
+        out.copy_(torch.hardshrink(x.to(compute), lam))
 
 
 def elect_and_merge(
@@ -88,8 +146,10 @@ def elect_and_merge(
     for buffer, slots in segments:
         if k <= _triton.MAX_INPUTS and _triton_ready(out, inputs, buffer, slots):
             for name, _ in slots:
-                _triton.ties_merge(out[name].reshape(-1), [inp.tensors[name].reshape(-1) for inp in inputs],
-                                   [inp.lambdas.get(name) for inp in inputs], weights, sign, scale)
+                # The kernel takes one λ per input: a tie cut is applied to a copy first.
+                tensors = [(inp.trimmed(name) if name in inp.cuts else inp.tensors[name]).reshape(-1) for inp in inputs]
+                _triton.ties_merge(out[name].reshape(-1), tensors, [inp.lambdas.get(name) for inp in inputs],
+                                   weights, sign, scale)
             continue
         compute = torch.float64 if buffer.dtype == torch.float64 else torch.float32
         block = BLOCK if buffer.device.type == "cpu" else DEVICE_BLOCK
@@ -106,15 +166,15 @@ def elect_and_merge(
                 while j < len(spans) and spans[j][1] < stop:
                     name, offset, numel = spans[j]
                     lo, hi = max(start, offset), min(stop, offset + numel)
-                    x = source.tensors[name].reshape(-1)[lo - offset:hi - offset]
-                    row = s.trimmed[i, lo - start:hi - start]
-                    lam = source.lambdas.get(name)
-                    if lam is None:
-                        row.copy_(x)
-                    elif x.dtype == compute:
-                        torch.hardshrink(x, lam, out=row)
-                    else:  # half inputs: widen first so λ (a float32 value) compares exactly
-                        torch.hardshrink(x.to(compute), lam, out=row)
+                    flat = source.tensors[name].reshape(-1)
+                    for a, b, lam in source.pieces(name, lo - offset, hi - offset):
+                        x, row = flat[a:b], s.trimmed[i, a + offset - start:b + offset - start]
+                        if lam is None:
+                            row.copy_(x)
+                        elif x.dtype == compute:
+                            torch.hardshrink(x, lam, out=row)
+                        else:  # half inputs: widen first so λ (a float32 value) compares exactly
+                            torch.hardshrink(x.to(compute), lam, out=row)
                     j += 1
                 if weights[i] != 1.0:
                     s.trimmed[i].mul_(weights[i])

@@ -278,21 +278,12 @@ def trim(vector: TaskVector, density: float, scope: str) -> dict[str, torch.Tens
     vector's storage order.
     """
     plan = _trim_plan(vector, density, scope)
-    out = {}
-    for name, x in plan.tensors.items():
-        lam = plan.lambdas.get(name)
-        if lam is None:
-            out[name] = x
-        elif x.dtype in (torch.float32, torch.float64):
-            out[name] = torch.hardshrink(x, lam)
-        else:
-            out[name] = torch.hardshrink(x.float(), lam).to(x.dtype)
-    return out
+    return {name: plan.trimmed(name) for name in plan.tensors}
 
 
 def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed:
     """How to trim ``vector``: per tensor, a ``hardshrink`` threshold and, where ties at the
-    threshold must lose some entries, a copy with those entries already zeroed."""
+    threshold must lose some entries, the index from which they are dropped."""
     names = list(vector._layout.slots)
     tensors = {n: vector[n] for n in names}
     if density >= 1:
@@ -302,17 +293,17 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
     if scope == "tensor" and vector.device.type != "cpu" and vector.dtypes.keys() == {torch.float32}:
         return _trim_plan_segmented(vector, density, tensors)
     if scope == "tensor":
-        lambdas = {}
+        lambdas, cuts = {}, {}
         largest = max((t.numel() for t in tensors.values()), default=0)
         scratch = torch.empty(largest, dtype=vector.dtype, device=vector.device) if len(vector.dtypes) == 1 else None
         for name in names:
             x = tensors[name].reshape(-1)
-            threshold, drop = kernels.trim_threshold(
+            threshold, cut = kernels.trim_threshold(
                 x, math.floor(density * x.numel()), scratch=scratch, check_nan=False)
-            if drop is not None:
-                tensors[name] = _zeroed(tensors[name], drop)
             lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(x.dtype))
-        return _fused.Trimmed(tensors, lambdas)
+            if cut is not None:
+                cuts[name] = (cut, _fused.floor_threshold(threshold, _compute_of(x.dtype)))
+        return _fused.Trimmed(tensors, lambdas, cuts)
     # Global scope: one selection over every entry, in the vector's name order (which is also the
     # order streaming merges see), so ties at the threshold resolve identically in and out of core.
     wide = torch.float64 if torch.float64 in vector.dtypes else torch.float32
@@ -336,18 +327,13 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
     threshold, excess = kernels.select_magnitudes(magnitudes, math.floor(density * total))
     _flat.release({wide: magnitudes})
     del magnitudes
-    lambdas = {}
+    lambdas = {name: _fused.shrink_threshold(threshold, _compute_of(tensors[name].dtype)) for name in names}
+    cuts = {}
     if excess and threshold != 0:  # more entries tie at the threshold than k allows: drop the last ones
-        ties = torch.cat([torch.nonzero(tensors[n].reshape(-1).abs().to(wide) == threshold).squeeze(1) + start
-                          for n, start in order])
-        drop = ties[ties.numel() - excess:]
-        for name, start in order:
-            mine = drop[(drop >= start) & (drop < start + tensors[name].numel())]
-            if mine.numel():
-                tensors[name] = _zeroed(tensors[name], mine - start)
-    for name in names:
-        lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(tensors[name].dtype))
-    return _fused.Trimmed(tensors, lambdas)
+        part, index = kernels.tie_cut([tensors[n].reshape(-1) for n, _ in order], threshold, excess)
+        for j, (name, _) in enumerate(order[part:], part):
+            cuts[name] = (index if j == part else 0, _fused.floor_threshold(threshold, _compute_of(tensors[name].dtype)))
+    return _fused.Trimmed(tensors, lambdas, cuts)
 
 
 def _trim_plan_segmented(vector: TaskVector, density: float, tensors: dict[str, torch.Tensor]) -> _fused.Trimmed:
@@ -356,24 +342,17 @@ def _trim_plan_segmented(vector: TaskVector, density: float, tensors: dict[str, 
     sizes = [slot.numel for _, slot in slots]
     ks = [math.floor(density * size) for size in sizes]
     found = kernels.segment_thresholds(vector._buffers[torch.float32], sizes, ks)
-    lambdas = {}
+    lambdas, cuts = {}, {}
     for (name, _), k, (threshold, excess) in zip(slots, ks, found):
-        if excess and threshold != 0:  # ties past k: the exact per-tensor path picks which to drop
-            threshold, drop = kernels.trim_threshold(tensors[name].reshape(-1), k, check_nan=False)
-            if drop is not None:
-                tensors[name] = _zeroed(tensors[name], drop)
+        if excess and threshold != 0:  # ties past k: find where the dropped ones begin
+            _, cut = kernels.tie_cut([tensors[name].reshape(-1)], threshold, excess)
+            cuts[name] = (cut, _fused.floor_threshold(threshold, torch.float32))
         lambdas[name] = _fused.shrink_threshold(threshold, torch.float32)
-    return _fused.Trimmed(tensors, lambdas)
+    return _fused.Trimmed(tensors, lambdas, cuts)
 
 
 def _compute_of(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _zeroed(tensor: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
-    copy = tensor.clone()
-    copy.view(-1)[flat_indices.to(copy.device)] = 0
-    return copy
 
 
 def _weighted(parts: list[dict[str, torch.Tensor]], weights: list[float]) -> list[dict[str, torch.Tensor]]:

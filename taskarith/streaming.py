@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _extract, _flat, kernels, merging
+from . import _extract, _flat, _fused, kernels, merging
 from .errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 from .io import SHARD_INDEX, SINGLE_FILE, write_safetensors
 from .vector import FORMAT, FORMAT_VERSION, TaskVector
@@ -205,16 +205,25 @@ class _Trim:
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         """Zero ``delta``'s trimmed entries in place (the caller owns it) and return it."""
-        magnitude = delta.abs()
-        if magnitude.dtype != torch.float64 and float(magnitude.new_tensor(self.threshold).item()) != self.threshold:
-            magnitude = magnitude.to(torch.float64)  # the threshold is not exact in this dtype: compare wider
-        mask = magnitude > self.threshold
-        if self.ties_left > 0:
-            ties = torch.nonzero((magnitude == self.threshold).reshape(-1)).squeeze(1)[: self.ties_left]
-            mask.view(-1)[ties] = True
-            self.ties_left -= ties.numel()
-        del magnitude
-        return delta.mul_(mask)
+        if self.threshold <= 0:  # keep everything (dropping zeros changes nothing)
+            return delta
+        flat = delta.view(-1)
+        keep_ties = _fused.shrink_threshold(self.threshold, delta.dtype)  # keeps |x| >= threshold
+        drop_ties = _fused.floor_threshold(self.threshold, delta.dtype)  # keeps |x| > threshold
+        if self.ties_left <= 0 or keep_ties == drop_ties:  # no tie kept, or none possible in this dtype
+            torch.hardshrink(flat, drop_ties, out=flat)
+            return delta
+        count = kernels.count_ties(flat, self.threshold)
+        if count <= self.ties_left:
+            self.ties_left -= count
+            torch.hardshrink(flat, keep_ties, out=flat)
+            return delta
+        # The first ties_left ties stay: the cut is where the last (count - ties_left) begin.
+        _, cut = kernels.tie_cut([flat], self.threshold, count - self.ties_left)
+        self.ties_left = 0
+        torch.hardshrink(flat[:cut], keep_ties, out=flat[:cut])
+        torch.hardshrink(flat[cut:], drop_ties, out=flat[cut:])
+        return delta
 
 
 # ---------------------------------------------------------------------- merge

@@ -220,8 +220,8 @@ def test_segment_thresholds_match_one_selection_per_segment(segments, fractions)
     start = 0
     for i, (n, k) in enumerate(zip(sizes, ks)):
         values = flat[start:start + n]
-        threshold, drop = kernels.trim_threshold(values, k)
-        excess = 0 if drop is None else drop.numel()
+        threshold, cut = kernels.trim_threshold(values, k)
+        excess = 0 if cut is None else int((values[cut:].abs() == threshold).sum())
         assert got[i][0] == threshold, f"segment {i} (n={n}, k={k}): threshold {got[i][0]} vs {threshold}"
         if threshold != 0 and not math.isinf(threshold):
             assert got[i][1] == excess, f"segment {i} (n={n}, k={k}): excess {got[i][1]} vs {excess}"
@@ -238,6 +238,78 @@ def test_segmented_trim_plan_gives_the_same_ties_merge(vs, density, sign):
              else ta.merging._trim_plan(v, density, "tensor") for v in vs]
     got = ta.merging._elect_and_merge(plans, [1.0] * 3, sign, 1.0)
     assert all(torch.equal(got[n], want[n]) for n in want._layout.slots), "segmented trim changed the merge"
+
+
+# Few distinct values: ties at every threshold, and sums that float32 holds exactly.
+FEW = st.sampled_from([0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -2.0, 3.5, -3.5])
+
+
+@given(values=hnp.arrays(np.float32, st.integers(1, 300), elements=FEW), fraction=st.floats(0, 1),
+       sort=st.booleans(), magnitudes=st.booleans())
+def test_selection_by_sort_and_by_partition_agree_with_a_sorted_reference(values, fraction, sort, magnitudes):
+    """Both selection strategies (sorting arrays with few distinct values, partitioning others) give
+    the k-th largest and the count of ties past it."""
+    if magnitudes:
+        values = np.abs(values)
+    k = max(1, math.floor(fraction * len(values)))
+    ordered = np.sort(values)
+    want = (ordered[len(values) - k], int(np.count_nonzero(values >= ordered[len(values) - k])) - k)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_SORT_FROM", 0)
+        patch.setattr(kernels, "_SORT_BELOW_DISTINCT", 2.0 if sort else 0.0)
+        threshold, excess = kernels._select(torch.from_numpy(values.copy()), k, magnitudes=magnitudes)
+    assert (float(threshold), excess) == (float(want[0]), want[1]), f"k={k}, sort={sort}: {threshold, excess} vs {want}"
+
+
+@given(parts=st.lists(hnp.arrays(np.float32, st.integers(0, 30), elements=FEW), min_size=1, max_size=4),
+       threshold=st.sampled_from([0.5, 1.0, 2.0, 3.5]), pick=st.floats(0, 1), block=st.integers(1, 8),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_tie_cut_finds_where_the_last_ties_begin(parts, threshold, pick, block, dtype):
+    flat = np.concatenate(parts)
+    ties = np.flatnonzero(np.abs(flat) == threshold)
+    if not ties.size:
+        return
+    excess = 1 + math.floor(pick * (ties.size - 1))
+    first_dropped = ties[ties.size - excess]
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    part = int(np.searchsorted(starts, first_dropped, side="right")) - 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_TIE_BLOCK", block)  # cut points fall inside and between blocks
+        got = kernels.tie_cut([torch.from_numpy(p).to(dtype) for p in parts], threshold, excess)
+    assert got == (part, int(first_dropped - starts[part])), f"excess={excess}"
+
+
+def _reference_trim(values: list[np.ndarray], density: float, scope: str) -> list[np.ndarray]:
+    """Keep floor(density * n) largest magnitudes, ties to the lowest (storage-order) index."""
+    if scope == "tensor":
+        return [np.where(_reference_topk(np.abs(v), math.floor(density * v.size)), v, 0) for v in values]
+    flat = np.concatenate(values)
+    kept = np.where(_reference_topk(np.abs(flat), math.floor(density * flat.size)), flat, 0)
+    return np.split(kept, np.cumsum([v.size for v in values])[:-1])
+
+
+@given(data=st.data(), sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4), density=st.floats(0.05, 0.95),
+       scope=st.sampled_from(["global", "tensor"]), sign=st.sampled_from(["sum", "count"]), block=st.integers(1, 16))
+def test_ties_with_many_equal_magnitudes_equals_a_reference(data, sizes, density, scope, sign, block):
+    """TIES and magnitude pruning on values with ties at every threshold, against a numpy reference
+    (trim by sorting, elect, disjoint mean); small fused blocks put the tie cuts inside and between
+    blocks."""
+    arrays = [[data.draw(hnp.arrays(np.float32, size, elements=FEW)) for size in sizes] for _ in range(3)]
+    vs = [ta.TaskVector({f"t{i}": torch.from_numpy(a) for i, a in enumerate(arrs)}) for arrs in arrays]
+    trimmed = [_reference_trim(arrs, density, scope) for arrs in arrays]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ta._fused, "BLOCK", block)
+        got = ta.merge(vs, "ties", density=density, scope=scope, sign=sign)
+        pruned = ta.merge(vs, "magnitude_prune", density=density, scope=scope)
+    for i in range(len(sizes)):
+        t = np.stack([trimmed[j][i] for j in range(3)])  # float32, sums of these values are exact
+        votes = t.sum(0) if sign == "sum" else np.sign(t).sum(0)
+        elected = np.where(votes >= 0, 1.0, -1.0).astype(np.float32)
+        agree = (np.sign(t) == elected) & (t != 0)
+        count = agree.sum(0)
+        mean = np.where(count > 0, np.where(agree, t, 0).sum(0) / np.maximum(count, 1).astype(np.float32), 0)
+        assert np.array_equal(got[f"t{i}"].numpy(), mean.astype(np.float32)), f"ties t{i} ({scope}, {sign})"
+        assert np.array_equal(pruned[f"t{i}"].numpy(), t.sum(0)), f"magnitude_prune t{i} ({scope})"
 
 
 @given(vs=vectors(n=1, dtypes=[torch.float32, torch.float64]), density=st.floats(0.01, 1.0), scope=st.sampled_from(["global", "tensor"]))

@@ -121,10 +121,12 @@ def test_merge_files_of_task_vector_files(tmp_path):
     assert merged.aliases == {"head": "emb"}
 
 
+@pytest.mark.parametrize("max_memory", [300, 600, "2GB"], ids=["streamed-select", "in-memory-select", "whole"])
 @pytest.mark.parametrize("scope", ["global", "tensor"])
-def test_ties_at_the_threshold_resolve_as_in_memory(tmp_path, scope, monkeypatch):
+def test_ties_at_the_threshold_resolve_as_in_memory(tmp_path, scope, max_memory, monkeypatch):
     # Integer-valued deltas: many equal magnitudes at every threshold. A collect limit of 1
-    # forces every radix pass.
+    # forces every radix pass; small budgets cut tensors into row blocks (one row each at 300
+    # bytes), whose trims keep the first ties in stream order block after block.
     monkeypatch.setattr(streaming, "_COLLECT", 1)
     g = torch.Generator().manual_seed(3)
     base = {f"t{i}": torch.zeros(5, 7) for i in range(4)}
@@ -134,7 +136,8 @@ def test_ties_at_the_threshold_resolve_as_in_memory(tmp_path, scope, monkeypatch
         tuned = {n: torch.randint(-3, 4, (5, 7), generator=g).float() for n in base}
         save_file(tuned, tmp_path / f"ft{j}.safetensors")
         sources.append(tmp_path / f"ft{j}.safetensors")
-    out = ta.merge_files(tmp_path / "base.safetensors", sources, tmp_path / "m", "magnitude_prune", density=0.37, scope=scope)
+    out = ta.merge_files(tmp_path / "base.safetensors", sources, tmp_path / "m", "magnitude_prune", density=0.37,
+                         scope=scope, max_memory=max_memory)
     got = ta.io.load_state_dict(out)
     want = in_memory(tmp_path / "base.safetensors", sources, "magnitude_prune", {"density": 0.37, "scope": scope})
     assert all(torch.equal(got[n], want[n]) for n in want)
