@@ -120,9 +120,11 @@ def _round_trips_exact(pretrained: torch.Tensor, finetuned: torch.Tensor, delta:
     return True
 
 
-def _round_trips_blocked(pretrained: torch.Tensor, finetuned: torch.Tensor, delta: torch.Tensor | None) -> bool:
+def _round_trips_blocked(pretrained: torch.Tensor, finetuned: torch.Tensor, delta: torch.Tensor | None,
+                         out: torch.Tensor | None = None) -> bool:
     """:func:`round_trips` in the delta's (wider) dtype, block by block (``delta=None``: the float32
-    delta :func:`subtract_into` would compute, formed block by block in scratch).
+    delta :func:`subtract_into` would compute, formed block by block in scratch, or in ``out`` so
+    that one pass both computes and checks it; ``out`` is incomplete when this returns False).
 
     ``pretrained + delta == finetuned`` in the wide dtype implies the round trip
     (``finetuned`` is representable, so rounding the sum gives it back), and it
@@ -133,10 +135,13 @@ def _round_trips_blocked(pretrained: torch.Tensor, finetuned: torch.Tensor, delt
     wide = torch.float32 if delta is None else delta.dtype
     scratch_b = torch.empty(min(n, _BLOCK), dtype=wide)
     scratch_f, rebuilt = torch.empty_like(scratch_b), torch.empty_like(scratch_b)
-    scratch_d = torch.empty_like(scratch_b) if delta is None else None
+    scratch_d = torch.empty_like(scratch_b) if delta is None and out is None else None
     for s, e in _blocks(n):
         wide_b, wide_f = scratch_b[: e - s].copy_(pretrained[s:e]), scratch_f[: e - s].copy_(finetuned[s:e])
-        d = delta[s:e] if delta is not None else torch.sub(wide_f, wide_b, out=scratch_d[: e - s])
+        if delta is not None:
+            d = delta[s:e]
+        else:
+            d = torch.sub(wide_f, wide_b, out=scratch_d[: e - s] if out is None else out[s:e])
         if not sums_equal(wide_b, d, wide_f, rebuilt[: e - s]) and not _round_trips_exact(pretrained[s:e], finetuned[s:e], d):
             return False
     return True
@@ -155,10 +160,21 @@ def float32_round_trips(pretrained: torch.Tensor, finetuned: torch.Tensor) -> bo
 def delta_of(pretrained: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """One tensor's delta under the same dtype policy as :func:`extract` (float64 fallback included)."""
     delta = torch.empty(finetuned.shape, dtype=delta_dtype(finetuned.dtype, dtype), device=finetuned.device)
-    subtract_into(delta, finetuned, pretrained)
-    if dtype is None and finetuned.dtype in HALF and not round_trips(pretrained, finetuned, delta):
-        delta = finetuned.double() - pretrained.double()
+    if dtype is None and finetuned.dtype in HALF:
+        if not subtract_checked(delta, finetuned, pretrained):
+            delta = finetuned.double() - pretrained.double()
+    else:
+        subtract_into(delta, finetuned, pretrained)
     return delta
+
+
+def subtract_checked(out: torch.Tensor, finetuned: torch.Tensor, pretrained: torch.Tensor) -> bool:
+    """:func:`subtract_into`, then whether ``pretrained + out`` rounds back to ``finetuned`` everywhere
+    (:func:`round_trips`); on the CPU one blocked pass does both, widening each block once."""
+    if out.dtype == torch.float32 and _mixed_on_cpu(finetuned, out) and pretrained.dtype == finetuned.dtype:
+        return _round_trips_blocked(pretrained.reshape(-1), finetuned.reshape(-1), None, out=out.view(-1))
+    subtract_into(out, finetuned, pretrained)
+    return round_trips(pretrained, finetuned, out)
 
 
 def tied_groups(state: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, str]:
@@ -261,9 +277,11 @@ def extract(
     widen = []
     for name in canonical:
         out = _flat.view(buffers, layout.slots[name])
-        subtract_into(out, finetuned[name], pretrained[name])
-        if dtype is None and finetuned[name].dtype in HALF and not round_trips(pretrained[name], finetuned[name], out):
-            widen.append(name)
+        if dtype is None and finetuned[name].dtype in HALF:
+            if not subtract_checked(out, finetuned[name], pretrained[name]):
+                widen.append(name)
+        else:
+            subtract_into(out, finetuned[name], pretrained[name])
     if widen:  # rare: repack with float64 deltas for the tensors float32 cannot round-trip
         deltas = {n: _flat.view(buffers, layout.slots[n]) for n in canonical}
         for name in widen:

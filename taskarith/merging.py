@@ -288,9 +288,10 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
     tensors = {n: vector[n] for n in names}
     if density >= 1:
         return _fused.Trimmed(tensors)
-    for buffer in vector._buffers.values():
-        kernels.check_no_nan(buffer)
+    # Selections refuse NaN themselves; the one-sort path of accelerators is checked here.
     if scope == "tensor" and vector.device.type != "cpu" and vector.dtypes.keys() == {torch.float32}:
+        for buffer in vector._buffers.values():
+            kernels.check_no_nan(buffer)
         return _trim_plan_segmented(vector, density, tensors)
     if scope == "tensor":
         lambdas, cuts = {}, {}
@@ -299,7 +300,7 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
         for name in names:
             x = tensors[name].reshape(-1)
             threshold, cut = kernels.trim_threshold(
-                x, math.floor(density * x.numel()), scratch=scratch, check_nan=False)
+                x, math.floor(density * x.numel()), scratch=scratch)
             lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(x.dtype))
             if cut is not None:
                 cuts[name] = (cut, _fused.floor_threshold(threshold, _compute_of(x.dtype)))

@@ -131,13 +131,17 @@ def sign_conflict_rate(
                 keep = trims[i].mask(name, offset, x)
                 positive += (x > 0) & keep
                 negative += (x < 0) & keep
-        shared += int(((positive + negative) >= 2).sum())
-        conflicting += int(((positive > 0) & (negative > 0)).sum())
+        shared += int(torch.count_nonzero((positive + negative) >= 2))
+        conflicting += int(torch.count_nonzero((positive > 0) & (negative > 0)))
     return conflicting / shared if shared else 0.0
 
 
 def sparsity(vector: TaskVector | torch.Tensor, *, atol: float = 0.0) -> float:
     """Fraction of entries with ``|x| <= atol`` (exact zeros by default); NaN counts as non-zero.
+
+    As when torch compares a tensor with a Python number, ``atol`` is taken in
+    each tensor's dtype: a float32 entry written as ``1e-3`` (1.00000005e-3)
+    counts as small for ``atol=1e-3``.
 
     Tied weights are counted once. An empty vector has sparsity 0.0.
 
@@ -167,7 +171,7 @@ def sparsity(vector: TaskVector | torch.Tensor, *, atol: float = 0.0) -> float:
         step = max(1, _BLOCK_BYTES // 8)
         for start in range(0, buf.numel(), step):
             chunk = buf[start:start + step]
-            nonzero += int((~(chunk.abs() <= atol)).sum())
+            nonzero += int(torch.count_nonzero(~(chunk.abs() <= atol)))
     return (total - nonzero) / total
 
 
@@ -337,7 +341,7 @@ class _Keep:
             if bool(torch.isnan(magnitudes).any()):
                 raise TaskArithError("cannot select the largest entries of a vector containing NaN")
             threshold = float(kernels.kth_largest(magnitudes, k))
-            return [threshold, k - int((magnitudes > threshold).sum())]
+            return [threshold, k - int(torch.count_nonzero(magnitudes > threshold))]
 
         if scope == "tensor":
             return cls({n: rule(vector[n].abs().to(wide).reshape(-1)) for n in names})

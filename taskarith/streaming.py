@@ -193,7 +193,7 @@ def stream_threshold(
     candidates = (torch.cat([p.cpu() for p in pieces]) if pieces else torch.zeros(0, dtype=key_dtype)).view(float_dtype)
     del pieces
     value = kernels.kth_largest(candidates, remaining).item()
-    above += int((candidates > value).sum())
+    above += int(torch.count_nonzero(candidates > value))
     return value, above
 
 
@@ -506,12 +506,11 @@ def _select_in_memory(chunks, k: int, numel: int, dtype: torch.dtype) -> _Trim:
     start = 0
     for block in chunks():
         flat = block.reshape(-1)
-        kernels.check_no_nan(flat)
         magnitudes[start:start + flat.numel()].copy_(flat)
         start += flat.numel()
         del block, flat
     threshold, _ = kernels.select_magnitudes(magnitudes, k)
-    above = int((magnitudes > threshold).sum())
+    above = int(torch.count_nonzero(magnitudes > threshold))  # several times faster than a bool sum
     del magnitudes
     _return_freed_memory()
     return _Trim(threshold, above, k)

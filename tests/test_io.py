@@ -95,6 +95,32 @@ def test_failed_save_removes_its_temporary_file(tmp_path, monkeypatch):
     assert torch.equal(ta.load(path)["w"], torch.ones(3))
 
 
+def test_a_write_failing_in_the_background_fails_the_save(tmp_path, monkeypatch):
+    """Blocks are written by a background thread: its error (here the third write) reaches the
+    caller, and neither the new file nor its temporary file is left."""
+    import taskarith.io as tio
+
+    class FailingFile:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise OSError("no space left on device")
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    real_init = tio._Pipeline.__init__
+    monkeypatch.setattr(tio._Pipeline, "__init__", lambda self, f: real_init(self, FailingFile(f)))
+    path = tmp_path / "tv.safetensors"
+    with pytest.raises(OSError, match="no space left"):
+        ta.TaskVector({f"w{i}": torch.full((100,), float(i)) for i in range(5)}).save(path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _two_models():
     torch.manual_seed(0)
     return torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)

@@ -279,6 +279,22 @@ def test_tie_cut_finds_where_the_last_ties_begin(parts, threshold, pick, block, 
     assert got == (part, int(first_dropped - starts[part])), f"excess={excess}"
 
 
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("sort", [True, False], ids=["sorted", "partitioned"])
+@given(start=st.integers(0, 99), count=st.integers(1, 100), density=st.floats(0.01, 0.99))
+def test_trims_refuse_nan_wherever_it_is(scope, sort, start, count, density):
+    """The selection finds a NaN among the k largest bit patterns it leaves at the end: any number
+    of NaNs anywhere is refused, whichever selection ran."""
+    w = torch.linspace(-1, 1, 100)
+    w[start:start + count] = float("nan")
+    vs = [ta.TaskVector({"w": w, "b": torch.ones(3)}), ta.TaskVector({"w": torch.ones(100), "b": torch.ones(3)})]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_SORT_FROM", 0)
+        patch.setattr(kernels, "_SORT_BELOW_DISTINCT", 2.0 if sort else 0.0)
+        with pytest.raises(ta.TaskArithError, match="NaN"):
+            ta.merge(vs, "ties", density=density, scope=scope)
+
+
 def _reference_trim(values: list[np.ndarray], density: float, scope: str) -> list[np.ndarray]:
     """Keep floor(density * n) largest magnitudes, ties to the lowest (storage-order) index."""
     if scope == "tensor":
