@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,36 @@ def test_merge_files_equals_in_memory_merge(checkpoints, tmp_path, method, optio
     assert torch.equal(got["norm.num_batches_tracked"], base["norm.num_batches_tracked"])
     assert (out / "config.json").read_text() == '{"model_type": "toy"}'
     assert (out / "model.safetensors.index.json").exists()
+
+
+def test_each_tensor_prefetches_the_next_and_the_bar_follows_the_writes(checkpoints, tmp_path, monkeypatch):
+    """While tensor i is merged, every checkpoint is asked to read tensor i + 1 ahead; the progress
+    bar advances as tensors are written, not when the plan is made."""
+    root, _, sources = checkpoints
+    asked, events = [], []
+    real_prefetch = streaming.Checkpoint.prefetch
+
+    def recording_prefetch(self, name, limit=None):
+        asked.append((self.path, name))
+        real_prefetch(self, name, limit)  # the real hint runs too: it must not fail on real files
+
+    class Bar:
+        def update(self, n):
+            events.append(("bar", n))
+
+        def close(self):
+            pass
+
+    real_write = streaming._Lazy.__init__
+    monkeypatch.setattr(streaming.Checkpoint, "prefetch", recording_prefetch)
+    monkeypatch.setattr(streaming, "_progress", lambda *a, **k: Bar())
+    monkeypatch.setattr(streaming._Lazy, "__init__", lambda self, *a: (events.append(("plan", None)), real_write(self, *a))[1])
+    ta.merge_files(root / "base", sources, tmp_path / "m", "task_arithmetic")
+    names = streaming.Checkpoint(root / "base").names()
+    paths = [Path(s) for s in sources] + [root / "base"]
+    assert sorted(asked, key=str) == sorted(((p, n) for n in names[1:] for p in paths), key=str)
+    assert events.index(("bar", 1)) > max(i for i, e in enumerate(events) if e[0] == "plan"), "bar moved before writing"
+    assert events.count(("bar", 1)) == len(names)
 
 
 @pytest.mark.parametrize("device", DEVICES)
