@@ -311,19 +311,27 @@ def merge_files(
             return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
         return _extract.delta_of(base_rows(name, rows), t, delta_dtypes(name)[i])
 
-    def delta_dtypes(name: str) -> list[torch.dtype | None]:
-        """Per input, the delta dtype of a tensor merged in several row blocks: whether the float64
-        fallback applies is decided for the whole tensor, as in memory (None: whole, decide there)."""
-        if name not in split_dtypes:
-            if len(row_blocks(name, None)) == 1 or reference.dtype(name) not in _extract.HALF:
-                split_dtypes[name] = [None] * len(inputs)
-            else:
-                b = base_rows(name, slice(None))
-                split_dtypes[name] = [torch.float32 if _extract.float32_round_trips(b, input_rows(i, name, slice(None)))
-                                      else torch.float64 for i in range(len(inputs))]
-        return split_dtypes[name]
+    def delta_dtypes(name: str, decide: bool = False) -> list[torch.dtype | None]:
+        """Per input, the delta dtype of a half-precision tensor that some pass reads in several row
+        blocks (or of any, with ``decide``): whether the float64 fallback applies is decided for the
+        whole tensor, as in memory. None: read whole, :func:`_extract.delta_of` decides there."""
+        if name in decided_dtypes:
+            return decided_dtypes[name]
+        split = len(row_blocks(name, None)) > 1 or len(row_blocks(name, _SELECT_BYTES)) > 1
+        if pre is None or reference.dtype(name) not in _extract.HALF or not (split or decide):
+            return [None] * len(inputs)
+        b = base_rows(name, slice(None))
+        decided_dtypes[name] = [torch.float32 if _extract.float32_round_trips(b, input_rows(i, name, slice(None)))
+                                else torch.float64 for i in range(len(inputs))]
+        return decided_dtypes[name]
 
-    split_dtypes: dict[str, list[torch.dtype | None]] = {}
+    decided_dtypes: dict[str, list[torch.dtype | None]] = {}
+
+    def wide_keys(names: list[str]) -> bool:
+        """Whether some delta of these tensors is float64 (float64 weights, or the exact-round-trip
+        fallback of half-precision ones): their selection then compares float64 bit patterns."""
+        return (any(c.dtype(n) == torch.float64 for c in [*inputs, reference] for n in names)
+                or any(torch.float64 in delta_dtypes(n, decide=True) for n in names))
 
     def base_rows(name: str, rows: slice) -> torch.Tensor:
         return _to_device(pre.tensor(name)[rows] if pre.shape(name) else pre.tensor(name), device)
@@ -403,11 +411,8 @@ def merge_files(
     with _flat.cache_paused(), _trimming(budget), ThreadPoolExecutor(1, thread_name_prefix="taskarith-read") as reader:
         try:
             if spec.trims:
-                # float32 bit patterns suffice unless some delta may be float64 (float64 weights, or
-                # the exact-round-trip fallback of half-precision weights).
-                wide = any(c.dtype(n) in (torch.float64, torch.float16, torch.bfloat16) for c in [*inputs, reference] for n in floats)
                 trims.update(_plan_trims(resolved, floats, len(inputs), reference, delta, delta_dtypes, row_blocks,
-                                         budget, wide))
+                                         budget, wide_keys))
             if pre is None:
                 metadata = {"taskarith.format": FORMAT, "taskarith.format_version": FORMAT_VERSION,
                             "taskarith.aliases": json.dumps(aliases), "taskarith.merge": method}
@@ -500,7 +505,7 @@ def _check_inputs(reference: Checkpoint, inputs: list[Checkpoint], *, with_base:
                  fix="Every checkpoint must have the same architecture and dtypes.")
 
 
-def _plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_blocks, budget, wide) -> dict:
+def _plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_blocks, budget, wide_keys) -> dict:
     """Exact trims per (vector, tensor): None where the merge pass sees the tensor whole (it trims
     in memory), else a threshold from one in-memory selection or, past the budget, streaming passes."""
     density, scope = resolved["density"], resolved["scope"]
@@ -509,7 +514,7 @@ def _plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_blo
         if scope == "global":
             total = sum(math.prod(reference.shape(n)) for n in floats)
             chunks = lambda i=i: (delta(i, n, rows).abs() for n in floats for rows in row_blocks(n, _SELECT_BYTES))  # noqa: E731
-            shared = _make_trim(chunks, math.floor(density * total), total, budget, wide)
+            shared = _make_trim(chunks, math.floor(density * total), total, budget, wide_keys(floats))
             trims.update({(i, n): shared for n in floats})
             continue
         for n in floats:
@@ -523,7 +528,7 @@ def _plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_blo
             if 0 < k < numel and numel * itemsize <= budget // 2:
                 trims[(i, n)] = _select_in_memory(chunks, k, numel, torch.float64 if itemsize == 8 else torch.float32)
             else:
-                trims[(i, n)] = _make_trim(chunks, k, numel, budget, wide)
+                trims[(i, n)] = _make_trim(chunks, k, numel, budget, wide_keys([n]))
     return trims
 
 
