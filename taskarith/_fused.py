@@ -116,8 +116,8 @@ def _hardshrink_into(x: torch.Tensor, lam: float, out: torch.Tensor) -> None:
     """``out = hardshrink(x, λ)``, compared in float32 or float64 (half inputs widen first, so
     that ``λ``, a float32 value, compares exactly)."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if x.dtype == compute and out.dtype == compute:
-        torch.hardshrink(x, lam, out=out)
+    if out.dtype == compute:
+        torch.hardshrink(x.to(compute), lam, out=out)  # .to: no copy when x is already in compute
     else:
         out.copy_(torch.hardshrink(x.to(compute), lam))
 
@@ -171,10 +171,8 @@ def elect_and_merge(
                         x, row = flat[a:b], s.trimmed[i, a + offset - start:b + offset - start]
                         if lam is None:
                             row.copy_(x)
-                        elif x.dtype == compute:
-                            torch.hardshrink(x, lam, out=row)
-                        else:  # half inputs: widen first so λ (a float32 value) compares exactly
-                            torch.hardshrink(x.to(compute), lam, out=row)
+                        else:
+                            _hardshrink_into(x, lam, row)
                     j += 1
                 if weights[i] != 1.0:
                     s.trimmed[i].mul_(weights[i])
