@@ -288,16 +288,16 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
     tensors = {n: vector[n] for n in names}
     if density >= 1:
         return _fused.Trimmed(tensors)
-    # Selections refuse NaN themselves; the one-sort path of accelerators is checked here.
-    if scope == "tensor" and vector.device.type != "cpu" and vector.dtypes.keys() == {torch.float32}:
-        for buffer in vector._buffers.values():
-            kernels.check_no_nan(buffer)
-        return _trim_plan_segmented(vector, density, tensors)
     if scope == "tensor":
         lambdas, cuts = {}, {}
-        largest = max((t.numel() for t in tensors.values()), default=0)
+        grouped = _sorted_together(vector, tensors)
+        if grouped:
+            _segment_trims(vector, tensors, grouped, density, lambdas, cuts)
+        together = set(grouped)
+        rest = [n for n in names if n not in together]
+        largest = max((tensors[n].numel() for n in rest), default=0)
         scratch = torch.empty(largest, dtype=vector.dtype, device=vector.device) if len(vector.dtypes) == 1 else None
-        for name in names:
+        for name in rest:
             x = tensors[name].reshape(-1)
             threshold, cut = kernels.trim_threshold(
                 x, math.floor(density * x.numel()), scratch=scratch)
@@ -337,19 +337,50 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
     return _fused.Trimmed(tensors, lambdas, cuts)
 
 
-def _trim_plan_segmented(vector: TaskVector, density: float, tensors: dict[str, torch.Tensor]) -> _fused.Trimmed:
-    """Tensor-scope trim of a float32 vector on an accelerator: every tensor's threshold from one sort."""
-    slots = sorted(vector._layout.slots.items(), key=lambda item: item[1].offset)
-    sizes = [slot.numel for _, slot in slots]
-    ks = [math.floor(density * size) for size in sizes]
-    found = kernels.segment_thresholds(vector._buffers[torch.float32], sizes, ks)
-    lambdas, cuts = {}, {}
-    for (name, _), k, (threshold, excess) in zip(slots, ks, found):
+# Tensor-scope trims of float32 tensors smaller than this, when a vector holds at least _MANY_SMALL of
+# them (LoRA factors: thousands of [16, d] matrices), are selected together on the CPU: equal-sized
+# tensors stacked as the rows of one matrix and partitioned in one numpy call. On 10M entries in 2,094
+# tensors a selection per tensor cost ~70 us each, 0.45 s for three vectors.
+_SMALL_TENSOR = 1 << 16
+_MANY_SMALL = 64
+
+
+def _sorted_together(vector: TaskVector, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors whose tensor-scope thresholds are found together: on an accelerator every tensor of
+    a float32 vector, by one segmented sort (900 selections, each synchronising, cost more than the
+    merge); on the CPU the small float32 ones, when there are many."""
+    if vector.device.type != "cpu":
+        return list(tensors) if vector.dtypes.keys() == {torch.float32} else []
+    small = [n for n, t in tensors.items() if t.dtype == torch.float32 and t.numel() < _SMALL_TENSOR]
+    return small if len(small) >= _MANY_SMALL else []
+
+
+def _segment_trims(vector: TaskVector, tensors: dict[str, torch.Tensor], group: list[str], density: float,
+                   lambdas: dict, cuts: dict) -> None:
+    """Tensor-scope trims of the float32 tensors ``group``, their thresholds found together."""
+    found: dict[str, tuple[float, int]] = {}
+    if vector.device.type == "cpu":
+        by_size: dict[int, list[str]] = {}
+        for name in group:
+            by_size.setdefault(tensors[name].numel(), []).append(name)
+        for size, names in by_size.items():
+            rows = torch.stack([tensors[n].reshape(-1) for n in names])
+            found.update(zip(names, kernels.row_thresholds(rows, math.floor(density * size))))
+    else:
+        if len(group) == len(vector._layout.slots) and len(vector._buffers) == 1:  # the buffer, in offset order
+            group = sorted(group, key=lambda n: vector._layout.slots[n].offset)
+            flat = vector._buffers[torch.float32]
+        else:
+            flat = torch.cat([tensors[n].reshape(-1) for n in group])
+        kernels.check_no_nan(flat)  # the sort does not refuse NaN itself
+        sizes = [tensors[n].numel() for n in group]
+        found.update(zip(group, kernels.segment_thresholds(flat, sizes, [math.floor(density * n) for n in sizes])))
+    for name in group:
+        threshold, excess = found[name]
         if excess and threshold != 0:  # ties past k: find where the dropped ones begin
             _, cut = kernels.tie_cut([tensors[name].reshape(-1)], threshold, excess)
             cuts[name] = (cut, _fused.floor_threshold(threshold, torch.float32))
         lambdas[name] = _fused.shrink_threshold(threshold, torch.float32)
-    return _fused.Trimmed(tensors, lambdas, cuts)
 
 
 def _compute_of(dtype: torch.dtype) -> torch.dtype:

@@ -228,16 +228,34 @@ def test_segment_thresholds_match_one_selection_per_segment(segments, fractions)
         start += n
 
 
-@given(vs=vectors(n=3, dtypes=[torch.float32]), density=st.floats(0.0, 1.0, exclude_min=True),
-       sign=st.sampled_from(["sum", "count"]))
-def test_segmented_trim_plan_gives_the_same_ties_merge(vs, density, sign):
-    """The one-sort tensor-scope trim (used on accelerators) merges exactly like the per-tensor one."""
-    vs = [v.to(dtype=torch.float32) for v in vs]
-    want = ta.merge(vs, "ties", density=density, scope="tensor", sign=sign)
-    plans = [ta.merging._trim_plan_segmented(v, density, {n: v[n] for n in v._layout.slots}) if density < 1
-             else ta.merging._trim_plan(v, density, "tensor") for v in vs]
-    got = ta.merging._elect_and_merge(plans, [1.0] * 3, sign, 1.0)
+@given(vs=vectors(n=3), density=st.floats(0.0, 1.0, exclude_min=True), sign=st.sampled_from(["sum", "count"]),
+       small=st.sampled_from([2, 1 << 16]), integers=st.booleans())
+def test_segmented_trim_plan_gives_the_same_ties_merge(vs, density, sign, small, integers):
+    """The one-sort tensor-scope trim (all tensors on accelerators; many small float32 ones on the CPU,
+    here any below ``small`` entries) merges exactly like a selection per tensor; integer values put
+    ties at the thresholds."""
+    if integers:
+        vs = [ta.TaskVector({n: v[n].round() for n in v._layout.slots}) for v in vs]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ta.merging, "_MANY_SMALL", 10**9)  # never: one selection per tensor
+        want = ta.merge(vs, "ties", density=density, scope="tensor", sign=sign)
+        patch.setattr(ta.merging, "_MANY_SMALL", 1)
+        patch.setattr(ta.merging, "_SMALL_TENSOR", small)
+        got = ta.merge(vs, "ties", density=density, scope="tensor", sign=sign)
     assert all(torch.equal(got[n], want[n]) for n in want._layout.slots), "segmented trim changed the merge"
+
+
+@given(t=st.floats(min_value=0, exclude_min=True, allow_infinity=False), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_hardshrink_thresholds_are_the_neighbours_of_t_in_the_compute_dtype(t, dtype):
+    """shrink_threshold: the largest value below t (hardshrink keeps |x| >= t); floor_threshold: the
+    largest value not above t (keeps |x| > t), in float32 or float64."""
+    kind = np.float32 if dtype == torch.float32 else np.float64
+    up = lambda x: float(np.nextafter(kind(x), kind(np.inf)))  # noqa: E731  (inf above the largest value)
+    below, floor = ta._fused.shrink_threshold(t, dtype), ta._fused.floor_threshold(t, dtype)
+    assert float(kind(below)) == below and float(kind(floor)) == floor, "not a value of the dtype"
+    with np.errstate(over="ignore"):
+        assert below < t <= up(below), f"shrink_threshold({t!r}) = {below!r}"
+        assert floor <= t < up(floor), f"floor_threshold({t!r}) = {floor!r}"
 
 
 # Few distinct values: ties at every threshold, and sums that float32 holds exactly.
