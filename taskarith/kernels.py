@@ -175,9 +175,6 @@ def trim_threshold(
     return threshold, cut
 
 
-_TIE_BLOCK = 1 << 18  # entries per step of the backward tie count: its temporaries stay in cache
-
-
 def tie_cut(parts: list[torch.Tensor], threshold: float, excess: int) -> tuple[int, int]:
     """Where the last ``excess`` entries with magnitude ``threshold`` begin, over the concatenation of
     the flat tensors ``parts``: ``(part, index in that part)``.

@@ -290,7 +290,7 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
         return _fused.Trimmed(tensors)
     if scope == "tensor":
         lambdas, cuts = {}, {}
-        grouped = _sorted_together(vector, tensors)
+        grouped = _selected_together(vector, tensors)
         if grouped:
             _segment_trims(vector, tensors, grouped, density, lambdas, cuts)
         together = set(grouped)
@@ -345,7 +345,7 @@ _SMALL_TENSOR = 1 << 16
 _MANY_SMALL = 64
 
 
-def _sorted_together(vector: TaskVector, tensors: dict[str, torch.Tensor]) -> list[str]:
+def _selected_together(vector: TaskVector, tensors: dict[str, torch.Tensor]) -> list[str]:
     """The tensors whose tensor-scope thresholds are found together: on an accelerator every tensor of
     a float32 vector, by one segmented sort (900 selections, each synchronising, cost more than the
     merge); on the CPU the small float32 ones, when there are many."""

@@ -315,17 +315,19 @@ def merge_files(
         """Per input, the delta dtype of a half-precision tensor that some pass reads in several row
         blocks (or of any, with ``decide``): whether the float64 fallback applies is decided for the
         whole tensor, as in memory. None: read whole, :func:`_extract.delta_of` decides there."""
-        if name in decided_dtypes:
-            return decided_dtypes[name]
+        known = dtypes_of.get(name)
+        if known is not None and (known[0] is not None or not decide):
+            return known
         split = len(row_blocks(name, None)) > 1 or len(row_blocks(name, _SELECT_BYTES)) > 1
         if pre is None or reference.dtype(name) not in _extract.HALF or not (split or decide):
-            return [None] * len(inputs)
-        b = base_rows(name, slice(None))
-        decided_dtypes[name] = [torch.float32 if _extract.float32_round_trips(b, input_rows(i, name, slice(None)))
-                                else torch.float64 for i in range(len(inputs))]
-        return decided_dtypes[name]
+            dtypes_of[name] = [None] * len(inputs)  # called per row block and input: remember it
+        else:
+            b = base_rows(name, slice(None))
+            dtypes_of[name] = [torch.float32 if _extract.float32_round_trips(b, input_rows(i, name, slice(None)))
+                               else torch.float64 for i in range(len(inputs))]
+        return dtypes_of[name]
 
-    decided_dtypes: dict[str, list[torch.dtype | None]] = {}
+    dtypes_of: dict[str, list[torch.dtype | None]] = {}
 
     def wide_keys(names: list[str]) -> bool:
         """Whether some delta of these tensors is float64 (float64 weights, or the exact-round-trip
