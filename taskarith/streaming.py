@@ -318,7 +318,7 @@ def merge_files(
         known = dtypes_of.get(name)
         if known is not None and (known[0] is not None or not decide):
             return known
-        split = len(row_blocks(name, None)) > 1 or len(row_blocks(name, _SELECT_BYTES)) > 1
+        split = len(row_blocks(name, None)) > 1 or (spec.trims and len(row_blocks(name, _SELECT_BYTES)) > 1)
         if pre is None or reference.dtype(name) not in _extract.HALF or not (split or decide):
             dtypes_of[name] = [None] * len(inputs)  # called per row block and input: remember it
         else:
@@ -353,6 +353,7 @@ def merge_files(
     merge_bytes = 16 * (len(inputs) + 1)
     trims: dict = {}
     fn_options = dict(resolved, density=1.0, scope="tensor") if spec.trims else resolved
+    pieces = _Pieces()
 
     def merged(name: str, rows: slice) -> torch.Tensor:
         shape = reference.shape(name)
@@ -362,10 +363,11 @@ def merge_files(
         options = resolved if whole_trim else fn_options
         if (pre is not None and device.type == "cpu" and not spec.trims and spec.elementwise and shape
                 and all(d in (None, torch.float32) for d in delta_dtypes(name))):
-            out = _merge_in_pieces(
+            out = pieces.merge(
                 lambda parts: spec.fn(parts, weights, **fn_options), name, base_rows(name, rows),
                 [input_rows(i, name, rows) for i in range(len(inputs))], dtype or pre.dtype(name),
-                (rows.start or 0) * math.prod(shape[1:]), math.prod(shape))
+                (rows.start or 0) * math.prod(shape[1:]), math.prod(shape),
+                checked=any(d is None for d in delta_dtypes(name)))
             if out is not None:
                 return out
         parts = [delta(i, name, rows).contiguous() for i in range(len(inputs))]
@@ -429,60 +431,99 @@ def merge_files(
     return out
 
 
-# Entries per piece of :func:`_merge_in_pieces`: its dozen float32 scratch rows (1 MB each) stay in
+# Entries per piece of :meth:`_Pieces.merge`: its dozen float32 scratch rows (1 MB each) stay in
 # cache. Measured on a 374M-entry bfloat16 task-arithmetic merge (2 cores): 2^16 3.5 s, 2^18 2.3 s,
 # 2^20 2.4 s, against 4.7 s for the same work on whole tensors (fresh memory for every temporary).
 _PIECE = 1 << 18
+_KEPT_OUTPUTS = 3  # output buffers a merge keeps for reuse: one written, one filled, one spare
 
 
-def _merge_in_pieces(fn, name: str, base: torch.Tensor, finetuned: list[torch.Tensor], out_dtype: torch.dtype,
-                     offset: int, full: int) -> torch.Tensor | None:
-    """``base + fn(deltas)`` of an element-wise method for one row block, a cache-sized piece at a time.
+class _Pieces:
+    """Element-wise merges of row blocks a cache-sized piece at a time, in buffers kept across the
+    tensors of one merge.
 
-    Computes exactly what the whole-block path computes (the deltas of
-    :func:`_extract.delta_of`, ``fn`` on them, ``base + result`` rounded once),
-    without its full-size temporaries. Returns None when a half-precision
-    delta does not round-trip in float32: the whole-block path then decides
-    the float64 fallback for the tensor, as :func:`taskarith.extract` does.
+    Memory touched for the first time costs a page fault per page: on the
+    2-core VM of ``benchmarks/``, filling 1 GB of fresh memory took 0.25-0.8 s
+    against 0.06 s for memory already touched. So the scratch rows are
+    allocated once per merge, and each output is written into a kept buffer
+    that the writer no longer holds.
     """
-    b = base.reshape(-1)
-    fts = [f.reshape(-1) for f in finetuned]
-    n, count = b.numel(), len(fts)
-    wide = _extract.delta_dtype(b.dtype, None)
-    half = b.dtype != wide
-    width = min(n, _PIECE)
-    base_wide = torch.empty(width, dtype=wide) if half else None
-    fts_wide = torch.empty(count, width, dtype=wide) if half else None
-    deltas, gaps = torch.empty(count, width, dtype=wide), torch.empty(count, width, dtype=wide) if half else None
-    out = torch.empty(n, dtype=out_dtype)
-    result_wide = None
-    # Pieces start at multiples of _PIECE of the whole tensor, so a DARE mask block is drawn once.
-    starts = [0, *range((-offset) % _PIECE or _PIECE, n, _PIECE)]
-    for s, e in zip(starts, [*starts[1:], n]):
-        m = e - s
-        if half:
-            wb = base_wide[:m].copy_(b[s:e])
-            for i, f in enumerate(fts):
-                fts_wide[i, :m].copy_(f[s:e])
-            d = torch.sub(fts_wide[:, :m], wb, out=deltas[:, :m])
-            # Every input's round trip at once; an exact check per input only where that fails.
-            if not _extract.sums_equal(wb, d, fts_wide[:, :m], gaps[:, :m]) and not all(
-                    _extract.round_trips(b[s:e], f[s:e], deltas[i, :m]) for i, f in enumerate(fts)):
-                return None
-        else:
-            wb = b[s:e]
-            for i, f in enumerate(fts):
-                torch.sub(f[s:e], wb, out=deltas[i, :m])
-        with kernels.region(offset + s, full):
-            result = fn([TaskVector._wrap(name, deltas[i, :m]) for i in range(count)])[name].reshape(-1)
-        total = torch.promote_types(wb.dtype, result.dtype)
-        if total == out_dtype:
-            torch.add(wb if wb.dtype == total else wb.to(total), result, out=out[s:e])
-        else:
-            if result_wide is None or result_wide.dtype != total:
-                result_wide = torch.empty(width, dtype=total)
-            out[s:e].copy_(torch.add(wb if wb.dtype == total else wb.to(total), result, out=result_wide[:m]))
-    return out.view(base.shape)
+
+    def __init__(self):
+        self.scratch: dict[str, torch.Tensor] = {}
+        self.outputs: list[torch.Tensor] = []
+
+    def _rows(self, key: str, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.scratch.get(key)
+        if buf is None or buf.dtype != dtype or buf.shape[0] < rows or buf.shape[1] < width:
+            buf = self.scratch[key] = torch.empty(rows, max(width, buf.shape[1] if buf is not None else 0), dtype=dtype)
+        return buf
+
+    def output(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """``n`` entries of a kept buffer no one else references (the writer lets go of a block once
+        it is written), else of a new one, kept in place of the smallest free one."""
+        free = [b for b in self.outputs if _flat._unshared(b)]
+        for buf in sorted(free, key=torch.Tensor.numel):
+            if buf.dtype == dtype and buf.numel() >= n:
+                return buf[:n]
+        buf = torch.empty(n, dtype=dtype)
+        if len(self.outputs) >= _KEPT_OUTPUTS and free:
+            smallest = min(free, key=torch.Tensor.numel)
+            self.outputs = [b for b in self.outputs if b is not smallest]
+        if len(self.outputs) < _KEPT_OUTPUTS:
+            self.outputs.append(buf)
+        return buf[:n]  # a view: the kept tensor itself is never handed out, so its use count tells
+
+    def merge(self, fn, name: str, base: torch.Tensor, finetuned: list[torch.Tensor], out_dtype: torch.dtype,
+              offset: int, full: int, *, checked: bool = True) -> torch.Tensor | None:
+        """``base + fn(deltas)`` of an element-wise method for one row block.
+
+        Computes exactly what the whole-block path computes (the deltas of
+        :func:`_extract.delta_of`, ``fn`` on them, ``base + result`` rounded
+        once), without its full-size temporaries. With ``checked``, returns None
+        when a half-precision delta does not round-trip in float32: the
+        whole-block path then decides the float64 fallback for the tensor, as
+        :func:`taskarith.extract` does. ``checked=False``: float32 deltas were
+        already decided for this tensor. The result lives in a kept buffer:
+        write it before the merge asks for ``_KEPT_OUTPUTS`` more.
+        """
+        b = base.reshape(-1)
+        fts = [f.reshape(-1) for f in finetuned]
+        n, count = b.numel(), len(fts)
+        wide = _extract.delta_dtype(b.dtype, None)
+        half = b.dtype != wide
+        width = min(n, _PIECE)
+        base_wide = self._rows("base", 1, width, wide)[0] if half else None
+        fts_wide = self._rows("finetuned", count, width, wide) if half else None
+        deltas = self._rows("deltas", count, width, wide)
+        gaps = self._rows("gaps", count, width, wide) if half and checked else None
+        out = self.output(n, out_dtype)
+        # Pieces start at multiples of _PIECE of the whole tensor, so a DARE mask block is drawn once.
+        starts = [0, *range((-offset) % _PIECE or _PIECE, n, _PIECE)]
+        for s, e in zip(starts, [*starts[1:], n]):
+            m = e - s
+            if half:
+                wb = base_wide[:m].copy_(b[s:e])
+                for i, f in enumerate(fts):
+                    fts_wide[i, :m].copy_(f[s:e])
+                d = torch.sub(fts_wide[:, :m], wb, out=deltas[:, :m])
+                # Every input's round trip at once; an exact check per input only where that fails.
+                if checked and not _extract.sums_equal(wb, d, fts_wide[:, :m], gaps[:, :m]) and not all(
+                        _extract.round_trips(b[s:e], f[s:e], deltas[i, :m]) for i, f in enumerate(fts)):
+                    return None
+            else:
+                wb = b[s:e]
+                for i, f in enumerate(fts):
+                    torch.sub(f[s:e], wb, out=deltas[i, :m])
+            with kernels.region(offset + s, full):
+                result = fn([TaskVector._wrap(name, deltas[i, :m]) for i in range(count)])[name].reshape(-1)
+            total = torch.promote_types(wb.dtype, result.dtype)
+            if total == out_dtype:
+                torch.add(wb if wb.dtype == total else wb.to(total), result, out=out[s:e])
+            else:
+                result_wide = self._rows("result", 1, width, total)[0]
+                out[s:e].copy_(torch.add(wb if wb.dtype == total else wb.to(total), result, out=result_wide[:m]))
+        return out.view(base.shape)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -647,12 +688,19 @@ def _return_freed_memory() -> None:
 
 
 def _private_bytes() -> int:
+    global _statm
     try:
-        with open("/proc/self/statm") as f:
-            fields = f.read().split()
+        # One descriptor, re-read from offset 0 (the kernel regenerates the numbers on every read):
+        # opening the file again per block cost ~1 ms each inside a merge.
+        if _statm is None or _statm[0] != os.getpid():
+            _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        fields = os.pread(_statm[1], 128, 0).split()
         return (int(fields[1]) - int(fields[2])) * _PAGE  # resident minus shared (file-backed) pages
     except (OSError, IndexError, ValueError):
         return 1 << 62  # unknown: always trim
+
+
+_statm: tuple[int, int] | None = None  # (pid that opened it, descriptor of /proc/self/statm)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -337,3 +337,46 @@ def test_half_precision_merge_files_equals_in_memory_merge(half_checkpoints, tmp
 
 def base_dtype(root):
     return ta.io.load_state_dict(root / "base")["big.weight"].dtype
+
+
+def test_piece_outputs_are_reused_only_once_let_go():
+    pieces = streaming._Pieces()
+    first = pieces.output(10, torch.float32)
+    second = pieces.output(10, torch.float32)
+    assert first.data_ptr() != second.data_ptr()  # the first is still referenced
+    address = first.data_ptr()
+    del first
+    again = pieces.output(8, torch.float32)
+    assert again.data_ptr() == address and again.numel() == 8
+    other = pieces.output(4, torch.float64)  # no float32 buffer serves another dtype
+    assert other.dtype == torch.float64 and len(pieces.outputs) == streaming._KEPT_OUTPUTS
+    del again, second, other
+    large = pieces.output(100, torch.float32)  # the smallest free buffer makes room
+    assert [(b.numel(), b.dtype) for b in pieces.outputs] == [(10, torch.float32), (10, torch.float32),
+                                                             (100, torch.float32)]
+    held = [pieces.output(100, torch.float32) for _ in range(3)]  # all kept ones busy: new, not kept
+    assert len({t.data_ptr() for t in [large, *held]}) == 4 and len(pieces.outputs) == streaming._KEPT_OUTPUTS
+
+
+def test_slow_writes_never_see_a_reused_output(half_checkpoints, tmp_path, monkeypatch):
+    """Each output block is written by a thread while the next is computed: a buffer is only reused
+    once its write has finished."""
+    import time
+
+    from taskarith import io
+
+    write = io._Pipeline.write
+
+    def slow_write(self, data):
+        write(self, data)
+        self.pool.submit(time.sleep, 0.01)  # the next write waits for this one too
+
+    monkeypatch.setattr(io._Pipeline, "write", slow_write)
+    monkeypatch.setattr(streaming, "_PIECE", 16, raising=False)
+    monkeypatch.setattr(streaming, "_KEPT_OUTPUTS", 2, raising=False)
+    root, sources = half_checkpoints
+    out = ta.merge_files(root / "base", sources, tmp_path / "m", "task_arithmetic", scale=0.7, max_memory=1500)
+    got = ta.io.load_state_dict(out)
+    want = in_memory(root / "base", sources, "task_arithmetic", {"scale": 0.7})
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
