@@ -239,6 +239,7 @@ def _merge_cmd(args, parser) -> None:
 
 
 def _merge_out_of_core(plan, out: Path, max_memory, shard_size, progress) -> None:
+    streaming.hold_freed_memory()  # this process only merges: reuse freed memory, fewer page faults
     common = dict(weights=plan.weights, max_memory=max_memory, progress=progress, **plan.options)
     if plan.kind == "models" and out.suffix != ".safetensors":
         streaming.merge_files(plan.base, plan.sources, out, plan.method, dtype=plan.dtype,

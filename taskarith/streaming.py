@@ -735,6 +735,26 @@ def _load_libc():
 _libc = _load_libc()
 
 
+def hold_freed_memory() -> None:
+    """Let glibc keep freed blocks for reuse rather than hand them back to the OS at once.
+
+    For a process that only merges, such as the command line: the setting is
+    process-wide, so the library never makes it on its own. Memory touched for
+    the first time costs a page fault per page; measured on the TIES merge of
+    ``benchmarks/bench_mergekit.py`` (374M bfloat16 parameters, 2 cores): minor
+    faults 0.92-1.02M -> 0.24-0.25M, system CPU 3.4-3.8 s -> 2.2-2.4 s, wall
+    12.9-13.2 s -> 12.4-12.9 s. A budgeted merge still returns freed memory
+    once private memory passes half its budget (:func:`_return_freed_memory`).
+    """
+    if _libc is None or not hasattr(_libc, "mallopt"):
+        return
+    _libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)  # blocks up to 1 GiB come from the heap, reusable when freed
+    _libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # and freed memory at the heap's top is not returned at once
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
 def _progress(enabled: bool | None, total: int, desc: str):
     if enabled is None:
         enabled = sys.stderr.isatty()
