@@ -484,8 +484,8 @@ class _Pieces:
         when a half-precision delta does not round-trip in float32: the
         whole-block path then decides the float64 fallback for the tensor, as
         :func:`taskarith.extract` does. ``checked=False``: float32 deltas were
-        already decided for this tensor. The result lives in a kept buffer:
-        write it before the merge asks for ``_KEPT_OUTPUTS`` more.
+        already decided for this tensor. The result is a view of a kept buffer,
+        which is only reused once no view of it is left.
         """
         b = base.reshape(-1)
         fts = [f.reshape(-1) for f in finetuned]
