@@ -32,6 +32,7 @@ from typing import IO, Any, Union
 import torch
 from safetensors import safe_open
 
+from . import _libc
 from .errors import TaskArithError
 
 __all__ = ["Source", "atomic_path", "load_state_dict", "read_safetensors", "write_safetensors"]
@@ -41,6 +42,7 @@ Source = Union[torch.nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+_WRITEBACK_BYTES = 32 << 20  # see _Pipeline
 
 
 def load_state_dict(
@@ -201,15 +203,30 @@ class _Pipeline:
     bfloat16 task-arithmetic merge (2 cores), writing took 1.9 s of 4.2 s when
     done in turn. One write at a time is in flight, so the bytes land in order
     and at most one extra block is held.
+
+    Every ``_WRITEBACK_BYTES`` written, the thread asks the kernel to start
+    writing them to disk. Otherwise dirty pages pile up until the kernel
+    throttles the writer and the final fsync writes them all: on the 2-core VM
+    of ``benchmarks/``, 748 MB written in 4 MB blocks between 4 ms of other work
+    took 1.6-2.6 s plus a 0.3 s fsync, and 1.0 s with a 5 ms fsync this way.
     """
 
     def __init__(self, f: IO[bytes]):
         self.f, self.pending = f, None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskarith-write")
+        self.position = self.written_back = f.tell()
 
     def write(self, data: memoryview) -> None:
         self.wait()
-        self.pending = self.pool.submit(self.f.write, data)  # the future keeps ``data`` alive
+        self.pending = self.pool.submit(self._write, data)  # the future keeps ``data`` alive
+
+    def _write(self, data: memoryview) -> None:
+        self.f.write(data)
+        self.position += data.nbytes
+        if self.position - self.written_back >= _WRITEBACK_BYTES:
+            self.f.flush()
+            _libc.start_writeback(self.f.fileno(), self.written_back, self.position - self.written_back)
+            self.written_back = self.position
 
     def flush(self) -> None:
         self.wait()

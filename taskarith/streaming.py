@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _extract, _flat, _fused, kernels, merging
+from . import _extract, _flat, _fused, _libc, kernels, merging
 from .errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 from .io import SHARD_INDEX, SINGLE_FILE, write_safetensors
 from .vector import FORMAT, FORMAT_VERSION, TaskVector
@@ -401,8 +401,10 @@ def merge_files(
             reader.submit(lambda: [c.prefetch(following[name], limit=budget) for c in checkpoints])
         if name in floats:
             for rows in row_blocks(name, None):
-                yield merged(name, rows).cpu()
-                _return_freed_memory()
+                block = merged(name, rows)
+                yield block.cpu()
+                if not pieces.keeps(block):  # a merge in pieces frees nothing worth trimming
+                    _return_freed_memory()
         else:  # integer buffers come from the base
             yield reference.tensor(name)
         bar.update(1)  # here: the writer asks for a tensor's blocks only when it writes them
@@ -473,6 +475,11 @@ class _Pieces:
         if len(self.outputs) < _KEPT_OUTPUTS:
             self.outputs.append(buf)
         return buf[:n]  # a view: the kept tensor itself is never handed out, so its use count tells
+
+    def keeps(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a view of a kept output buffer."""
+        address = tensor.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == address for b in self.outputs)
 
     def merge(self, fn, name: str, base: torch.Tensor, finetuned: list[torch.Tensor], out_dtype: torch.dtype,
               offset: int, full: int, *, checked: bool = True) -> torch.Tensor | None:
@@ -681,10 +688,10 @@ def _return_freed_memory() -> None:
     it. Trimming costs page faults on the next allocations, so it only happens
     when private memory has grown past half the budget.
     """
-    if _libc is None or _trim_above is None:
+    if not _libc.available() or _trim_above is None:
         return
     if _private_bytes() > _trim_above:
-        _libc.malloc_trim(0)
+        _libc.malloc_trim()
 
 
 def _private_bytes() -> int:
@@ -719,22 +726,6 @@ def _trimming(budget: int) -> Iterator[None]:
         _trim_above = previous
 
 
-def _load_libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_libc = _load_libc()
-
-
 def hold_freed_memory() -> None:
     """Let glibc keep freed blocks for reuse rather than hand them back to the OS at once.
 
@@ -746,13 +737,7 @@ def hold_freed_memory() -> None:
     12.9-13.2 s -> 12.4-12.9 s. A budgeted merge still returns freed memory
     once private memory passes half its budget (:func:`_return_freed_memory`).
     """
-    if _libc is None or not hasattr(_libc, "mallopt"):
-        return
-    _libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)  # blocks up to 1 GiB come from the heap, reusable when freed
-    _libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # and freed memory at the heap's top is not returned at once
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    _libc.hold_freed_memory()
 
 
 def _progress(enabled: bool | None, total: int, desc: str):

@@ -113,12 +113,37 @@ def test_a_write_failing_in_the_background_fails_the_save(tmp_path, monkeypatch)
         def flush(self):
             self.f.flush()
 
+        def tell(self):
+            return self.f.tell()
+
+        def fileno(self):
+            return self.f.fileno()
+
     real_init = tio._Pipeline.__init__
     monkeypatch.setattr(tio._Pipeline, "__init__", lambda self, f: real_init(self, FailingFile(f)))
     path = tmp_path / "tv.safetensors"
     with pytest.raises(OSError, match="no space left"):
         ta.TaskVector({f"w{i}": torch.full((100,), float(i)) for i in range(5)}).save(path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_bytes_are_handed_to_writeback_in_order(tmp_path, monkeypatch):
+    """Every _WRITEBACK_BYTES, the writer thread starts writing back exactly the bytes since the last
+    time (after the header), and the file is whole."""
+    import taskarith.io as tio
+
+    ranges = []
+    real = tio._libc.start_writeback
+    monkeypatch.setattr(tio._libc, "start_writeback", lambda fd, offset, n: (ranges.append((offset, n)), real(fd, offset, n)))
+    monkeypatch.setattr(tio, "_WRITEBACK_BYTES", 1000)
+    vector = ta.TaskVector({f"w{i}": torch.arange(100 * (i + 1), dtype=torch.float32) for i in range(6)})
+    path = tmp_path / "tv.safetensors"
+    vector.save(path)
+    assert ta.load(path).equal(vector)
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert ranges and ranges[0][0] == header
+    assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))  # contiguous, in order
+    assert all(n >= 1000 for _, n in ranges) and sum(n for _, n in ranges) <= path.stat().st_size - header
 
 
 def _two_models():
