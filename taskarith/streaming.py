@@ -403,10 +403,8 @@ def merge_files(
             reader.submit(lambda: [c.prefetch(following[name], limit=budget) for c in checkpoints])
         if name in floats:
             for rows in row_blocks(name, None):
-                block = merged(name, rows)
-                yield block.cpu()
-                if not pieces.keeps(block):  # a merge in pieces frees nothing worth trimming
-                    _return_freed_memory()
+                yield merged(name, rows).cpu()
+                _return_freed_memory()  # after pieces too: DARE's masks come from its threads' heaps
         else:  # integer buffers come from the base
             yield reference.tensor(name)
         bar.update(1)  # here: the writer asks for a tensor's blocks only when it writes them
@@ -477,11 +475,6 @@ class _Pieces:
         if len(self.outputs) < _KEPT_OUTPUTS:
             self.outputs.append(buf)
         return buf[:n]  # a view: the kept tensor itself is never handed out, so its use count tells
-
-    def keeps(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` is a view of a kept output buffer."""
-        address = tensor.untyped_storage().data_ptr()
-        return any(b.untyped_storage().data_ptr() == address for b in self.outputs)
 
     def merge(self, fn, name: str, base: torch.Tensor, finetuned: list[torch.Tensor], out_dtype: torch.dtype,
               offset: int, full: int, *, checked: bool = True) -> torch.Tensor | None:
