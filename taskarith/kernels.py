@@ -35,6 +35,7 @@ __all__ = [
     "segment_thresholds",
     "topk_mask",
     "count_ties",
+    "tie_after",
     "tie_cut",
     "trim_threshold",
 ]
@@ -200,24 +201,44 @@ def count_ties(values: torch.Tensor, threshold: float) -> int:
     return sum(count for _, _, count in _tied_blocks(values.reshape(-1), threshold))
 
 
+def tie_after(values: torch.Tensor, threshold: float, kept: int) -> tuple[int | None, int]:
+    """Where the tie after the first ``kept`` ones stands in flat ``values`` (ties: entries of magnitude
+    ``threshold``), scanning forward and stopping there: ``(index, kept)``, or ``(None, count)``
+    when there are only ``count <= kept`` ties.
+
+    Example:
+        >>> tie_after(torch.tensor([2.0, 1.0, -2.0, 2.0]), 2.0, 1)
+        (2, 1)
+        >>> tie_after(torch.tensor([2.0, 1.0]), 2.0, 1)
+        (None, 1)
+    """
+    seen = 0
+    for start, tied, count in _tied_blocks(values.reshape(-1), threshold, forward=True):
+        if seen + count > kept:
+            return start + int(torch.nonzero(tied).squeeze(1)[kept - seen]), kept
+        seen += count
+    return None, seen
+
+
 _TIE_BLOCK = 1 << 18  # entries per step of a tie count on the CPU: its temporaries stay in cache
 
 
-def _tied_blocks(values: torch.Tensor, threshold: float) -> Iterator[tuple[int, torch.Tensor, int]]:
-    """From the end of flat ``values`` backwards: ``(start, mask of |x| == threshold, its count)`` per
-    block (one block on accelerators, where each step would synchronise)."""
-    if values.numel() == 0 or float(values.new_tensor(threshold).item()) != threshold:
+def _tied_blocks(values: torch.Tensor, threshold: float, *, forward: bool = False) -> Iterator[tuple[int, torch.Tensor, int]]:
+    """From the end of flat ``values`` backwards (or from the start with ``forward``): ``(start, mask
+    of |x| == threshold, its count)`` per block (one block on accelerators, where each step would
+    synchronise)."""
+    n = values.numel()
+    if n == 0 or float(values.new_tensor(threshold).item()) != threshold:
         return
-    width = values.numel() if values.device.type != "cpu" else min(values.numel(), _TIE_BLOCK)
+    width = n if values.device.type != "cpu" else min(n, _TIE_BLOCK)
     magnitude = torch.empty(width, dtype=values.dtype, device=values.device)
     equal = torch.empty(width, dtype=torch.bool, device=values.device)
-    stop = values.numel()
-    while stop > 0:
-        start = max(0, stop - width)
+    starts = range(0, n, width) if forward else range(((n - 1) // width) * width, -1, -width)
+    for start in starts:
+        stop = min(start + width, n)
         tied = torch.eq(torch.abs(values[start:stop], out=magnitude[: stop - start]), threshold,
                         out=equal[: stop - start])
         yield start, tied, int(torch.count_nonzero(tied))  # several times faster than a bool sum
-        stop = start
 
 
 def select_magnitudes(magnitudes: torch.Tensor, k: int) -> tuple[float, int]:

@@ -235,14 +235,12 @@ class _Trim:
         if self.ties_left <= 0 or keep_ties == drop_ties:  # no tie kept, or none possible in this dtype
             torch.hardshrink(flat, drop_ties, out=flat)
             return delta
-        count = kernels.count_ties(flat, self.threshold)
-        if count <= self.ties_left:
-            self.ties_left -= count
+        # The first ties_left ties stay: the cut is at the next one, if this block holds it.
+        cut, count = kernels.tie_after(flat, self.threshold, self.ties_left)
+        self.ties_left -= count
+        if cut is None:
             torch.hardshrink(flat, keep_ties, out=flat)
             return delta
-        # The first ties_left ties stay: the cut is where the last (count - ties_left) begin.
-        _, cut = kernels.tie_cut([flat], self.threshold, count - self.ties_left)
-        self.ties_left = 0
         torch.hardshrink(flat[:cut], keep_ties, out=flat[:cut])
         torch.hardshrink(flat[cut:], drop_ties, out=flat[cut:])
         return delta

@@ -297,6 +297,17 @@ def test_tie_cut_finds_where_the_last_ties_begin(parts, threshold, pick, block, 
     assert got == (part, int(first_dropped - starts[part])), f"excess={excess}"
 
 
+@given(values=hnp.arrays(np.float32, st.integers(0, 40), elements=FEW), threshold=st.sampled_from([0.5, 1.0, 2.0]),
+       kept=st.integers(0, 45), block=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_tie_after_finds_the_first_tie_past_those_kept(values, threshold, kept, block, dtype):
+    ties = np.flatnonzero(np.abs(values) == threshold)
+    want = (int(ties[kept]), kept) if kept < ties.size else (None, int(ties.size))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_TIE_BLOCK", block)  # the tie falls inside and between blocks
+        got = kernels.tie_after(torch.from_numpy(values).to(dtype), threshold, kept)
+    assert got == want
+
+
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("sort", [True, False], ids=["sorted", "partitioned"])
 @given(start=st.integers(0, 99), count=st.integers(1, 100), density=st.floats(0.01, 0.99))
