@@ -34,7 +34,6 @@ __all__ = [
     "row_thresholds",
     "segment_thresholds",
     "topk_mask",
-    "count_ties",
     "tie_after",
     "tie_cut",
     "trim_threshold",
@@ -194,11 +193,6 @@ def tie_cut(parts: list[torch.Tensor], threshold: float, excess: int) -> tuple[i
                 return p, start + int(torch.nonzero(tied).squeeze(1)[count - remaining])
             remaining -= count
     raise TaskArithError(f"internal: fewer than {excess} entries tie at the threshold {threshold!r}")
-
-
-def count_ties(values: torch.Tensor, threshold: float) -> int:
-    """How many entries of ``values`` have magnitude ``threshold`` (without tensor-sized temporaries)."""
-    return sum(count for _, _, count in _tied_blocks(values.reshape(-1), threshold))
 
 
 def tie_after(values: torch.Tensor, threshold: float, kept: int) -> tuple[int | None, int]:

@@ -361,13 +361,13 @@ def merge_files(
         # a split one gets its planned trims here and merges untrimmed.
         whole_trim = spec.trims and trims.get((0, name)) is None
         options = resolved if whole_trim else fn_options
+        dtypes = delta_dtypes(name)
         if (pre is not None and device.type == "cpu" and not spec.trims and spec.elementwise and shape
-                and all(d in (None, torch.float32) for d in delta_dtypes(name))):
+                and all(d in (None, torch.float32) for d in dtypes)):
             out = pieces.merge(
                 lambda parts: spec.fn(parts, weights, **fn_options), name, base_rows(name, rows),
                 [input_rows(i, name, rows) for i in range(len(inputs))], dtype or pre.dtype(name),
-                (rows.start or 0) * math.prod(shape[1:]), math.prod(shape),
-                checked=any(d is None for d in delta_dtypes(name)))
+                (rows.start or 0) * math.prod(shape[1:]), math.prod(shape), checked=None in dtypes)
             if out is not None:
                 return out
         parts = [delta(i, name, rows).contiguous() for i in range(len(inputs))]
@@ -688,19 +688,12 @@ def _return_freed_memory() -> None:
 
 
 def _private_bytes() -> int:
-    global _statm
     try:
-        # One descriptor, re-read from offset 0 (the kernel regenerates the numbers on every read):
-        # opening the file again per block cost ~1 ms each inside a merge.
-        if _statm is None or _statm[0] != os.getpid():
-            _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
-        fields = os.pread(_statm[1], 128, 0).split()
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
         return (int(fields[1]) - int(fields[2])) * _PAGE  # resident minus shared (file-backed) pages
     except (OSError, IndexError, ValueError):
         return 1 << 62  # unknown: always trim
-
-
-_statm: tuple[int, int] | None = None  # (pid that opened it, descriptor of /proc/self/statm)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
