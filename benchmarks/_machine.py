@@ -118,12 +118,26 @@ def machine_info() -> dict:
         "python_implementation": platform.python_implementation(),
         "torch": torch.__version__,
         "numpy": np.__version__,
+        "numba": _numba_version(),  # None: taskarith's compiled CPU kernels are off (torch path)
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
         "load_average": load,
         "cuda": cuda,
     }
+
+
+def _numba_version() -> str | None:
+    """Numba's version when taskarith uses its kernels (installed, ``TASKARITH_NUMBA`` not 0), else None."""
+    try:
+        from taskarith import _numba
+    except ImportError:  # a peer's environment, without taskarith
+        return None
+    if not _numba.enabled():
+        return None
+    import numba
+
+    return numba.__version__
 
 
 def describe(info: dict) -> str:
@@ -135,7 +149,8 @@ def describe(info: dict) -> str:
     return (
         f"{info.get('cpu_model') or 'unknown CPU'}, {info.get('usable_cores')} usable cores "
         f"({info.get('torch_threads')} torch threads), {ram_text}{gpu}; "
-        f"Python {info.get('python')}, torch {info.get('torch')}, numpy {info.get('numpy')}; {info.get('os')}"
+        f"Python {info.get('python')}, torch {info.get('torch')}, numpy {info.get('numpy')}, "
+        f"numba kernels {info.get('numba') or 'off'}; {info.get('os')}"
     )
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from . import _flat
+from . import _flat, _numba
 from .errors import NonFiniteError, ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 
 HALF = (torch.float16, torch.bfloat16)
@@ -150,6 +150,8 @@ def _round_trips_blocked(pretrained: torch.Tensor, finetuned: torch.Tensor, delt
 def float32_round_trips(pretrained: torch.Tensor, finetuned: torch.Tensor) -> bool:
     """Whether :func:`delta_of` keeps this half-precision pair's delta in float32 (no float64 fallback),
     decided without materialising the delta."""
+    if _numba.delta_fits(finetuned, pretrained):  # else unsettled or not taken: the checks below decide
+        return True
     if finetuned.device.type != "cpu":
         delta = torch.empty(finetuned.shape, dtype=torch.float32, device=finetuned.device)
         subtract_into(delta, finetuned, pretrained)
@@ -171,6 +173,8 @@ def delta_of(pretrained: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dty
 def subtract_checked(out: torch.Tensor, finetuned: torch.Tensor, pretrained: torch.Tensor) -> bool:
     """:func:`subtract_into`, then whether ``pretrained + out`` rounds back to ``finetuned`` everywhere
     (:func:`round_trips`); on the CPU one blocked pass does both, widening each block once."""
+    if _numba.subtract_checked(out, finetuned, pretrained):  # else unsettled or not taken: as below
+        return True
     if out.dtype == torch.float32 and _mixed_on_cpu(finetuned, out) and pretrained.dtype == finetuned.dtype:
         return _round_trips_blocked(pretrained.reshape(-1), finetuned.reshape(-1), None, out=out.view(-1))
     subtract_into(out, finetuned, pretrained)

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from . import _triton
+from . import _numba, _triton
 
 BLOCK = 1 << 18  # entries per block: large enough that per-kernel overhead stays small, scratch a few MB
 DEVICE_BLOCK = 1 << 24  # on accelerators without Triton: bounds the scratch (~16 bytes per entry per input)
@@ -158,6 +158,13 @@ def elect_and_merge(
     """
     k = len(inputs)
     for buffer, slots in segments:
+        if _numba_ready(out, inputs, slots):
+            _numba.ties_merge(
+                [(out[name].reshape(-1), [inp.tensors[name].reshape(-1) for inp in inputs],
+                  [inp.lambdas.get(name) for inp in inputs], [inp.cuts.get(name) for inp in inputs])
+                 for name, _ in slots],
+                weights, sign, scale)
+            continue
         if k <= _triton.MAX_INPUTS and _triton_ready(out, inputs, buffer, slots):
             for name, _ in slots:
                 # The kernel takes one λ per input: a tie cut is applied to a copy first.
@@ -191,6 +198,13 @@ def elect_and_merge(
                 if weights[i] != 1.0:
                     s.trimmed[i].mul_(weights[i])
             _merge_block(s, sign, scale, buffer[start:stop])
+
+
+def _numba_ready(out, inputs, slots) -> bool:
+    if len(inputs) > _numba.MAX_INPUTS or not _numba.enabled():
+        return False
+    names = [name for name, _ in slots]
+    return _numba.usable([out[n] for n in names], [inp.tensors[n] for inp in inputs for n in names])
 
 
 def _triton_ready(out, inputs, buffer, slots) -> bool:

@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextvars
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from . import _extract, _flat, _fused, kernels
+from . import _extract, _flat, _fused, _parallel, kernels
 from .errors import TaskArithError, raise_if_any
 from .vector import TaskVector, _require_scalar
 
@@ -296,14 +297,29 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
         together = set(grouped)
         rest = [n for n in names if n not in together]
         largest = max((tensors[n].numel() for n in rest), default=0)
-        scratch = torch.empty(largest, dtype=vector.dtype, device=vector.device) if len(vector.dtypes) == 1 else None
-        for name in rest:
+        same_dtype = len(vector.dtypes) == 1
+        scratches: dict[int, torch.Tensor] = {}  # one per thread
+
+        def select(job: int, lo: int, hi: int) -> None:
+            name = rest[job]
             x = tensors[name].reshape(-1)
-            threshold, cut = kernels.trim_threshold(
-                x, math.floor(density * x.numel()), scratch=scratch)
+            scratch = None
+            if same_dtype:
+                scratch = scratches.get(threading.get_ident())
+                if scratch is None:
+                    scratch = scratches[threading.get_ident()] = torch.empty(largest, dtype=vector.dtype,
+                                                                              device=vector.device)
+            threshold, cut = kernels.trim_threshold(x, math.floor(density * x.numel()), scratch=scratch)
             lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(x.dtype))
             if cut is not None:
                 cuts[name] = (cut, _fused.floor_threshold(threshold, _compute_of(x.dtype)))
+
+        sizes = [tensors[n].numel() for n in rest]
+        if vector.device.type == "cpu":  # numpy's selection releases the GIL: tensors on several threads
+            _parallel.run(sizes, select, split=False)
+        else:
+            for job, size in enumerate(sizes):
+                select(job, 0, size)
         return _fused.Trimmed(tensors, lambdas, cuts)
     # Global scope: one selection over every entry, in the vector's name order (which is also the
     # order streaming merges see), so ties at the threshold resolve identically in and out of core.

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _extract, _flat, _fused, _libc, kernels, merging
+from . import _extract, _flat, _fused, _libc, _numba, kernels, merging
 from .errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 from .io import SHARD_INDEX, SINGLE_FILE, write_safetensors
 from .vector import FORMAT, FORMAT_VERSION, TaskVector
@@ -354,6 +354,8 @@ def merge_files(
     trims: dict = {}
     fn_options = dict(resolved, density=1.0, scope="tensor") if spec.trims else resolved
     pieces = _Pieces()
+    # Unweighted task arithmetic: the sum of the deltas, which a compiled kernel can do in one pass.
+    plain_sum = spec.fn is merging._task_arithmetic and all(w * resolved["scale"] == 1.0 for w in weights)
 
     def merged(name: str, rows: slice) -> torch.Tensor:
         shape = reference.shape(name)
@@ -367,7 +369,8 @@ def merge_files(
             out = pieces.merge(
                 lambda parts: spec.fn(parts, weights, **fn_options), name, base_rows(name, rows),
                 [input_rows(i, name, rows) for i in range(len(inputs))], dtype or pre.dtype(name),
-                (rows.start or 0) * math.prod(shape[1:]), math.prod(shape), checked=None in dtypes)
+                (rows.start or 0) * math.prod(shape[1:]), math.prod(shape), checked=None in dtypes,
+                plain_sum=plain_sum)
             if out is not None:
                 return out
         parts = [delta(i, name, rows).contiguous() for i in range(len(inputs))]
@@ -475,7 +478,7 @@ class _Pieces:
         return buf[:n]  # a view: the kept tensor itself is never handed out, so its use count tells
 
     def merge(self, fn, name: str, base: torch.Tensor, finetuned: list[torch.Tensor], out_dtype: torch.dtype,
-              offset: int, full: int, *, checked: bool = True) -> torch.Tensor | None:
+              offset: int, full: int, *, checked: bool = True, plain_sum: bool = False) -> torch.Tensor | None:
         """``base + fn(deltas)`` of an element-wise method for one row block.
 
         Computes exactly what the whole-block path computes (the deltas of
@@ -485,7 +488,10 @@ class _Pieces:
         whole-block path then decides the float64 fallback for the tensor, as
         :func:`taskarith.extract` does. ``checked=False``: float32 deltas were
         already decided for this tensor. The result is a view of a kept buffer,
-        which is only reused once no view of it is left.
+        which is only reused once no view of it is left. ``plain_sum``: ``fn``
+        is the unweighted sum of the deltas, which :func:`_numba.add_deltas` does
+        in one pass where it can (its float32 check failing, the pieces below
+        redo the block with the exact check).
         """
         b = base.reshape(-1)
         fts = [f.reshape(-1) for f in finetuned]
@@ -498,6 +504,8 @@ class _Pieces:
         deltas = self._rows("deltas", count, width, wide)
         gaps = self._rows("gaps", count, width, wide) if half and checked else None
         out = self.output(n, out_dtype)
+        if plain_sum and _numba.add_deltas(out, b, fts, checked=checked):
+            return out.view(base.shape)
         # Pieces start at multiples of _PIECE of the whole tensor, so a DARE mask block is drawn once.
         starts = [0, *range((-offset) % _PIECE or _PIECE, n, _PIECE)]
         for s, e in zip(starts, [*starts[1:], n]):

@@ -1,0 +1,148 @@
+"""Compiled CPU kernels through Numba, when it is installed (``pip install taskarith[fast]``).
+
+TIES written with torch kernels, even blocked to stay in cache
+(:mod:`taskarith._fused`), runs a dozen kernels per block, and on the CPU each
+costs its dispatch: merging 3 x 100M float32 entries took ~0.67 s on the
+2-core VM of ``benchmarks/``. The same steps as one compiled loop nest per
+block ran in ~0.11 s. ``torch.compile`` generated a comparable loop, but needs
+a C++ toolchain at run time and took ~20 s to compile in a fresh process;
+Numba brings its own compiler and caches what it compiles (a cached kernel
+loads in ~0.15 s).
+
+The kernels compute exactly what the torch path computes, operation for
+operation and in the same order, so results never depend on which path ran;
+the tests compare both bit for bit. Without Numba, or with
+``TASKARITH_NUMBA=0`` in the environment, or for tensors these kernels do not
+take (not on the CPU, not contiguous, float16/float64, inputs of mixed dtypes),
+callers use their torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from . import _parallel
+
+# Inputs of one of these dtypes (all alike), outputs of one of these too.
+DTYPES = (torch.float32, torch.bfloat16)
+MAX_INPUTS = 4  # inputs of one TIES kernel call (its slots x0..x3)
+
+
+def enabled() -> bool:
+    """Whether the Numba kernels are used: Numba imports and ``TASKARITH_NUMBA`` is not ``0``."""
+    return os.environ.get("TASKARITH_NUMBA", "1") != "0" and _kernels() is not None
+
+
+def usable(out: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether these flat tensors can go through the kernels: CPU, contiguous, outputs of one of
+    :data:`DTYPES`, inputs all of one of them."""
+    if not inputs or not out:
+        return False
+    dtype = inputs[0].dtype
+    if dtype not in DTYPES or any(t.dtype != dtype for t in inputs) or any(t.dtype not in DTYPES for t in out):
+        return False
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in (*out, *inputs)):
+        return False
+    return enabled()
+
+
+@functools.cache
+def _kernels():
+    try:
+        from . import _numba_kernels
+    except ImportError:
+        return None
+    return _numba_kernels
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a CPU tensor (bfloat16 as its uint16 bits)."""
+    flat = t.detach().reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+def _padded(values, fill, dtype=np.float32) -> np.ndarray:
+    return np.array([*values, *[fill] * (MAX_INPUTS - len(values))], dtype=dtype)
+
+
+def ties_merge(slots: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[float | None],
+                                     Sequence[tuple[int, float] | None]]],
+               weights: Sequence[float], sign: str, scale: float) -> None:
+    """TIES' trim → elect → disjoint mean, per slot ``(out, inputs, λs, cuts)``: ``out`` (flat) gets
+    the merge of ``inputs`` (flat), input ``i`` trimmed by hardshrink ``λs[i]`` (None: untrimmed),
+    or from ``cuts[i] = (index, λ_after)`` on by ``λ_after``."""
+    kernels = _kernels()
+    k = len(weights)
+    weight = _padded(weights, 1.0)
+    by_count = sign == "count"
+    scale32 = np.float32(scale)
+    prepared = []
+    for out, inputs, lambdas, cuts in slots:
+        lams = [-1.0 if lam is None else lam for lam in lambdas]  # -1: hardshrink zeroes nothing
+        cuts = [None if lam is None else c for lam, c in zip(lambdas, cuts)]  # untrimmed: no cut either
+        lam = _padded(lams, -1.0)
+        cut = _padded([out.numel() if c is None else c[0] for c in cuts], 0, np.int64)
+        after = _padded([lams[i] if c is None else c[1] for i, c in enumerate(cuts)], -1.0)
+        xs = [_array(x) for x in inputs]
+        xs += [xs[0]] * (MAX_INPUTS - k)  # unused slots: any array of the same type
+        prepared.append((_array(out), *xs, lam, cut, after))
+    kernel = kernels.ties(k, by_count)
+
+    def call(job, lo, hi):
+        kernel(*prepared[job], weight, scale32, lo, hi)
+
+    _parallel.run([out.numel() for out, *_ in slots], call)
+
+
+def _pair_usable(finetuned: torch.Tensor, pretrained: torch.Tensor) -> bool:
+    return (finetuned.dtype == pretrained.dtype == torch.bfloat16 and finetuned.shape == pretrained.shape
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in (finetuned, pretrained)) and enabled())
+
+
+def subtract_checked(out: torch.Tensor, finetuned: torch.Tensor, pretrained: torch.Tensor) -> bool | None:
+    """``out = finetuned - pretrained`` (bfloat16 pair, float32 ``out``) and whether ``pretrained +
+    out == finetuned`` holds in float32 for every entry, in one pass; None if the kernel does not
+    take these tensors. False means *unsettled*: the caller runs its exact check."""
+    if not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == finetuned.shape
+            and out.device.type == "cpu" and _pair_usable(finetuned, pretrained)):
+        return None
+    kernel = _kernels().subtract_checked
+    o, f, b = _array(out), _array(finetuned), _array(pretrained)
+    failed = []
+    _parallel.run([o.size], lambda job, lo, hi: failed.append(kernel(o, f, b, lo, hi)))
+    return not any(failed)
+
+
+def delta_fits(finetuned: torch.Tensor, pretrained: torch.Tensor) -> bool | None:
+    """Whether ``pretrained + (finetuned - pretrained) == finetuned`` in float32 for every entry of a
+    bfloat16 pair, without storing the delta; None if the kernel does not take these tensors."""
+    if not _pair_usable(finetuned, pretrained):
+        return None
+    kernel = _kernels().delta_fails
+    f, b = _array(finetuned), _array(pretrained)
+    failed = []
+    _parallel.run([f.size], lambda job, lo, hi: failed.append(kernel(f, b, lo, hi)))
+    return not any(failed)
+
+
+def add_deltas(out: torch.Tensor, base: torch.Tensor, finetuned: Sequence[torch.Tensor], *, checked: bool) -> bool | None:
+    """``out = base + Σ (finetuned_i - base)`` (flat, same length): float32 deltas summed in order,
+    rounded once into ``out``. With ``checked``, False when some half-precision delta's float32
+    sum check fails (the caller's exact check then decides); None if the kernel does not take
+    these tensors (then ``out`` is untouched)."""
+    if not finetuned or len(finetuned) > MAX_INPUTS or not usable([out], [base, *finetuned]):
+        return None
+    checked = checked and base.dtype != torch.float32  # float32 deltas are never checked
+    kernel = _kernels().add_deltas(len(finetuned), checked)
+    arrays = [_array(out), _array(base), *[_array(f) for f in finetuned]]
+    arrays += [arrays[2]] * (MAX_INPUTS - len(finetuned))
+    failed = []
+    _parallel.run([arrays[0].size], lambda job, lo, hi: failed.append(kernel(*arrays, lo, hi)))
+    return not any(failed)

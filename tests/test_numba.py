@@ -1,0 +1,217 @@
+"""The Numba kernels compute, bit for bit, what the torch path computes.
+
+Each test runs the same public call with the kernels on and off
+(``TASKARITH_NUMBA``) and compares the bytes of the results, over inputs drawn
+to hit the edges: ties at trim thresholds, zeros of both signs, infinities,
+halfway cases of bfloat16 rounding, deltas whose float32 round trip fails.
+"""
+
+import contextlib
+import itertools
+import math
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from safetensors.torch import save_file
+
+pytest.importorskip("numba", reason="the compiled kernels need Numba: pip install 'taskarith[fast]'")
+
+from numba import njit
+
+import taskarith as ta
+from taskarith import _numba, _parallel, merging
+from taskarith._numba_kernels import _load, _put
+
+
+@contextlib.contextmanager
+def kernels(on: bool):
+    before = os.environ.get("TASKARITH_NUMBA")
+    os.environ["TASKARITH_NUMBA"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TASKARITH_NUMBA"]
+        else:
+            os.environ["TASKARITH_NUMBA"] = before
+
+
+def bits(t: torch.Tensor) -> list[int]:
+    """The IEEE bit patterns of a float tensor (so -0.0 differs from 0.0)."""
+    flat = t.detach().reshape(-1).contiguous()
+    return flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]).tolist()
+
+
+def test_the_environment_switches_the_kernels_off():
+    with kernels(False):
+        assert not _numba.enabled()
+    with kernels(True):
+        assert _numba.enabled()
+
+
+# Values with many ties (small integers), signed zeros and infinities next to ordinary floats.
+_ENTRY = st.one_of(
+    st.integers(-3, 3).map(float),
+    st.sampled_from([0.0, -0.0, math.inf, -math.inf]),
+    st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False),
+)
+
+
+@st.composite
+def ties_cases(draw):
+    k = draw(st.integers(1, 5))  # 5: more inputs than a kernel call takes, the torch path runs
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    shapes = draw(st.lists(st.sampled_from([(1,), (7,), (3, 4), (40,)]), min_size=1, max_size=3))
+    vectors = []
+    for _ in range(k):
+        state = {f"t{i}": torch.tensor(draw(hnp.arrays(np.float64, shape, elements=_ENTRY))).to(dtype)
+                 for i, shape in enumerate(shapes)}
+        vectors.append(ta.TaskVector(state))
+    weights = draw(st.one_of(st.none(), st.lists(st.sampled_from([1.0, 0.5, -2.0, 3.25]), min_size=k, max_size=k)))
+    options = {"density": draw(st.sampled_from([0.1, 0.3, 0.5, 1.0])), "scope": draw(st.sampled_from(["tensor", "global"])),
+               "sign": draw(st.sampled_from(["sum", "count"])), "scale": draw(st.sampled_from([1.0, 0.7]))}
+    return vectors, weights, options
+
+
+@given(ties_cases())
+def test_ties_kernel_matches_the_torch_path(case):
+    vectors, weights, options = case
+    with kernels(False):
+        want = ta.merge(vectors, "ties", weights=weights, **options)
+    with kernels(True), mock.patch.object(_numba, "ties_merge", wraps=_numba.ties_merge) as spy:
+        got = ta.merge(vectors, "ties", weights=weights, **options)
+    assert spy.called == (len(vectors) <= _numba.MAX_INPUTS), "the kernel runs exactly where it takes the inputs"
+    for name, tensor in want.items():
+        assert bits(got[name]) == bits(tensor), f"ties {options}, {len(vectors)} vectors: {name!r} differs"
+
+
+def test_ties_kernel_breaks_ties_at_the_cut_as_the_torch_path():
+    """Many entries tie at the threshold, so trims carry a cut: kept before it, dropped from it on."""
+    g = torch.Generator().manual_seed(0)
+    vectors = [ta.TaskVector({"w": torch.randint(-2, 3, (3_000_000,), generator=g).float(),
+                              "b": torch.randint(-2, 3, (501,), generator=g).float()}) for _ in range(3)]
+    plan = merging._trim_plan(vectors[0], 0.3, "tensor")
+    assert plan.cuts, "the premise: a tie cut"
+    for scope in ["tensor", "global"]:
+        with kernels(False):
+            want = ta.merge(vectors, "ties", density=0.3, scope=scope)
+        with kernels(True):
+            got = ta.merge(vectors, "ties", density=0.3, scope=scope)
+        for name, tensor in want.items():
+            assert bits(got[name]) == bits(tensor), f"{scope}: {name!r} differs"
+
+
+@njit
+def _round_trip(values, out, widened):
+    for j in range(values.size):
+        _put(out, j, values[j])
+        widened[j] = _load(out, j)
+
+
+@given(hnp.arrays(np.uint32, st.integers(1, 64), elements=st.one_of(
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**16 - 1).map(lambda hi: (hi << 16) | 0x8000),  # exactly halfway: ties to even
+    st.integers(0, 2**16 - 1).map(lambda hi: hi << 16))))
+def test_bfloat16_rounding_and_widening_match_torch(patterns):
+    values = patterns.view(np.float32)
+    out = np.empty(values.size, np.uint16)
+    widened = np.empty(values.size, np.float32)
+    _round_trip(values, out, widened)
+    want = torch.from_numpy(values.copy()).to(torch.bfloat16)
+    nan = np.isnan(values)
+    # torch's own NaN bits differ between its vector and scalar code: any NaN will do.
+    assert np.array_equal(out[~nan], want.view(torch.int16).numpy().view(np.uint16)[~nan])
+    assert np.isnan(widened[nan]).all()
+    assert np.array_equal(widened[~nan].view(np.uint32), want.float().numpy()[~nan].view(np.uint32))
+
+
+@st.composite
+def bfloat16_pairs(draw):
+    n = draw(st.integers(1, 50))
+    scale = draw(st.sampled_from([1.0, 1e-8, 1e8]))
+    base = torch.tensor(draw(hnp.arrays(np.float64, n, elements=st.floats(-4, 4, allow_nan=False)))).to(torch.bfloat16)
+    step = torch.tensor(draw(hnp.arrays(np.float64, n, elements=st.floats(-4, 4, allow_nan=False)))) * scale
+    return base, (base.double() + step).to(torch.bfloat16)
+
+
+@given(bfloat16_pairs())
+def test_checked_subtraction_matches_torch(pair):
+    base, tuned = pair
+    wide_b, wide_f = base.float(), tuned.float()
+    delta = wide_f - wide_b
+    fits = bool(((wide_b + delta) == wide_f).all())
+    out = torch.empty(base.shape)
+    with kernels(True):
+        assert _numba.subtract_checked(out, tuned, base) == fits
+        assert _numba.delta_fits(tuned, base) == fits
+    assert bits(out) == bits(delta)
+
+
+@given(st.lists(bfloat16_pairs(), min_size=1, max_size=4).filter(lambda ps: len({p[0].numel() for p in ps}) == 1),
+       st.sampled_from([torch.bfloat16, torch.float32]), st.booleans())
+def test_add_deltas_matches_the_torch_formula(pairs, out_dtype, checked):
+    base = pairs[0][0]
+    tuned = [p[1] for p in pairs]
+    wide_b = base.float()
+    total = tuned[0].float() - wide_b
+    for t in tuned[1:]:
+        total += t.float() - wide_b
+    want = (wide_b + total).to(out_dtype)
+    fits = all(bool(((wide_b + (t.float() - wide_b)) == t.float()).all()) for t in tuned)
+    out = torch.empty(base.shape, dtype=out_dtype)
+    with kernels(True):
+        done = _numba.add_deltas(out, base, tuned, checked=checked)
+    assert done == (fits or not checked)
+    if done:
+        assert bits(out) == bits(want)
+
+
+@pytest.mark.parametrize("max_memory", [3000, "1GB"], ids=["row-blocks", "whole"])
+@pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("ties", {"density": 0.3, "scope": "tensor"}),
+                                            ("ties", {"density": 0.3, "sign": "count"})])
+def test_file_merges_write_the_same_bytes_with_and_without_the_kernels(tmp_path, max_memory, method, options):
+    """bfloat16 models, one entry whose float32 delta cannot round-trip (its float64 fallback)."""
+    g = torch.Generator().manual_seed(3)
+    base = {"a.weight": torch.randn(40, 30, generator=g), "b.bias": torch.randn(9, generator=g)}
+    base = {n: t.to(torch.bfloat16) for n, t in base.items()}
+    base["a.weight"][5, 6] = 1.0
+    sources = []
+    for i in range(3):
+        tuned = {n: (t.float() + 0.01 * torch.randn(t.shape, generator=g)).to(torch.bfloat16) for n, t in base.items()}
+        tuned["a.weight"][5, 6] = 2.0 ** -30 if i == 1 else 1.0
+        save_file(tuned, tmp_path / f"ft{i}.safetensors")
+        sources.append(tmp_path / f"ft{i}.safetensors")
+    save_file(base, tmp_path / "base.safetensors")
+    outputs = {}
+    for on in (False, True):
+        with kernels(on):
+            out = ta.merge_files(tmp_path / "base.safetensors", sources, tmp_path / f"m{on}", method,
+                                 max_memory=max_memory, **options)
+        outputs[on] = ta.io.load_state_dict(out)
+    for name, want in outputs[False].items():
+        assert bits(outputs[True][name]) == bits(want), f"{method}: {name!r} differs"
+
+
+@given(st.lists(st.integers(0, 3_000_000), min_size=1, max_size=12), st.integers(1, 5), st.booleans())
+def test_shares_cover_every_entry_once_in_balanced_contiguous_ranges(sizes, count, split):
+    shares = _parallel.shares(sizes, count, split=split)
+    assert len(shares) == count
+    pieces = [p for share in shares for p in share]
+    for job, size in enumerate(sizes):
+        ranges = [(lo, hi) for j, lo, hi in pieces if j == job]
+        assert ranges, f"job {job} is never run"
+        assert ranges[0][0] == 0 and ranges[-1][1] == size, f"job {job}: {ranges}"
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), f"job {job}: ranges not contiguous"
+        if not split or size < _parallel.MIN_SHARE:
+            assert len(ranges) == 1, f"job {job} was split"
+    assert [p[0] for p in pieces] == sorted(p[0] for p in pieces), "jobs out of order"
+    share = -(-sum(sizes) // count)
+    largest = max(sizes)
+    for entries in (sum(hi - lo for _, lo, hi in s) for s in shares):
+        assert entries <= share + (largest if not split else _parallel.MIN_SHARE), "unbalanced shares"
