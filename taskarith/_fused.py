@@ -99,8 +99,8 @@ class Trimmed:
     def __init__(self, tensors: Mapping[str, torch.Tensor], lambdas: Mapping[str, float | None] | None = None,
                  cuts: Mapping[str, tuple[int, float]] | None = None):
         self.tensors = tensors
-        self.lambdas = lambdas or {}
-        self.cuts = cuts or {}
+        self.lambdas = {} if lambdas is None else lambdas
+        self.cuts = {} if cuts is None else cuts
 
     def pieces(self, name: str, lo: int, hi: int) -> list[tuple[int, int, float | None]]:
         """The flat range ``[lo, hi)`` of tensor ``name`` as ``(start, stop, λ)`` pieces."""

@@ -146,3 +146,15 @@ def add_deltas(out: torch.Tensor, base: torch.Tensor, finetuned: Sequence[torch.
     failed = []
     _parallel.run([arrays[0].size], lambda job, lo, hi: failed.append(kernel(*arrays, lo, hi)))
     return not any(failed)
+
+
+def nth_tie(values: torch.Tensor, threshold: float, n: int, *, backward: bool) -> tuple[int | None, int] | None:
+    """In flat ``values``, the index of the ``n``-th entry of magnitude ``threshold`` (counting from
+    the end with ``backward``) and ``n``, or ``(None, count)`` when only ``count < n`` entries tie;
+    None if the kernel does not take ``values``."""
+    if not (values.dtype in DTYPES and values.device.type == "cpu" and values.is_contiguous() and enabled()):
+        return None
+    if float(np.float32(threshold)) != threshold:  # no float32 (or bfloat16) entry equals it
+        return None, 0
+    index, count = _kernels().nth_tie(_array(values), np.float32(threshold), n, backward)
+    return (None if index < 0 else int(index)), int(count)

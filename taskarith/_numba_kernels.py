@@ -220,3 +220,35 @@ def add_deltas(k: int, checked: bool):
         return failed
 
     return kernel
+
+
+_TIE_BLOCK = 1024  # entries counted per vectorised step of a tie scan
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _ties_in(x, threshold, lo, hi):
+    count = 0
+    for j in range(lo, hi):
+        count += abs(_load(x, j)) == threshold
+    return count
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def nth_tie(x, threshold, n, backward):
+    """The index of the ``n``-th entry (from 1) with ``|x| == threshold``, counting from the end with
+    ``backward``, and ``n``; or ``(-1, count)`` when only ``count < n`` entries tie. Blocks are
+    counted first (a vectorised loop) and only the block holding the answer is walked."""
+    size = x.size
+    seen = 0
+    for b in range(0, size, _TIE_BLOCK):
+        lo, hi = (max(size - b - _TIE_BLOCK, 0), size - b) if backward else (b, min(b + _TIE_BLOCK, size))
+        count = _ties_in(x, threshold, lo, hi)
+        if seen + count >= n:
+            for i in range(hi - lo):
+                j = hi - 1 - i if backward else lo + i
+                if abs(_load(x, j)) == threshold:
+                    seen += 1
+                    if seen == n:
+                        return j, seen
+        seen += count
+    return -1, seen

@@ -4,6 +4,7 @@ selection, torch kernels)."""
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -55,15 +56,28 @@ def run(sizes: Sequence[int], call: Callable[[int, int, int], None], *, split: b
     """``call(job, lo, hi)`` over every job's entries, the shares of :func:`shares` on
     :func:`threads` threads (the calling one among them); exceptions propagate."""
     count = threads()
-    if count == 1 or sum(sizes) < MIN_SHARE:
+    if count == 1 or sum(sizes) < MIN_SHARE or getattr(_state, "inside", False):
+        # Nested inside another run: its threads are busy already (and waiting on the pool from a
+        # pool thread could deadlock).
         for job, size in enumerate(sizes):
             call(job, 0, size)
         return
     parts = shares(sizes, count, split=split)
-    done = [_pool(count).submit(lambda part=part: [call(*piece) for piece in part]) for part in parts[1:] if part]
+    done = [_pool(count).submit(_run_share, call, part) for part in parts[1:] if part]
     try:
-        for piece in parts[0]:
-            call(*piece)
+        _run_share(call, parts[0])
     finally:
         for f in done:
             f.result()
+
+
+_state = threading.local()
+
+
+def _run_share(call: Callable[[int, int, int], None], part: list[tuple[int, int, int]]) -> None:
+    _state.inside = True
+    try:
+        for piece in part:
+            call(*piece)
+    finally:
+        _state.inside = False

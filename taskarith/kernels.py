@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from . import _numba
 from .errors import TaskArithError
 
 __all__ = [
@@ -212,6 +213,13 @@ def tie_cut(parts: list[torch.Tensor], threshold: float, excess: int) -> tuple[i
     """
     remaining = excess
     for p in range(len(parts) - 1, -1, -1):
+        found = _numba.nth_tie(parts[p].reshape(-1), threshold, remaining, backward=True)
+        if found is not None:
+            index, count = found
+            if index is not None:
+                return p, index
+            remaining -= count
+            continue
         for start, tied, count in _tied_blocks(parts[p].reshape(-1), threshold):
             if count >= remaining:
                 return p, start + int(torch.nonzero(tied).squeeze(1)[count - remaining])
@@ -230,6 +238,10 @@ def tie_after(values: torch.Tensor, threshold: float, kept: int) -> tuple[int | 
         >>> tie_after(torch.tensor([2.0, 1.0]), 2.0, 1)
         (None, 1)
     """
+    found = _numba.nth_tie(values.reshape(-1), threshold, kept + 1, backward=False)
+    if found is not None:
+        index, count = found
+        return (index, kept) if index is not None else (None, count)
     seen = 0
     for start, tied, count in _tied_blocks(values.reshape(-1), threshold, forward=True):
         if seen + count > kept:

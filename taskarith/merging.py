@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _extract, _flat, _fused, _parallel, kernels
+from . import _extract, _flat, _fused, _numba, _parallel, kernels
 from .errors import TaskArithError, raise_if_any
 from .vector import TaskVector, _require_scalar
 
@@ -285,42 +285,56 @@ def trim(vector: TaskVector, density: float, scope: str) -> dict[str, torch.Tens
 def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed:
     """How to trim ``vector``: per tensor, a ``hardshrink`` threshold and, where ties at the
     threshold must lose some entries, the index from which they are dropped."""
-    names = list(vector._layout.slots)
-    tensors = {n: vector[n] for n in names}
-    if density >= 1:
-        return _fused.Trimmed(tensors)
-    if scope == "tensor":
+    return _trim_plans([vector], density, scope)[0]
+
+
+def _trim_plans(vectors: list[TaskVector], density: float, scope: str) -> list[_fused.Trimmed]:
+    """:func:`_trim_plan` of each vector; tensor-scope selections of all of them share the threads."""
+    if density >= 1 or scope != "tensor":
+        return [_global_trim_plan(v, density) if density < 1 else _fused.Trimmed({n: v[n] for n in v._layout.slots})
+                for v in vectors]
+    plans, jobs = [], []
+    for vector in vectors:
+        tensors = {n: vector[n] for n in vector._layout.slots}
         lambdas, cuts = {}, {}
         grouped = _selected_together(vector, tensors)
         if grouped:
             _segment_trims(vector, tensors, grouped, density, lambdas, cuts)
         together = set(grouped)
-        rest = [n for n in names if n not in together]
-        largest = max((tensors[n].numel() for n in rest), default=0)
-        same_dtype = len(vector.dtypes) == 1
-        scratches: dict[int, torch.Tensor] = {}  # one per thread
+        jobs += [(tensors[n], lambdas, cuts, n) for n in tensors if n not in together]
+        plans.append((tensors, lambdas, cuts))
+    largest: dict[tuple, int] = {}
+    for x, *_ in jobs:
+        key = (x.dtype, x.device)
+        largest[key] = max(largest.get(key, 0), x.numel())
+    scratches: dict[tuple, torch.Tensor] = {}  # per thread, dtype and device: reused across tensors
 
-        def select(job: int, lo: int, hi: int) -> None:
-            name = rest[job]
-            x = tensors[name].reshape(-1)
-            scratch = None
-            if same_dtype:
-                scratch = scratches.get(threading.get_ident())
-                if scratch is None:
-                    scratch = scratches[threading.get_ident()] = torch.empty(largest, dtype=vector.dtype,
-                                                                              device=vector.device)
-            threshold, cut = kernels.trim_threshold(x, math.floor(density * x.numel()), scratch=scratch)
-            lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(x.dtype))
-            if cut is not None:
-                cuts[name] = (cut, _fused.floor_threshold(threshold, _compute_of(x.dtype)))
+    def select(job: int, lo: int, hi: int) -> None:
+        x, lambdas, cuts, name = jobs[job]
+        key = (threading.get_ident(), x.dtype, x.device)
+        if key not in scratches:
+            scratches[key] = torch.empty(largest[key[1:]], dtype=x.dtype, device=x.device)
+        x = x.reshape(-1)
+        threshold, cut = kernels.trim_threshold(x, math.floor(density * x.numel()), scratch=scratches[key])
+        lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(x.dtype))
+        if cut is not None:
+            cuts[name] = (cut, _fused.floor_threshold(threshold, _compute_of(x.dtype)))
 
-        sizes = [tensors[n].numel() for n in rest]
-        if vector.device.type == "cpu":  # numpy's selection releases the GIL: tensors on several threads
-            _parallel.run(sizes, select, split=False)
-        else:
-            for job, size in enumerate(sizes):
-                select(job, 0, size)
-        return _fused.Trimmed(tensors, lambdas, cuts)
+    sizes = [x.numel() for x, *_ in jobs]
+    # On the CPU the selection is numpy calls, which release the GIL, and the tie scans Numba's:
+    # several threads. (The torch tie scan from several threads starts an OpenMP team in each and
+    # made a bfloat16 TIES file merge 40% slower.)
+    if all(x.device.type == "cpu" for x, *_ in jobs) and _numba.enabled():
+        _parallel.run(sizes, select, split=False)
+    else:
+        for job, size in enumerate(sizes):
+            select(job, 0, size)
+    return [_fused.Trimmed(*plan) for plan in plans]
+
+
+def _global_trim_plan(vector: TaskVector, density: float) -> _fused.Trimmed:
+    names = list(vector._layout.slots)
+    tensors = {n: vector[n] for n in names}
     # Global scope: one selection over every entry, in the vector's name order (which is also the
     # order streaming merges see), so ties at the threshold resolve identically in and out of core.
     wide = torch.float64 if torch.float64 in vector.dtypes else torch.float32
@@ -486,7 +500,7 @@ def _ties(vectors, weights, *, density, scope, sign, scale):
     entry, the non-zero trimmed values whose sign is the elected one (0 where
     there are none). Result × ``scale``.
     """
-    return _elect_and_merge([_trim_plan(v, density, scope) for v in vectors], weights, sign, scale)
+    return _elect_and_merge(_trim_plans(vectors, density, scope), weights, sign, scale)
 
 
 def _dare_linear(vectors, weights, *, drop, seed, scale):

@@ -281,8 +281,8 @@ def test_selection_by_sort_and_by_partition_agree_with_a_sorted_reference(values
 
 @given(parts=st.lists(hnp.arrays(np.float32, st.integers(0, 30), elements=FEW), min_size=1, max_size=4),
        threshold=st.sampled_from([0.5, 1.0, 2.0, 3.5]), pick=st.floats(0, 1), block=st.integers(1, 8),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
-def test_tie_cut_finds_where_the_last_ties_begin(parts, threshold, pick, block, dtype):
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), compiled=st.booleans())
+def test_tie_cut_finds_where_the_last_ties_begin(parts, threshold, pick, block, dtype, compiled):
     flat = np.concatenate(parts)
     ties = np.flatnonzero(np.abs(flat) == threshold)
     if not ties.size:
@@ -293,17 +293,20 @@ def test_tie_cut_finds_where_the_last_ties_begin(parts, threshold, pick, block, 
     part = int(np.searchsorted(starts, first_dropped, side="right")) - 1
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "_TIE_BLOCK", block)  # cut points fall inside and between blocks
+        patch.setenv("TASKARITH_NUMBA", "1" if compiled else "0")  # the Numba kernel, where installed
         got = kernels.tie_cut([torch.from_numpy(p).to(dtype) for p in parts], threshold, excess)
     assert got == (part, int(first_dropped - starts[part])), f"excess={excess}"
 
 
 @given(values=hnp.arrays(np.float32, st.integers(0, 40), elements=FEW), threshold=st.sampled_from([0.5, 1.0, 2.0]),
-       kept=st.integers(0, 45), block=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_tie_after_finds_the_first_tie_past_those_kept(values, threshold, kept, block, dtype):
+       kept=st.integers(0, 45), block=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       compiled=st.booleans())
+def test_tie_after_finds_the_first_tie_past_those_kept(values, threshold, kept, block, dtype, compiled):
     ties = np.flatnonzero(np.abs(values) == threshold)
     want = (int(ties[kept]), kept) if kept < ties.size else (None, int(ties.size))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "_TIE_BLOCK", block)  # the tie falls inside and between blocks
+        patch.setenv("TASKARITH_NUMBA", "1" if compiled else "0")  # the Numba kernel, where installed
         got = kernels.tie_after(torch.from_numpy(values).to(dtype), threshold, kept)
     assert got == want
 

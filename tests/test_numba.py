@@ -107,6 +107,18 @@ def test_ties_kernel_breaks_ties_at_the_cut_as_the_torch_path():
             assert bits(got[name]) == bits(tensor), f"{scope}: {name!r} differs"
 
 
+@given(hnp.arrays(np.float32, st.integers(0, 5000), elements=st.sampled_from([0.0, -1.0, 1.0, 2.0, -2.5])),
+       st.sampled_from([1.0, 2.0, 2.5, 1.1]), st.integers(1, 3000), st.booleans(),
+       st.sampled_from([torch.float32, torch.bfloat16]))
+def test_tie_scans_find_the_nth_tie_across_blocks(values, threshold, n, backward, dtype):
+    ties = np.flatnonzero(np.abs(values) == threshold)
+    order = ties[::-1] if backward else ties
+    want = (int(order[n - 1]), n) if n <= ties.size else (None, int(ties.size))
+    with kernels(True):
+        got = _numba.nth_tie(torch.from_numpy(values).to(dtype), threshold, n, backward=backward)
+    assert got == want
+
+
 @njit
 def _round_trip(values, out, widened):
     for j in range(values.size):
