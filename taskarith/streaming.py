@@ -414,6 +414,7 @@ def merge_files(
         for name in names:
             yield name, lambda name=name: blocks(name)
 
+    _numba.prime()  # before the budget's baseline: its runtime's memory is not the merge's data
     # Cached buffers would count against the budget: keep none while merging.
     with _flat.cache_paused(), _trimming(budget), ThreadPoolExecutor(1, thread_name_prefix="taskarith-read") as reader:
         try:
