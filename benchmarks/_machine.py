@@ -146,11 +146,12 @@ def describe(info: dict) -> str:
     ram_text = f"{ram / 2**30:.0f} GiB RAM" if ram else "RAM unknown"
     cuda = info.get("cuda")
     gpu = f", GPU {cuda['name']}" if cuda else ""
+    numba = f", numba kernels {info['numba'] or 'off'}" if "numba" in info else ""  # absent: recorded before
     return (
         f"{info.get('cpu_model') or 'unknown CPU'}, {info.get('usable_cores')} usable cores "
         f"({info.get('torch_threads')} torch threads), {ram_text}{gpu}; "
-        f"Python {info.get('python')}, torch {info.get('torch')}, numpy {info.get('numpy')}, "
-        f"numba kernels {info.get('numba') or 'off'}; {info.get('os')}"
+        f"Python {info.get('python')}, torch {info.get('torch')}, numpy {info.get('numpy')}"
+        f"{numba}; {info.get('os')}"
     )
 
 

@@ -793,6 +793,12 @@ def write_report(paths: list[Path], report: Path, figures: Path, gpu_dir: Path |
         machines.setdefault(mach.get("hostname"), mach)
     for host, mach in machines.items():
         lines.append(f"- **Machine** `{host}`: {describe(mach)}")
+    # taskarith's Numba kernels, as the result files that record it saw them (merges use them; the
+    # vector ops measured here never do).
+    numba = sorted({(d.get("machine") or {}).get("numba") or "off"
+                    for d in measured if "numba" in (d.get("machine") or {})})
+    if numba:
+        lines.append(f"- **Numba kernels** (`taskarith[fast]`) in the runs that record them: {', '.join(numba)}")
     starts = sorted(d.get("timestamp_utc") for d in measured if d.get("timestamp_utc"))
     ends = sorted(d.get("finished_utc") for d in measured if d.get("finished_utc"))
     if starts:
