@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from . import _numba
+from . import _numba, _parallel
 from .errors import TaskArithError
 
 __all__ = [
@@ -269,6 +270,71 @@ def _tied_blocks(values: torch.Tensor, threshold: float, *, forward: bool = Fals
         tied = torch.eq(torch.abs(values[start:stop], out=magnitude[: stop - start]), threshold,
                         out=equal[: stop - start])
         yield start, tied, int(torch.count_nonzero(tied))  # several times faster than a bool sum
+
+
+# Bracketed selection over many float32 tensors at once (a global-scope trim): a strided sample of this
+# many magnitudes brackets the k-th largest; one pass then counts the entries above the bracket and
+# gathers those inside it (about 1% of them), and only those are partitioned. On 3 x 100M float32 this
+# replaced a 400 MB copy of each vector's magnitudes and a partition of all of them (0.5 s -> see docs).
+_BRACKET_SAMPLE = 1 << 16
+_BRACKET_CHUNK = 1 << 18  # entries per step of the pass: its temporaries stay in cache
+_BRACKET_MAX_FRACTION = 1 / 8  # a wider bracket (density near 0 or 1, a tiny vector): select as usual
+_BRACKET_MARGIN = 16  # sample positions added on each side of four standard deviations
+
+
+def bracket_select(parts: list[torch.Tensor], k: int) -> tuple[float, int] | None:
+    """:func:`select_magnitudes` of ``|x|`` over the concatenation of flat float32 CPU tensors ``parts``,
+    without a copy of all magnitudes: ``(threshold, excess)``, or None where the sample's bracket
+    misses the k-th largest or would hold too many entries (select the usual way then). Raises
+    :class:`TaskArithError` if any entry is NaN.
+
+    Example:
+        >>> bracket_select([torch.tensor([1.0, -2.0]), torch.tensor([2.0, 0.5])], 1) is None  # too small
+        True
+    """
+    sizes = [p.numel() for p in parts]
+    total = sum(sizes)
+    if not 0 < k < total:
+        return None
+    stride = max(1, total // _BRACKET_SAMPLE)
+    sample = np.sort(np.concatenate([np.abs(p.detach().numpy()[::stride]).view(np.int32) for p in parts]))
+    ns = sample.size
+    spread = 4 * math.sqrt(ns * (k / total) * (1 - k / total)) + _BRACKET_MARGIN
+    rank = ns - k * ns / total  # where the k-th largest sits among the sorted sample
+    lo_at, hi_at = math.floor(rank - spread), math.ceil(rank + spread)
+    if (min(hi_at, ns) - max(lo_at, 0)) / ns > _BRACKET_MAX_FRACTION:
+        return None
+    inf = _INF_BITS[torch.float32]
+    lo = int(sample[lo_at]) if lo_at > 0 else 0
+    hi = int(sample[hi_at]) if hi_at < ns else inf
+    found: list[tuple[int, bool, np.ndarray]] = []
+    scratch: dict[int, np.ndarray] = {}
+
+    def scan(job: int, start: int, stop: int) -> None:
+        x = parts[job].detach().numpy()
+        buf = scratch.setdefault(threading.get_ident(), np.empty(_BRACKET_CHUNK, np.float32))
+        above, nan, kept = 0, False, []
+        for a in range(start, stop, _BRACKET_CHUNK):
+            m = min(stop, a + _BRACKET_CHUNK) - a
+            bits = np.abs(x[a:a + m], out=buf[:m]).view(np.int32)
+            nan = nan or int(bits.max()) > inf  # NaN's bit patterns exceed every number's
+            above += int(np.count_nonzero(bits > hi))
+            kept.append(bits[(bits >= lo) & (bits <= hi)])  # a copy: the buffer is reused
+        found.append((above, nan, np.concatenate(kept) if kept else np.empty(0, np.int32)))
+
+    _parallel.run(sizes, scan)
+    if any(nan for _, nan, _ in found):
+        raise TaskArithError(_NAN)
+    above = sum(a for a, _, _ in found)
+    candidates = np.concatenate([c for _, _, c in found])
+    need = k - above  # the k-th largest is the need-th largest candidate, if the bracket holds it
+    if not 0 < need <= candidates.size:
+        return None
+    cut = candidates.size - need
+    candidates.partition(cut)
+    threshold = candidates[cut]
+    excess = above + int(np.count_nonzero(candidates >= threshold)) - k
+    return float(threshold.view(np.float32)), excess
 
 
 def select_magnitudes(magnitudes: torch.Tensor, k: int) -> tuple[float, int]:

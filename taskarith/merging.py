@@ -346,18 +346,25 @@ def _global_trim_plan(vector: TaskVector, density: float) -> _fused.Trimmed:
             starts.append(starts[-1] + tensors[n].numel())
         order = list(zip(names, starts))
     total = vector.numel()
-    # Magnitudes go into a reused buffer and are reordered in place by the selection: no copies.
-    magnitudes = _flat.allocate(total, wide, vector.device)
-    buffer = next(iter(vector._buffers.values()))
-    if len(vector._buffers) == 1 and buffer.dtype == wide:
-        torch.abs(buffer, out=magnitudes)
+    k = math.floor(density * total)
+    found = None
+    if vector.device.type == "cpu" and vector.dtypes.keys() == {torch.float32}:
+        found = kernels.bracket_select([tensors[n].reshape(-1) for n, _ in order], k)
+    if found is not None:
+        threshold, excess = found
     else:
-        for name, start in order:
-            flat = tensors[name].reshape(-1)
-            magnitudes[start:start + flat.numel()].copy_(flat).abs_()
-    threshold, excess = kernels.select_magnitudes(magnitudes, math.floor(density * total))
-    _flat.release({wide: magnitudes})
-    del magnitudes
+        # Magnitudes go into a reused buffer and are reordered in place by the selection: no copies.
+        magnitudes = _flat.allocate(total, wide, vector.device)
+        buffer = next(iter(vector._buffers.values()))
+        if len(vector._buffers) == 1 and buffer.dtype == wide:
+            torch.abs(buffer, out=magnitudes)
+        else:
+            for name, start in order:
+                flat = tensors[name].reshape(-1)
+                magnitudes[start:start + flat.numel()].copy_(flat).abs_()
+        threshold, excess = kernels.select_magnitudes(magnitudes, k)
+        _flat.release({wide: magnitudes})
+        del magnitudes
     lambdas = {name: _fused.shrink_threshold(threshold, _compute_of(tensors[name].dtype)) for name in names}
     cuts = {}
     if excess and threshold != 0:  # more entries tie at the threshold than k allows: drop the last ones

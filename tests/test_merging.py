@@ -476,3 +476,39 @@ def test_every_method_documents_its_formula_and_paper():
     for name, method in ta.methods().items():
         assert method.paper.startswith("https://arxiv.org/abs/"), name
         assert len(method.doc) > 40, f"{name} needs a docstring with its formula"
+
+
+@given(parts=st.lists(hnp.arrays(np.float32, st.integers(0, 120), elements=st.one_of(FEW, st.floats(-9, 9, width=32))),
+                      min_size=1, max_size=4),
+       fraction=st.floats(0, 1), sample=st.integers(1, 64), margin=st.sampled_from([0, 16]), chunk=st.integers(1, 9),
+       nan_at=st.none() | st.integers(0, 500))
+def test_bracketed_selection_equals_the_full_selection_or_declines(parts, fraction, sample, margin, chunk, nan_at):
+    """Tiny samples and chunks, shares split across threads, brackets narrow enough to miss: whenever
+    the bracket answers, it is the exact k-th largest magnitude with the same tie count as a
+    selection over all magnitudes."""
+    flat = np.concatenate(parts)
+    if nan_at is not None and flat.size:
+        flat[nan_at % flat.size] = np.nan
+        at = 0
+        for p in parts:  # the same NaN in the parts
+            if at <= nan_at % flat.size < at + p.size:
+                p[nan_at % flat.size - at] = np.nan
+            at += p.size
+    k = math.floor(fraction * flat.size)
+    tensors = [torch.from_numpy(p.copy()) for p in parts]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_BRACKET_SAMPLE", sample)
+        patch.setattr(kernels, "_BRACKET_CHUNK", chunk)
+        patch.setattr(kernels, "_BRACKET_MAX_FRACTION", 1.0)
+        patch.setattr(kernels, "_BRACKET_MARGIN", margin)
+        patch.setattr(ta._parallel, "MIN_SHARE", 1)  # several threads, ranges cut inside tensors
+        if np.isnan(flat).any() and 0 < k < flat.size:
+            with pytest.raises(ta.TaskArithError, match="NaN"):
+                kernels.bracket_select(tensors, k)
+            return
+        got = kernels.bracket_select(tensors, k)
+    if got is None:
+        return
+    assert 0 < k < flat.size, "answered outside 0 < k < n"
+    want = kernels.select_magnitudes(torch.from_numpy(np.abs(flat)), k)
+    assert got == want, f"k={k}: {got} vs {want}"
