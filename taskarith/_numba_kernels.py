@@ -193,33 +193,33 @@ def add_deltas(k: int, checked: bool):
         failed = 0
         for j in range(start, stop):
             b = _load(base, j)
-            v = _load(f0, j)
-            d = v - b
-            if checked:
-                failed += (b + d) != v
-            total = d
+            total, bad = _delta(f0, j, b)
             if k > 1:
-                v = _load(f1, j)
-                d = v - b
-                if checked:
-                    failed += (b + d) != v
+                d, more = _delta(f1, j, b)
                 total += d
+                bad += more
             if k > 2:
-                v = _load(f2, j)
-                d = v - b
-                if checked:
-                    failed += (b + d) != v
+                d, more = _delta(f2, j, b)
                 total += d
+                bad += more
             if k > 3:
-                v = _load(f3, j)
-                d = v - b
-                if checked:
-                    failed += (b + d) != v
+                d, more = _delta(f3, j, b)
                 total += d
+                bad += more
+            if checked:
+                failed += bad
             _put(out, j, b + total)
         return failed
 
     return kernel
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _delta(finetuned, j, b):
+    """Entry ``j``'s float32 delta from ``b`` and 1 if ``b + delta`` misses the fine-tuned value, else 0."""
+    v = _load(finetuned, j)
+    d = v - b
+    return d, np.int64((b + d) != v)
 
 
 _TIE_BLOCK = 1024  # entries counted per vectorised step of a tie scan
