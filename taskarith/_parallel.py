@@ -4,6 +4,7 @@ selection, torch kernels)."""
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,14 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-@functools.cache
 def _pool(count: int) -> ThreadPoolExecutor:
+    # Per process: a forked child inherits the parent's executor but none of its threads, and work
+    # submitted there would wait forever.
+    return _pool_of(count, os.getpid())
+
+
+@functools.cache
+def _pool_of(count: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(count, thread_name_prefix="taskarith-worker")
 
 

@@ -7,7 +7,6 @@ halfway cases of bfloat16 rounding, deltas whose float32 round trip fails.
 """
 
 import contextlib
-import itertools
 import math
 import os
 from unittest import mock
@@ -25,7 +24,7 @@ pytest.importorskip("numba", reason="the compiled kernels need Numba: pip instal
 from numba import njit
 
 import taskarith as ta
-from taskarith import _numba, _parallel, merging
+from taskarith import _numba, merging
 from taskarith._numba_kernels import _load, _put
 
 
@@ -208,22 +207,3 @@ def test_file_merges_write_the_same_bytes_with_and_without_the_kernels(tmp_path,
         outputs[on] = ta.io.load_state_dict(out)
     for name, want in outputs[False].items():
         assert bits(outputs[True][name]) == bits(want), f"{method}: {name!r} differs"
-
-
-@given(st.lists(st.integers(0, 3_000_000), min_size=1, max_size=12), st.integers(1, 5), st.booleans())
-def test_shares_cover_every_entry_once_in_balanced_contiguous_ranges(sizes, count, split):
-    shares = _parallel.shares(sizes, count, split=split)
-    assert len(shares) == count
-    pieces = [p for share in shares for p in share]
-    for job, size in enumerate(sizes):
-        ranges = [(lo, hi) for j, lo, hi in pieces if j == job]
-        assert ranges, f"job {job} is never run"
-        assert ranges[0][0] == 0 and ranges[-1][1] == size, f"job {job}: {ranges}"
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), f"job {job}: ranges not contiguous"
-        if not split or size < _parallel.MIN_SHARE:
-            assert len(ranges) == 1, f"job {job} was split"
-    assert [p[0] for p in pieces] == sorted(p[0] for p in pieces), "jobs out of order"
-    share = -(-sum(sizes) // count)
-    largest = max(sizes)
-    for entries in (sum(hi - lo for _, lo, hi in s) for s in shares):
-        assert entries <= share + (largest if not split else _parallel.MIN_SHARE), "unbalanced shares"
