@@ -201,7 +201,7 @@ def elect_and_merge(
 
 
 def _numba_ready(out, inputs, slots) -> bool:
-    if len(inputs) > _numba.MAX_INPUTS or not _numba.enabled():
+    if len(inputs) > _numba.MAX_INPUTS:
         return False
     names = [name for name, _ in slots]
     return _numba.usable([out[n] for n in names], [inp.tensors[n] for inp in inputs for n in names])

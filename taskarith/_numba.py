@@ -103,23 +103,29 @@ def ties_merge(slots: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], Seque
     _parallel.run([out.numel() for out, *_ in slots], call)
 
 
-def _pair_usable(finetuned: torch.Tensor, pretrained: torch.Tensor) -> bool:
-    return (finetuned.dtype == pretrained.dtype == torch.bfloat16 and finetuned.shape == pretrained.shape
-            and all(t.device.type == "cpu" and t.is_contiguous() for t in (finetuned, pretrained)) and enabled())
+def _failures(kernel, arrays: Sequence[np.ndarray], n: int) -> int:
+    """``kernel(*arrays, lo, hi)`` over ``[0, n)`` on the threads, its returned counts summed."""
+    counts: list[int] = []
+    _parallel.run([n], lambda job, lo, hi: counts.append(kernel(*arrays, lo, hi)))
+    return sum(counts)
+
+
+def _pair_usable(finetuned: torch.Tensor, pretrained: torch.Tensor, out: torch.Tensor | None = None) -> bool:
+    """Whether a bfloat16 pair (and a float32 ``out`` of its shape) can go through the kernels."""
+    outputs = [] if out is None else [out]
+    return (finetuned.dtype == torch.bfloat16 and all(o.dtype == torch.float32 for o in outputs)
+            and all(t.shape == finetuned.shape for t in (pretrained, *outputs))
+            and usable(outputs or [finetuned], [finetuned, pretrained]))
 
 
 def subtract_checked(out: torch.Tensor, finetuned: torch.Tensor, pretrained: torch.Tensor) -> bool | None:
     """``out = finetuned - pretrained`` (bfloat16 pair, float32 ``out``) and whether ``pretrained +
     out == finetuned`` holds in float32 for every entry, in one pass; None if the kernel does not
     take these tensors. False means *unsettled*: the caller runs its exact check."""
-    if not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == finetuned.shape
-            and out.device.type == "cpu" and _pair_usable(finetuned, pretrained)):
+    if not _pair_usable(finetuned, pretrained, out):
         return None
-    kernel = _kernels().subtract_checked
-    o, f, b = _array(out), _array(finetuned), _array(pretrained)
-    failed = []
-    _parallel.run([o.size], lambda job, lo, hi: failed.append(kernel(o, f, b, lo, hi)))
-    return not any(failed)
+    arrays = [_array(out), _array(finetuned), _array(pretrained)]
+    return not _failures(_kernels().subtract_checked, arrays, out.numel())
 
 
 def delta_fits(finetuned: torch.Tensor, pretrained: torch.Tensor) -> bool | None:
@@ -127,11 +133,7 @@ def delta_fits(finetuned: torch.Tensor, pretrained: torch.Tensor) -> bool | None
     bfloat16 pair, without storing the delta; None if the kernel does not take these tensors."""
     if not _pair_usable(finetuned, pretrained):
         return None
-    kernel = _kernels().delta_fails
-    f, b = _array(finetuned), _array(pretrained)
-    failed = []
-    _parallel.run([f.size], lambda job, lo, hi: failed.append(kernel(f, b, lo, hi)))
-    return not any(failed)
+    return not _failures(_kernels().delta_fails, [_array(finetuned), _array(pretrained)], finetuned.numel())
 
 
 def add_deltas(out: torch.Tensor, base: torch.Tensor, finetuned: Sequence[torch.Tensor], *, checked: bool) -> bool | None:
@@ -142,12 +144,9 @@ def add_deltas(out: torch.Tensor, base: torch.Tensor, finetuned: Sequence[torch.
     if not finetuned or len(finetuned) > MAX_INPUTS or not usable([out], [base, *finetuned]):
         return None
     checked = checked and base.dtype != torch.float32  # float32 deltas are never checked
-    kernel = _kernels().add_deltas(len(finetuned), checked)
     arrays = [_array(out), _array(base), *[_array(f) for f in finetuned]]
     arrays += [arrays[2]] * (MAX_INPUTS - len(finetuned))
-    failed = []
-    _parallel.run([arrays[0].size], lambda job, lo, hi: failed.append(kernel(*arrays, lo, hi)))
-    return not any(failed)
+    return not _failures(_kernels().add_deltas(len(finetuned), checked), arrays, out.numel())
 
 
 def nth_tie(values: torch.Tensor, threshold: float, n: int, *, backward: bool) -> tuple[int | None, int] | None:

@@ -95,17 +95,17 @@ def _select(flat: torch.Tensor, k: int, *, inplace: bool = False, magnitudes: bo
     """The k-th largest value and how many more than k entries are >= it (ties past the k-th).
 
     ``inplace=True`` lets a CPU selection reorder ``flat`` instead of copying it.
-    ``magnitudes=True`` promises values >= 0 without NaN: their IEEE bit patterns
-    then sort like the values, and selecting on integers runs ~3x faster.
+    ``magnitudes=True`` promises values >= 0: their IEEE bit patterns then sort
+    like the values, and selecting on integers runs ~3x faster (on the CPU, a
+    NaN among them raises :class:`TaskArithError`).
     """
     n = flat.numel()
     if flat.device.type == "cpu" and flat.dtype in _NUMPY_SELECT:
         array = flat.detach().numpy()
         if magnitudes:
-            array = array.view(_BITS[flat.dtype])
-        threshold, excess = _numpy_select(array, k, inplace=inplace)
-        if magnitudes:
-            threshold = threshold.view(flat.numpy().dtype)
+            threshold, excess = _select_magnitude_array(array if inplace else array.copy(), k)
+        else:
+            threshold, excess = _numpy_select(array, k, inplace=inplace)
         return torch.tensor(threshold, dtype=flat.dtype), excess
     if flat.device.type != "cpu":
         # A device radix sort beats torch.kthvalue, whose single-slice select runs in one thread block.
@@ -173,7 +173,11 @@ def trim_threshold(
     n = values.numel()
     if 0 < k < n and values.device.type == "cpu" and values.dtype in _NUMPY_SELECT and (
             scratch is None or scratch.dtype == values.dtype):
-        threshold, excess = _numpy_magnitude_select(values, k, scratch)
+        # numpy calls only: they release the GIL, so that several tensors are selected on several
+        # threads at once (torch calls there start an OpenMP team per thread: no faster than one).
+        x = values.detach().reshape(-1).numpy()
+        out = None if scratch is None else scratch.detach().reshape(-1)[: x.size].numpy()
+        threshold, excess = _select_magnitude_array(np.abs(x, out=out), k)
     else:
         magnitudes = values.abs() if scratch is None else torch.abs(values, out=scratch[:n])
         threshold, excess = select_magnitudes(magnitudes, k)  # our own copy: reordered freely
@@ -183,22 +187,19 @@ def trim_threshold(
     return threshold, cut
 
 
-def _numpy_magnitude_select(values: torch.Tensor, k: int, scratch: torch.Tensor | None) -> tuple[float, int]:
-    """:func:`select_magnitudes` of ``|values|`` for a CPU tensor, for 0 < k < n, in numpy calls only:
-    they release the GIL, so that several tensors are selected on several threads at once (torch
-    calls there start an OpenMP team per thread and made two threads no faster than one)."""
-    x = values.detach().reshape(-1).numpy()
-    magnitudes = np.abs(x) if scratch is None else np.abs(x, out=scratch.detach().reshape(-1)[: x.size].numpy())
-    bits = magnitudes.view(_BITS[values.dtype])  # non-negative: IEEE bit patterns sort like the values
+def _select_magnitude_array(magnitudes: np.ndarray, k: int) -> tuple[float, int]:
+    """:func:`select_magnitudes` of a non-negative array (reordered in place), for 0 < k <= n."""
+    bits = magnitudes.view(f"i{magnitudes.itemsize}")  # non-negative: IEEE bit patterns sort like the values
     threshold, excess = _numpy_select(bits, k, inplace=True)
-    # NaN's bit patterns exceed every number's: a NaN would be among the k largest, left at the end.
-    if bits[bits.size - k:].max() > _INF_BITS[values.dtype]:
+    # NaN's bit patterns exceed every number's, so a NaN is among the k largest, which the selection
+    # left at the end: checking them costs a fraction of a pass over all n.
+    if bits[bits.size - k:].max() > _INF_BITS[magnitudes.dtype]:
         raise TaskArithError(_NAN)
     return float(threshold.view(magnitudes.dtype)), excess
 
 
-_INF_BITS = {dtype: int(np.array(np.inf, dtype=torch.empty(0, dtype=dtype).numpy().dtype).view(bits))
-             for dtype, bits in _BITS.items()}
+_INF_BITS = {np.dtype(kind): int(np.array(np.inf, dtype=kind).view(f"i{np.dtype(kind).itemsize}"))
+             for kind in (np.float16, np.float32, np.float64)}
 
 
 def tie_cut(parts: list[torch.Tensor], threshold: float, excess: int) -> tuple[int, int]:
@@ -304,7 +305,7 @@ def bracket_select(parts: list[torch.Tensor], k: int) -> tuple[float, int] | Non
     lo_at, hi_at = math.floor(rank - spread), math.ceil(rank + spread)
     if (min(hi_at, ns) - max(lo_at, 0)) / ns > _BRACKET_MAX_FRACTION:
         return None
-    inf = _INF_BITS[torch.float32]
+    inf = _INF_BITS[np.dtype(np.float32)]
     lo = int(sample[lo_at]) if lo_at > 0 else 0
     hi = int(sample[hi_at]) if hi_at < ns else inf
     found: list[tuple[int, bool, np.ndarray]] = []
@@ -354,11 +355,7 @@ def select_magnitudes(magnitudes: torch.Tensor, k: int) -> tuple[float, int]:
         return math.inf, 0
     if k >= n:
         return 0.0, 0
-    threshold, excess = _select(magnitudes, k, inplace=True, magnitudes=True)
-    # NaN's bit patterns exceed every number's, so a NaN is among the k largest, which the selection
-    # left at the end: checking them costs a fraction of a pass over all n.
-    if on_numpy and math.isnan(float(magnitudes[n - k:].max())):
-        raise TaskArithError(_NAN)
+    threshold, excess = _select(magnitudes, k, inplace=True, magnitudes=True)  # on numpy: refuses NaN
     return float(threshold), excess
 
 

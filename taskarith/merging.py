@@ -290,9 +290,10 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
 
 def _trim_plans(vectors: list[TaskVector], density: float, scope: str) -> list[_fused.Trimmed]:
     """:func:`_trim_plan` of each vector; tensor-scope selections of all of them share the threads."""
-    if density >= 1 or scope != "tensor":
-        return [_global_trim_plan(v, density) if density < 1 else _fused.Trimmed({n: v[n] for n in v._layout.slots})
-                for v in vectors]
+    if density >= 1:
+        return [_fused.Trimmed({n: v[n] for n in v._layout.slots}) for v in vectors]
+    if scope != "tensor":
+        return [_global_trim_plan(v, density) for v in vectors]
     plans, jobs = [], []
     for vector in vectors:
         tensors = {n: vector[n] for n in vector._layout.slots}

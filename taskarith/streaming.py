@@ -499,14 +499,14 @@ class _Pieces:
         n, count = b.numel(), len(fts)
         wide = _extract.delta_dtype(b.dtype, None)
         half = b.dtype != wide
+        out = self.output(n, out_dtype)
+        if plain_sum and _numba.add_deltas(out, b, fts, checked=checked):
+            return out.view(base.shape)
         width = min(n, _PIECE)
         base_wide = self._rows("base", 1, width, wide)[0] if half else None
         fts_wide = self._rows("finetuned", count, width, wide) if half else None
         deltas = self._rows("deltas", count, width, wide)
         gaps = self._rows("gaps", count, width, wide) if half and checked else None
-        out = self.output(n, out_dtype)
-        if plain_sum and _numba.add_deltas(out, b, fts, checked=checked):
-            return out.view(base.shape)
         # Pieces start at multiples of _PIECE of the whole tensor, so a DARE mask block is drawn once.
         starts = [0, *range((-offset) % _PIECE or _PIECE, n, _PIECE)]
         for s, e in zip(starts, [*starts[1:], n]):
