@@ -6,7 +6,8 @@ costs its dispatch: merging 3 x 100M float32 entries took ~0.67 s on the
 2-core VM of ``benchmarks/``. The same steps as one compiled loop over the
 entries ran in ~0.13 s. Likewise a file merge forms each bfloat16 delta and
 checks its float32 round trip in one pass, and sums the deltas of an
-unweighted task arithmetic in one pass, where torch needs several.
+unweighted task arithmetic in one pass, where torch needs several; an
+unweighted ``TaskVector.sum`` of up to four vectors is one pass too.
 ``torch.compile`` generated a comparable TIES loop, but needs a C++ toolchain at
 run time and took ~20 s to compile in a fresh process; Numba brings its own
 compiler and caches what it compiles (a cached kernel loads in ~0.15 s).
@@ -101,6 +102,22 @@ def ties_merge(slots: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], Seque
         kernel(*prepared[job], weight, scale32, lo, hi)
 
     _parallel.run([out.numel() for out, *_ in slots], call)
+
+
+def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """``out = ((x0 + x1) + x2) + x3``, rounded to the dtype after each addition, for 2-4 flat
+    ``inputs`` of ``out``'s dtype; False (nothing written) if the kernels do not take them."""
+    k = len(inputs)
+    if not 2 <= k <= MAX_INPUTS or any(x.dtype != out.dtype or x.shape != out.shape for x in inputs):
+        return False
+    if not usable([out], inputs):
+        return False
+    arrays = [_array(x) for x in inputs]
+    arrays += [arrays[0]] * (MAX_INPUTS - k)
+    kernel = _kernels().running_sum(k)
+    target = _array(out)
+    _parallel.run([out.numel()], lambda job, lo, hi: kernel(target, *arrays, lo, hi))
+    return True
 
 
 def _failures(kernel, arrays: Sequence[np.ndarray], n: int) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from . import _extract, _flat, _triton
+from . import _extract, _flat, _numba, _triton
 from .errors import (
     BaseMismatchError,
     KeyMismatchError,
@@ -494,6 +494,12 @@ class TaskVector(Mapping[str, torch.Tensor]):
             srcs = [v._buffers[dt] for v in vectors]
             if not subnormal and _triton.usable([dst, *srcs], _triton.SUM_DTYPES):  # one pass on a GPU
                 _triton.weighted_sum(dst, srcs, weights)
+                continue
+            # An unweighted sum in one compiled pass on the CPU (only there: with weights, torch's
+            # result depends on whether its build fuses the multiply-add).
+            if len(srcs) > 1 and all(w == 1.0 for w in weights) and _numba.running_sum(dst, srcs[:_numba.MAX_INPUTS]):
+                for src in srcs[_numba.MAX_INPUTS:]:
+                    dst.add_(src)
                 continue
             # Whole-buffer kernels: blocking these passes to stay in cache measured slower here
             # (per-block thread start-up outweighs the saved memory traffic).

@@ -106,6 +106,35 @@ def test_ties_kernel_breaks_ties_at_the_cut_as_the_torch_path():
             assert bits(got[name]) == bits(tensor), f"{scope}: {name!r} differs"
 
 
+@st.composite
+def sum_cases(draw):
+    k = draw(st.integers(1, 6))  # 1: nothing to add; 5 and 6: more inputs than one kernel call takes
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    shapes = draw(st.lists(st.sampled_from([(1,), (9,), (5, 7), (70,)]), min_size=1, max_size=3))
+    # bfloat16 steps of 1, 2^-8 and 2^-9 around 1 make partial sums land halfway between neighbours.
+    entries = st.one_of(_ENTRY, st.sampled_from([math.nan, 1.0 + 2**-7, 2**-8, 2**-9, -(2**-8), 3e38]))
+    vectors = [ta.TaskVector({f"t{i}": torch.tensor(draw(hnp.arrays(np.float64, shape, elements=entries))).to(dtype)
+                              for i, shape in enumerate(shapes)}) for _ in range(k)]
+    weights = draw(st.one_of(st.none(), st.just([1.0] * k), st.lists(st.sampled_from([1.0, 0.5, -2.0]), min_size=k, max_size=k)))
+    return vectors, weights
+
+
+@given(sum_cases())
+def test_sum_kernel_matches_the_torch_path(case):
+    vectors, weights = case
+    with kernels(False):
+        want = ta.TaskVector.sum(vectors, weights)
+    with kernels(True), mock.patch.object(_numba, "running_sum", wraps=_numba.running_sum) as spy:
+        got = ta.TaskVector.sum(vectors, weights)
+    unweighted = weights is None or all(w == 1.0 for w in weights)
+    assert spy.called == (unweighted and len(vectors) > 1), "the kernel runs exactly for unweighted sums"
+    for name, tensor in want.items():
+        nan = torch.isnan(tensor)
+        assert torch.equal(torch.isnan(got[name]), nan), f"{name!r}: NaN elsewhere"
+        # torch's own NaN bits differ between its vector and scalar code: any NaN will do.
+        assert bits(got[name][~nan]) == bits(tensor[~nan]), f"{len(vectors)} vectors, weights {weights}: {name!r} differs"
+
+
 @given(hnp.arrays(np.float32, st.integers(0, 5000), elements=st.sampled_from([0.0, -1.0, 1.0, 2.0, -2.5])),
        st.sampled_from([1.0, 2.0, 2.5, 1.1]), st.integers(1, 3000), st.booleans(),
        st.sampled_from([torch.float32, torch.bfloat16]))
