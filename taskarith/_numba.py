@@ -120,6 +120,20 @@ def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
     return True
 
 
+def pack_magnitudes(x: np.ndarray, lo: int, out: np.ndarray) -> int:
+    """Packs the magnitudes of float32 ``x`` that are at least the magnitude whose bits are ``lo``,
+    as int32 bits and in order, into ``out[:m]``; returns ``m``. ``out``: int32, as long as ``x``."""
+    kernel = _kernels().pack_magnitudes(_wide_stores())
+    return int(kernel(x.view(np.int32), np.int32(lo), out))
+
+
+@functools.cache
+def _wide_stores() -> bool:
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx512f"))
+
+
 def _failures(kernel, arrays: Sequence[np.ndarray], n: int) -> int:
     """``kernel(*arrays, lo, hi)`` over ``[0, n)`` on the threads, its returned counts summed."""
     counts: list[int] = []

@@ -177,7 +177,8 @@ def trim_threshold(
         # threads at once (torch calls there start an OpenMP team per thread: no faster than one).
         x = values.detach().reshape(-1).numpy()
         out = None if scratch is None else scratch.detach().reshape(-1)[: x.size].numpy()
-        threshold, excess = _select_magnitude_array(np.abs(x, out=out), k)
+        found = _prefiltered_select(x, k, out)
+        threshold, excess = found if found is not None else _select_magnitude_array(np.abs(x, out=out), k)
     else:
         magnitudes = values.abs() if scratch is None else torch.abs(values, out=scratch[:n])
         threshold, excess = select_magnitudes(magnitudes, k)  # our own copy: reordered freely
@@ -185,6 +186,46 @@ def trim_threshold(
         return threshold, None
     _, cut = tie_cut([values], threshold, excess)
     return threshold, cut
+
+
+# A float32 selection from this many entries on, with the compiled kernels, first packs the entries
+# that can be among the k largest: those at least a floor read off a sample, a little below the
+# sample's k-th largest. Partitioning about a quarter of the entries (density 0.2) instead of all
+# of them, and no separate pass for the magnitudes: tensor-scope TIES of 3 x 100M float32 planned
+# in 0.13 s instead of 0.21 s on two threads.
+_PREFILTER_FROM = 1 << 16
+_PREFILTER_SAMPLE = 1024
+_PREFILTER_MARGIN = 16  # sample positions the floor lies below four standard deviations under the rank
+_PREFILTER_MAX_KEPT = 0.5  # a floor expected to keep more than this share: no gain, select as usual
+
+
+def _prefiltered_select(x: np.ndarray, k: int, scratch: np.ndarray | None) -> tuple[float, int] | None:
+    """:func:`select_magnitudes` of ``|x|`` for a float32 array, through the entries at least a
+    sampled floor; None where that does not apply or the floor turns out above the k-th largest
+    (then fewer than k entries pass it: select as usual)."""
+    n = x.size
+    if x.dtype != np.float32 or n < _PREFILTER_FROM or not _numba.enabled():
+        return None
+    ns = _PREFILTER_SAMPLE
+    sample = np.sort(x.view(np.int32)[_spread_positions(n, ns)] & 0x7FFFFFFF)
+    p = k / n
+    at = math.floor(ns * (1 - p) - 4 * math.sqrt(ns * p * (1 - p)) - _PREFILTER_MARGIN)
+    if not 0 < at < ns or 1 - at / ns > _PREFILTER_MAX_KEPT:
+        return None
+    out = np.empty(n, np.int32) if scratch is None else scratch.view(np.int32)
+    kept = _numba.pack_magnitudes(x, int(sample[at]), out)
+    if kept < k:
+        return None
+    return _select_magnitude_array(out[:kept].view(np.float32), k)
+
+
+def _spread_positions(n: int, count: int) -> np.ndarray:
+    """``count`` distinct positions in ``range(n)`` (``count <= n``), spread by golden-ratio steps
+    rather than a stride, which can fall in step with the rows of a matrix and see a few columns."""
+    step = round(n * 0.6180339887498949)
+    while math.gcd(step, n) != 1:  # coprime: no position repeats within n steps
+        step += 1
+    return np.arange(count, dtype=np.int64) * step % n
 
 
 def _select_magnitude_array(magnitudes: np.ndarray, k: int) -> tuple[float, int]:

@@ -25,6 +25,8 @@ from numba import njit
 
 import taskarith as ta
 from taskarith import _numba, merging
+from taskarith import kernels as kernels_module
+from taskarith._numba import _kernels
 from taskarith._numba_kernels import _load, _put
 
 
@@ -236,3 +238,65 @@ def test_file_merges_write_the_same_bytes_with_and_without_the_kernels(tmp_path,
         outputs[on] = ta.io.load_state_dict(out)
     for name, want in outputs[False].items():
         assert bits(outputs[True][name]) == bits(want), f"{method}: {name!r} differs"
+
+
+@pytest.mark.parametrize("wide", [True, False], ids=["compressing-store", "scalar"])
+@given(hnp.arrays(np.float32, st.integers(0, 100), elements=st.one_of(
+    st.floats(-4, 4, width=32), st.sampled_from([0.0, -0.0, 1.5, -1.5, math.inf, -math.inf, math.nan]))),
+       st.sampled_from([0.0, 1.0, 1.5, 3.0, math.inf]))
+def test_packed_magnitudes_are_those_at_least_the_floor_in_order(wide, values, floor):
+    if wide and not _numba._wide_stores():
+        pytest.skip("this CPU has no AVX-512 compressing store")
+    lo = int(np.float32(floor).view(np.int32))
+    magnitudes = values.view(np.int32) & 0x7FFFFFFF
+    want = magnitudes[magnitudes >= lo]  # NaN's bits exceed every number's: NaN is kept
+    out = np.full(values.size, -1, np.int32)
+    kept = _kernels().pack_magnitudes(wide)(values.view(np.int32), np.int32(lo), out)
+    assert kept == want.size
+    assert np.array_equal(out[:kept], want)
+
+
+@st.composite
+def prefilter_cases(draw):
+    n = draw(st.integers(40, 400))
+    values = draw(hnp.arrays(np.float32, n, elements=st.one_of(
+        st.integers(-3, 3).map(float), st.floats(-1e3, 1e3, width=32, allow_nan=False), st.sampled_from([-0.0, math.inf]))))
+    return torch.from_numpy(values), draw(st.integers(1, n - 1))
+
+
+@given(prefilter_cases())
+def test_prefiltered_trim_thresholds_equal_the_full_selection(case):
+    values, k = case
+    with kernels(False):
+        want = kernels_module.trim_threshold(values, k)
+    # Small enough that drawn arrays take the prefilter; with a sample of 24 and a floor raised by a
+    # negative margin, it lies above the k-th largest often enough that the fallback runs too.
+    with kernels(True), mock.patch.object(kernels_module, "_PREFILTER_FROM", 32), \
+            mock.patch.object(kernels_module, "_PREFILTER_SAMPLE", 24), mock.patch.object(kernels_module, "_PREFILTER_MARGIN", -10):
+        got = kernels_module.trim_threshold(values, k, scratch=torch.empty(values.numel() + 3))
+    assert got == want
+
+
+def test_a_prefilter_floor_above_the_kth_largest_falls_back_to_the_full_selection():
+    n = kernels_module._PREFILTER_FROM
+    k = n // 5
+    values = torch.full((n,), 1e-3)
+    values[::7] = -2e-3
+    values[kernels_module._spread_positions(n, kernels_module._PREFILTER_SAMPLE)] = 1.0  # the sample sees only these
+    others = torch.nonzero(values != 1.0).squeeze(1)
+    values[others[: k - 1 - int((values == 1.0).sum())]] = 1.0  # k - 1 entries pass the floor: one short
+    with kernels(False):
+        want = kernels_module.trim_threshold(values, k)
+    with kernels(True), mock.patch.object(_numba, "pack_magnitudes", wraps=_numba.pack_magnitudes) as spy:
+        got = kernels_module.trim_threshold(values, k)
+    assert spy.called, "the premise: the prefilter ran"
+    assert got == want
+
+
+def test_prefiltered_selection_refuses_nan():
+    values = torch.randn(1 << 17)
+    values[12345] = math.nan
+    with kernels(True), mock.patch.object(_numba, "pack_magnitudes", wraps=_numba.pack_magnitudes) as spy, \
+            pytest.raises(ta.TaskArithError, match="NaN"):
+        kernels_module.trim_threshold(values, 1000)
+    assert spy.called
