@@ -127,8 +127,18 @@ def pack_magnitudes(x: np.ndarray, lo: int, out: np.ndarray) -> int:
     return int(kernel(x.view(np.int32), np.int32(lo), out))
 
 
+def bracket_scan(x: np.ndarray, lo: int, hi: int, out: np.ndarray, start: int, stop: int) -> tuple[int, int, int, bool]:
+    """Over float32 ``x[start:stop]``: how many magnitudes exceed the one whose bits are ``hi``, how
+    many entries are NaN, and how many magnitudes in ``[lo, hi]`` (as bits) were packed in order into
+    int32 ``out``, and whether all of them were (False: ``out`` ran out of room)."""
+    kernel = _kernels().bracket_scan(_wide_stores())
+    above, nan, packed, complete = kernel(x.view(np.int32), np.int32(lo), np.int32(hi), out, start, stop)
+    return int(above), int(nan), int(packed), bool(complete)
+
+
 @functools.cache
 def _wide_stores() -> bool:
+    """Whether the packing kernels use AVX-512 compressing stores: where this CPU has them."""
     from llvmlite import binding
 
     return bool(binding.get_host_cpu_features().get("avx512f"))

@@ -330,20 +330,24 @@ _LANES = 16  # int32 lanes of one AVX-512 register
 
 
 @intrinsic
-def _compress_magnitudes(typingctx, x, j, lo, out, m):
-    """Stores the magnitude bits ``x & 0x7FFFFFFF`` of ``x[j:j + 16]`` (int32) that are ``>= lo``
-    contiguously at ``out[m:]`` (one AVX-512 compressing store) and returns how many."""
+def _compress_magnitudes(typingctx, x, j, lo, hi, out, m):
+    """Stores the magnitude bits ``x & 0x7FFFFFFF`` of ``x[j:j + 16]`` (int32) that lie in ``[lo,
+    hi]`` contiguously at ``out[m:]`` (one AVX-512 compressing store) and returns how many."""
     def codegen(context, builder, signature, args):
-        source, index, floor, target, at = args
+        source, index, floor, ceiling, target, at = args
         i32 = ir.IntType(32)
         lanes = ir.VectorType(i32, _LANES)
         x_data = context.make_array(signature.args[0])(context, builder, source).data
-        out_data = context.make_array(signature.args[3])(context, builder, target).data
+        out_data = context.make_array(signature.args[4])(context, builder, target).data
         values = builder.load(builder.bitcast(builder.gep(x_data, [index]), lanes.as_pointer()), align=4)
         magnitudes = builder.and_(values, ir.Constant(lanes, [0x7FFFFFFF] * _LANES))
-        floors = builder.insert_element(ir.Constant(lanes, ir.Undefined), floor, ir.Constant(i32, 0))
-        floors = builder.shuffle_vector(floors, ir.Constant(lanes, ir.Undefined), ir.Constant(lanes, [0] * _LANES))
-        keep = builder.icmp_signed(">=", magnitudes, floors)
+
+        def splat(value):
+            one = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(lanes, ir.Undefined), ir.Constant(lanes, [0] * _LANES))
+
+        keep = builder.and_(builder.icmp_signed(">=", magnitudes, splat(floor)),
+                            builder.icmp_signed("<=", magnitudes, splat(ceiling)))
         destination = builder.gep(out_data, [at])
         store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
             ir.VoidType(), [lanes, destination.type, keep.type]), f"llvm.masked.compressstore.v{_LANES}i32")
@@ -351,7 +355,25 @@ def _compress_magnitudes(typingctx, x, j, lo, out, m):
         mask = ir.IntType(_LANES)
         popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(mask, [mask]), f"llvm.ctpop.i{_LANES}")
         return builder.zext(builder.call(popcount, [builder.bitcast(keep, mask)]), ir.IntType(64))
-    return types.int64(x, types.int64, types.int32, out, types.int64), codegen
+    return types.int64(x, types.int64, types.int32, types.int32, out, types.int64), codegen
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _pack_range(x, lo, hi, out, wide):
+    """``x``'s magnitude bits in ``[lo, hi]``, packed in order into ``out`` while it has room:
+    ``(packed, entries of x read)``."""
+    m = 0
+    j = 0
+    if wide:
+        while j + _LANES <= x.size and m + _LANES <= out.size:
+            m += _compress_magnitudes(x, j, lo, hi, out, m)
+            j += _LANES
+    while j < x.size and m < out.size:
+        b = x[j] & 0x7FFFFFFF
+        out[m] = b  # always stored, kept by advancing m: no branch
+        m += (b >= lo) & (b <= hi)
+        j += 1
+    return m, j
 
 
 @functools.cache
@@ -365,17 +387,38 @@ def pack_magnitudes(wide: bool):
 
     @njit(nogil=True, cache=True, boundscheck=False)
     def kernel(x, lo, out):
-        m = 0
-        j = 0
-        if wide:
-            while j + _LANES <= x.size:
-                m += _compress_magnitudes(x, j, lo, out, m)
-                j += _LANES
-        x = x[j:]
-        for i in range(x.size):
-            b = x[i] & 0x7FFFFFFF
-            out[m] = b  # always stored, kept by advancing m: no branch
-            m += b >= lo
-        return m
+        return _pack_range(x, lo, np.int32(0x7FFFFFFF), out, wide)[0]
+
+    return kernel
+
+
+_SCAN_CHUNK = 1 << 16  # entries counted, then packed, while they are in cache
+
+
+@functools.cache
+def bracket_scan(wide: bool):
+    """The kernel ``kernel(x, lo, hi, out, start, stop) -> (above, nan, packed, complete)`` over the
+    float32 entries ``x[start:stop]`` (int32 bits): how many magnitudes exceed ``hi``, how many are
+    NaN, and the magnitude bits in ``[lo, hi]`` packed into ``out[:packed]``; ``complete`` is False
+    when ``out`` ran out of room (the counts are whole either way)."""
+
+    @njit(nogil=True, cache=True, boundscheck=False)
+    def kernel(x, lo, hi, out, start, stop):
+        x = x[start:stop]
+        above = 0
+        nan = 0
+        packed = 0
+        complete = True
+        for c in range(0, x.size, _SCAN_CHUNK):
+            chunk = x[c:c + _SCAN_CHUNK]
+            for i in range(chunk.size):
+                b = chunk[i] & 0x7FFFFFFF
+                above += b > hi
+                nan += b > 0x7F800000  # NaN's bit patterns exceed infinity's
+            if complete:
+                m, read = _pack_range(chunk, lo, hi, out[packed:], wide)
+                packed += m
+                complete = read == chunk.size
+        return above, nan, packed, complete
 
     return kernel

@@ -322,6 +322,7 @@ _BRACKET_SAMPLE = 1 << 16
 _BRACKET_CHUNK = 1 << 18  # entries per step of the pass: its temporaries stay in cache
 _BRACKET_MAX_FRACTION = 1 / 8  # a wider bracket (density near 0 or 1, a tiny vector): select as usual
 _BRACKET_MARGIN = 16  # sample positions added on each side of four standard deviations
+_BRACKET_ROOM = 1024  # entries of packing room beyond twice a share's expected bracket entries
 
 
 def bracket_select(parts: list[torch.Tensor], k: int) -> tuple[float, int] | None:
@@ -349,11 +350,18 @@ def bracket_select(parts: list[torch.Tensor], k: int) -> tuple[float, int] | Non
     inf = _INF_BITS[np.dtype(np.float32)]
     lo = int(sample[lo_at]) if lo_at > 0 else 0
     hi = int(sample[hi_at]) if hi_at < ns else inf
-    found: list[tuple[int, bool, np.ndarray]] = []
+    found: list[tuple[int, bool, np.ndarray | None]] = []
     scratch: dict[int, np.ndarray] = {}
+    share = (min(hi_at, ns) - max(lo_at, 0)) / ns  # of the entries, expected in the bracket
 
     def scan(job: int, start: int, stop: int) -> None:
         x = parts[job].detach().numpy()
+        if _numba.enabled():  # one compiled pass: counts, and the bracket's entries packed
+            # Room for twice the expected share; a bracket holding more declines (None below).
+            out = np.empty(math.ceil(2 * share * (stop - start)) + _BRACKET_ROOM, np.int32)
+            above, nans, packed, complete = _numba.bracket_scan(x, lo, hi, out, start, stop)
+            found.append((above, nans > 0, out[:packed] if complete else None))
+            return
         buf = scratch.setdefault(threading.get_ident(), np.empty(_BRACKET_CHUNK, np.float32))
         above, nan, kept = 0, False, []
         for a in range(start, stop, _BRACKET_CHUNK):
@@ -367,6 +375,8 @@ def bracket_select(parts: list[torch.Tensor], k: int) -> tuple[float, int] | Non
     _parallel.run(sizes, scan)
     if any(nan for _, nan, _ in found):
         raise TaskArithError(_NAN)
+    if any(c is None for _, _, c in found):
+        return None
     above = sum(a for a, _, _ in found)
     candidates = np.concatenate([c for _, _, c in found])
     need = k - above  # the k-th largest is the need-th largest candidate, if the bracket holds it

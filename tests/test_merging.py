@@ -481,11 +481,13 @@ def test_every_method_documents_its_formula_and_paper():
 @given(parts=st.lists(hnp.arrays(np.float32, st.integers(0, 120), elements=st.one_of(FEW, st.floats(-9, 9, width=32))),
                       min_size=1, max_size=4),
        fraction=st.floats(0, 1), sample=st.integers(1, 64), margin=st.sampled_from([0, 16]), chunk=st.integers(1, 9),
-       nan_at=st.none() | st.integers(0, 500))
-def test_bracketed_selection_equals_the_full_selection_or_declines(parts, fraction, sample, margin, chunk, nan_at):
+       nan_at=st.none() | st.integers(0, 500), compiled=st.booleans(), wide=st.booleans(), room=st.sampled_from([0, 1024]))
+def test_bracketed_selection_equals_the_full_selection_or_declines(parts, fraction, sample, margin, chunk, nan_at,
+                                                                   compiled, wide, room):
     """Tiny samples and chunks, shares split across threads, brackets narrow enough to miss: whenever
     the bracket answers, it is the exact k-th largest magnitude with the same tie count as a
-    selection over all magnitudes."""
+    selection over all magnitudes. Both scans: numpy's and the compiled one (whose packing room
+    runs out on wide brackets: it declines then)."""
     flat = np.concatenate(parts)
     if nan_at is not None and flat.size:
         flat[nan_at % flat.size] = np.nan
@@ -502,6 +504,11 @@ def test_bracketed_selection_equals_the_full_selection_or_declines(parts, fracti
         patch.setattr(kernels, "_BRACKET_MAX_FRACTION", 1.0)
         patch.setattr(kernels, "_BRACKET_MARGIN", margin)
         patch.setattr(ta._parallel, "MIN_SHARE", 1)  # several threads, ranges cut inside tensors
+        patch.setenv("TASKARITH_NUMBA", "1" if compiled else "0")  # the Numba kernel, where installed
+        patch.setattr(kernels, "_BRACKET_ROOM", room)
+        if compiled and ta._numba.enabled():  # the scalar packing loop too, as on CPUs without AVX-512
+            host = ta._numba._wide_stores()
+            patch.setattr(ta._numba, "_wide_stores", lambda: wide and host)
         if np.isnan(flat).any() and 0 < k < flat.size:
             with pytest.raises(ta.TaskArithError, match="NaN"):
                 kernels.bracket_select(tensors, k)

@@ -300,3 +300,31 @@ def test_prefiltered_selection_refuses_nan():
             pytest.raises(ta.TaskArithError, match="NaN"):
         kernels_module.trim_threshold(values, 1000)
     assert spy.called
+
+
+@pytest.mark.parametrize("wide", [True, False], ids=["compressing-store", "scalar"])
+@given(hnp.arrays(np.float32, st.integers(0, 200), elements=st.one_of(
+    st.integers(-3, 3).map(float), st.sampled_from([-0.0, 1.5, math.inf, -math.inf, math.nan]))),
+       st.sampled_from([0.0, 1.0, 1.5]), st.sampled_from([1.0, 2.0, 3.0, math.inf]), st.integers(0, 250),
+       st.data())
+def test_bracket_scan_counts_and_packs_as_numpy(wide, values, lo, hi, room, data):
+    if wide and not _numba._wide_stores():
+        pytest.skip("this CPU has no AVX-512 compressing store")
+    start = data.draw(st.integers(0, values.size))
+    stop = data.draw(st.integers(start, values.size))
+    bits = values.view(np.int32)[start:stop] & 0x7FFFFFFF
+    lo_bits, hi_bits = (int(np.float32(v).view(np.int32)) for v in (lo, hi))
+    inside = bits[(bits >= lo_bits) & (bits <= hi_bits)]
+    out = np.full(room, -1, np.int32)
+    with mock.patch.object(_numba, "_wide_stores", lambda: wide):
+        above, nans, packed, complete = _numba.bracket_scan(values, lo_bits, hi_bits, out, start, stop)
+    assert above == int(np.count_nonzero(bits > hi_bits))  # NaN counts as above: its bits exceed inf's
+    assert nans == int(np.isnan(values[start:stop]).sum())
+    assert np.array_equal(out[:packed], inside[:packed])
+    # Packing stops once the room is full, so an exact fit may still report incomplete.
+    if inside.size < room:
+        assert complete
+    if complete:
+        assert packed == inside.size
+    else:
+        assert inside.size >= room and packed <= room
