@@ -93,15 +93,60 @@ def _rounded_impl(like, value):
     return lambda like, value: value
 
 
+_STREAM_BLOCK = 4096  # entries computed into a cache-resident block, then streamed out
+_LINE = 64  # bytes of one streaming store (a cache line)
+
+
+@intrinsic
+def _stream_out(typingctx, block, out, j):
+    """Copies ``block`` (a whole number of cache lines) to ``out[j:]``, whose address must be
+    cache-line aligned, with non-temporal stores: they skip reading the lines in before writing them."""
+    def codegen(context, builder, signature, args):
+        source, target, index = args
+        line = ir.VectorType(ir.IntType(32), _LINE // 4)
+        itemsize = context.get_abi_sizeof(context.get_data_type(signature.args[1].dtype))
+        block_ty = signature.args[0]
+        source_array = context.make_array(block_ty)(context, builder, source)
+        src = builder.bitcast(source_array.data, line.as_pointer())
+        dst = builder.bitcast(builder.gep(context.make_array(signature.args[1])(context, builder, target).data,
+                                          [index]), line.as_pointer())
+        lines = builder.udiv(builder.mul(source_array.nitems, ir.Constant(ir.IntType(64), itemsize)),
+                             ir.Constant(ir.IntType(64), _LINE))
+        with cgutils.for_range(builder, lines) as loop:
+            value = builder.load(builder.gep(src, [loop.index]), align=4)
+            store = builder.store(value, builder.gep(dst, [loop.index]), align=_LINE)
+            store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+    return types.none(block, out, types.int64), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """Orders the streaming stores before whatever the caller does next (they are weakly ordered)."""
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _unaligned_head(out, start, stop):
+    """How many entries from ``out[start]`` on precede the first cache-line aligned one (at most
+    ``stop - start``)."""
+    address = out.ctypes.data + start * out.itemsize
+    return min((-address % _LINE) // out.itemsize, stop - start)
+
+
 @functools.cache
-def running_sum(k: int):
+def running_sum(k: int, stream: bool):
     """The kernel of an unweighted sum of ``k`` (2-4) arrays of ``out``'s dtype: ``kernel(out, x0, x1,
     x2, x3, start, stop)`` writes ``((x0 + x1) + x2) + x3`` over ``[start, stop)``, each partial sum
     computed in float32 and rounded to the dtype, as ``torch.add`` then ``Tensor.add_`` compute it:
-    one pass over memory where torch makes ``k - 1``."""
+    one pass over memory where torch makes ``k - 1``. With ``stream``, results reach memory through
+    non-temporal stores (:func:`streamed`)."""
 
-    @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(out, x0, x1, x2, x3, start, stop):
+    @njit(nogil=True, cache=True, boundscheck=False, inline="always")
+    def body(out, x0, x1, x2, x3, start, stop):
         out, x0, x1, x2, x3 = out[start:stop], x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop]
         for j in range(stop - start):
             total = _load(x0, j) + _load(x1, j)
@@ -110,6 +155,49 @@ def running_sum(k: int):
             if k > 3:
                 total = _rounded(out, total) + _load(x3, j)
             _put(out, j, total)
+
+    @njit(nogil=True, cache=True, boundscheck=False)
+    def kernel(out, x0, x1, x2, x3, start, stop):
+        if stream:
+            head = start + _unaligned_head(out, start, stop)
+            body(out, x0, x1, x2, x3, start, head)
+            block = np.empty(_STREAM_BLOCK, out.dtype)
+            start = head
+            for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
+                hi = lo + _STREAM_BLOCK
+                body(block, x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], 0, _STREAM_BLOCK)
+                _stream_out(block, out, lo)
+                start = hi
+            _store_fence()
+        body(out, x0, x1, x2, x3, start, stop)
+
+    return kernel
+
+
+@functools.cache
+def scaled():
+    """The kernel ``kernel(out, x, s, start, stop)``: ``out = x * s`` over ``[start, stop)``, in
+    float32 with float32 ``s`` and rounded to ``out``'s dtype, as ``torch.mul`` by a Python scalar
+    computes it, through non-temporal stores (as :func:`running_sum` with ``stream``)."""
+
+    @njit(nogil=True, cache=True, boundscheck=False, inline="always")
+    def body(out, x, s, start, stop):
+        out, x = out[start:stop], x[start:stop]
+        for j in range(stop - start):
+            _put(out, j, _load(x, j) * s)
+
+    @njit(nogil=True, cache=True, boundscheck=False)
+    def kernel(out, x, s, start, stop):
+        head = start + _unaligned_head(out, start, stop)
+        body(out, x, s, start, head)
+        block = np.empty(_STREAM_BLOCK, out.dtype)
+        start = head
+        for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
+            body(block, x[lo:lo + _STREAM_BLOCK], s, 0, _STREAM_BLOCK)
+            _stream_out(block, out, lo)
+            start = lo + _STREAM_BLOCK
+        _store_fence()
+        body(out, x, s, start, stop)
 
     return kernel
 

@@ -371,7 +371,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
     def __add__(self, other: object) -> TaskVector:
         if not isinstance(other, TaskVector):
             return NotImplemented
-        return self._zip(other, lambda a, b, out: torch.add(a, b, out=out), "addition")
+        return self._zip(other, lambda a, b, out: _numba.running_sum(out, [a, b]) or torch.add(a, b, out=out), "addition")
 
     def __radd__(self, other: object) -> TaskVector:
         if isinstance(other, numbers.Number) and other == 0:
@@ -393,7 +393,8 @@ class TaskVector(Mapping[str, torch.Tensor]):
         s = _scalar(scalar)
         if s is None:
             return NotImplemented
-        return self._map(lambda src, out: torch.mul(src, s, out=out))
+        compiled = _exact_in_float32(s)  # the kernel multiplies by float32(s), as torch does for these
+        return self._map(lambda src, out: (compiled and _numba.scale(out, src, s)) or torch.mul(src, s, out=out))
 
     __rmul__ = __mul__
 
@@ -746,6 +747,12 @@ def _scalar(value: object):
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
         return value.detach()
     return None
+
+
+def _exact_in_float32(value) -> bool:
+    """Whether ``value`` is a float, or an int that float32 holds exactly (a larger int would round
+    twice on its way there through a float)."""
+    return isinstance(value, float) or (isinstance(value, int) and abs(value) <= 1 << 24)
 
 
 def _is_one(value) -> bool:
