@@ -129,7 +129,7 @@ def scale(out: torch.Tensor, x: torch.Tensor, s: float) -> bool:
     ``out`` is too small to stream (torch's own kernel is one pass too)."""
     if x.dtype != out.dtype or x.shape != out.shape or not _streams(out) or not usable([out], [x]):
         return False
-    kernel = _kernels().scaled()
+    kernel = _kernels().scaled
     with np.errstate(over="ignore"):  # a factor beyond float32 becomes inf, as in torch
         factor = np.float32(s)
     target, source = _array(out), _array(x)

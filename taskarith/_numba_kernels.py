@@ -137,69 +137,67 @@ def _unaligned_head(out, start, stop):
     return min((-address % _LINE) // out.itemsize, stop - start)
 
 
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _sum_span(out, x0, x1, x2, x3, start, stop, k):
+    """The body of :func:`running_sum` over ``[start, stop)``."""
+    out, x0, x1, x2, x3 = out[start:stop], x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop]
+    for j in range(stop - start):
+        total = _load(x0, j) + _load(x1, j)
+        if k > 2:
+            total = _rounded(out, total) + _load(x2, j)
+        if k > 3:
+            total = _rounded(out, total) + _load(x3, j)
+        _put(out, j, total)
+
+
 @functools.cache
 def running_sum(k: int, stream: bool):
     """The kernel of an unweighted sum of ``k`` (2-4) arrays of ``out``'s dtype: ``kernel(out, x0, x1,
     x2, x3, start, stop)`` writes ``((x0 + x1) + x2) + x3`` over ``[start, stop)``, each partial sum
     computed in float32 and rounded to the dtype, as ``torch.add`` then ``Tensor.add_`` compute it:
-    one pass over memory where torch makes ``k - 1``. With ``stream``, results reach memory through
-    non-temporal stores (:func:`streamed`)."""
-
-    @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-    def body(out, x0, x1, x2, x3, start, stop):
-        out, x0, x1, x2, x3 = out[start:stop], x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop]
-        for j in range(stop - start):
-            total = _load(x0, j) + _load(x1, j)
-            if k > 2:
-                total = _rounded(out, total) + _load(x2, j)
-            if k > 3:
-                total = _rounded(out, total) + _load(x3, j)
-            _put(out, j, total)
+    one pass over memory where torch makes ``k - 1``. With ``stream``, each block of results is
+    computed in cache and written out with non-temporal stores (:func:`_stream_out`)."""
 
     @njit(nogil=True, cache=True, boundscheck=False)
     def kernel(out, x0, x1, x2, x3, start, stop):
         if stream:
             head = start + _unaligned_head(out, start, stop)
-            body(out, x0, x1, x2, x3, start, head)
+            _sum_span(out, x0, x1, x2, x3, start, head, k)
             block = np.empty(_STREAM_BLOCK, out.dtype)
             start = head
             for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
                 hi = lo + _STREAM_BLOCK
-                body(block, x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], 0, _STREAM_BLOCK)
+                _sum_span(block, x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], 0, _STREAM_BLOCK, k)
                 _stream_out(block, out, lo)
                 start = hi
             _store_fence()
-        body(out, x0, x1, x2, x3, start, stop)
+        _sum_span(out, x0, x1, x2, x3, start, stop, k)
 
     return kernel
 
 
-@functools.cache
-def scaled():
-    """The kernel ``kernel(out, x, s, start, stop)``: ``out = x * s`` over ``[start, stop)``, in
-    float32 with float32 ``s`` and rounded to ``out``'s dtype, as ``torch.mul`` by a Python scalar
-    computes it, through non-temporal stores (as :func:`running_sum` with ``stream``)."""
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _scale_span(out, x, s, start, stop):
+    out, x = out[start:stop], x[start:stop]
+    for j in range(stop - start):
+        _put(out, j, _load(x, j) * s)
 
-    @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-    def body(out, x, s, start, stop):
-        out, x = out[start:stop], x[start:stop]
-        for j in range(stop - start):
-            _put(out, j, _load(x, j) * s)
 
-    @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(out, x, s, start, stop):
-        head = start + _unaligned_head(out, start, stop)
-        body(out, x, s, start, head)
-        block = np.empty(_STREAM_BLOCK, out.dtype)
-        start = head
-        for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
-            body(block, x[lo:lo + _STREAM_BLOCK], s, 0, _STREAM_BLOCK)
-            _stream_out(block, out, lo)
-            start = lo + _STREAM_BLOCK
-        _store_fence()
-        body(out, x, s, start, stop)
-
-    return kernel
+@njit(nogil=True, cache=True, boundscheck=False)
+def scaled(out, x, s, start, stop):
+    """``out = x * s`` over ``[start, stop)``, in float32 with float32 ``s`` and rounded to ``out``'s
+    dtype, as ``torch.mul`` by a Python scalar computes it, streamed as :func:`running_sum` with
+    ``stream`` does."""
+    head = start + _unaligned_head(out, start, stop)
+    _scale_span(out, x, s, start, head)
+    block = np.empty(_STREAM_BLOCK, out.dtype)
+    start = head
+    for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
+        _scale_span(block, x[lo:lo + _STREAM_BLOCK], s, 0, _STREAM_BLOCK)
+        _stream_out(block, out, lo)
+        start = lo + _STREAM_BLOCK
+    _store_fence()
+    _scale_span(out, x, s, start, stop)
 
 
 MAX_INPUTS = 4  # the slots x0..x3 of :func:`ties`
@@ -221,6 +219,58 @@ def _vote(t):
     return np.float32((t > 0) - (t < 0))
 
 
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _ties_span(out, x0, x1, x2, x3, l0, l1, l2, l3, w0, w1, w2, w3, scale, start, stop, k, by_count):
+    """TIES over ``[start, stop)`` with one λ per input (the body of :func:`ties`)."""
+    one = np.float32(1.0)
+    out, x0, x1, x2, x3 = out[start:stop], x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop]
+    for j in range(stop - start):
+        t0 = _trimmed(_load(x0, j), l0, w0)
+        t1 = t2 = t3 = np.float32(0.0)
+        if k > 1:
+            t1 = _trimmed(_load(x1, j), l1, w1)
+        if k > 2:
+            t2 = _trimmed(_load(x2, j), l2, w2)
+        if k > 3:
+            t3 = _trimmed(_load(x3, j), l3, w3)
+        if by_count:
+            votes = _vote(t0)
+            if k > 1:
+                votes += _vote(t1)
+            if k > 2:
+                votes += _vote(t2)
+            if k > 3:
+                votes += _vote(t3)
+            positive = votes >= 0
+        else:
+            total = np.float64(t0)
+            if k > 1:
+                total += np.float64(t1)
+            if k > 2:
+                total += np.float64(t2)
+            if k > 3:
+                total += np.float64(t3)
+            positive = total >= 0
+        e = one if positive else -one
+        a = _agree(t0, e)
+        kept = a
+        count = one if a > 0 else np.float32(0.0)
+        if k > 1:
+            a = _agree(t1, e)
+            kept += a
+            count += one if a > 0 else np.float32(0.0)
+        if k > 2:
+            a = _agree(t2, e)
+            kept += a
+            count += one if a > 0 else np.float32(0.0)
+        if k > 3:
+            a = _agree(t3, e)
+            kept += a
+            count += one if a > 0 else np.float32(0.0)
+        _put(out, j, (kept * e) / max(count, one) * scale)
+
+
+
 @functools.cache
 def ties(k: int, by_count: bool):
     """The kernel merging ``k`` inputs, sign elected by count or by sum: ``kernel(out, x0, x1, x2,
@@ -239,55 +289,6 @@ def ties(k: int, by_count: bool):
     Numba caches each variant on its own).
     """
 
-    @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-    def span(out, x0, x1, x2, x3, l0, l1, l2, l3, w0, w1, w2, w3, scale, start, stop):
-        one = np.float32(1.0)
-        out, x0, x1, x2, x3 = out[start:stop], x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop]
-        for j in range(stop - start):
-            t0 = _trimmed(_load(x0, j), l0, w0)
-            t1 = t2 = t3 = np.float32(0.0)
-            if k > 1:
-                t1 = _trimmed(_load(x1, j), l1, w1)
-            if k > 2:
-                t2 = _trimmed(_load(x2, j), l2, w2)
-            if k > 3:
-                t3 = _trimmed(_load(x3, j), l3, w3)
-            if by_count:
-                votes = _vote(t0)
-                if k > 1:
-                    votes += _vote(t1)
-                if k > 2:
-                    votes += _vote(t2)
-                if k > 3:
-                    votes += _vote(t3)
-                positive = votes >= 0
-            else:
-                total = np.float64(t0)
-                if k > 1:
-                    total += np.float64(t1)
-                if k > 2:
-                    total += np.float64(t2)
-                if k > 3:
-                    total += np.float64(t3)
-                positive = total >= 0
-            e = one if positive else -one
-            a = _agree(t0, e)
-            kept = a
-            count = one if a > 0 else np.float32(0.0)
-            if k > 1:
-                a = _agree(t1, e)
-                kept += a
-                count += one if a > 0 else np.float32(0.0)
-            if k > 2:
-                a = _agree(t2, e)
-                kept += a
-                count += one if a > 0 else np.float32(0.0)
-            if k > 3:
-                a = _agree(t3, e)
-                kept += a
-                count += one if a > 0 else np.float32(0.0)
-            _put(out, j, (kept * e) / max(count, one) * scale)
-
     @njit(nogil=True, cache=True, boundscheck=False)
     def kernel(out, x0, x1, x2, x3, lam, cut, after, weight, scale, start, stop):
         # Parameters in locals: read from their arrays inside the loop, they would be reloaded per
@@ -302,10 +303,10 @@ def ties(k: int, by_count: bool):
             for c in (c0, c1, c2, c3):
                 if lo < c < hi:
                     hi = c
-            span(out, x0, x1, x2, x3,
+            _ties_span(out, x0, x1, x2, x3,
                  lam[0] if lo < c0 else after[0], lam[1] if lo < c1 else after[1],
                  lam[2] if lo < c2 else after[2], lam[3] if lo < c3 else after[3],
-                 w0, w1, w2, w3, scale, lo, hi)
+                 w0, w1, w2, w3, scale, lo, hi, k, by_count)
             lo = hi
 
     return kernel
