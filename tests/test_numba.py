@@ -374,3 +374,23 @@ def test_kernel_closures_hold_only_constants_so_that_numba_caches_them():
     for kernel in factories:
         cells = [c.cell_contents for c in kernel.py_func.__closure__ or ()]
         assert cells and all(type(c) in (int, bool) for c in cells), f"{kernel.py_func.__qualname__}: {cells}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@given(st.integers(0, 31), st.integers(0, 9000), st.integers(2, 4))
+def test_streaming_stores_start_at_any_alignment(dtype, skip, n, k):
+    """Outputs that begin off a cache-line boundary: entries up to the first boundary are written
+    plainly, whole blocks from there on stream, and the tail is plain again."""
+    g = torch.Generator().manual_seed(n)
+    inputs = [torch.randn(n, generator=g).to(dtype) for _ in range(k)]
+    want_sum, want_scaled = inputs[0] + inputs[1], inputs[0] * 0.3
+    for x in inputs[2:]:
+        want_sum.add_(x)
+    room = torch.full((n + skip,), math.nan, dtype=dtype)
+    out = room[skip:]  # skip entries past the buffer's aligned start
+    with kernels(True), mock.patch.object(_numba, "STREAM_FROM", 0), mock.patch.object(_numba, "ELEMENTWISE_FROM", 0):
+        assert _numba.running_sum(out, inputs)
+        assert bits(out) == bits(want_sum)
+        assert _numba.scale(out, inputs[0], 0.3)
+        assert bits(out) == bits(want_scaled)
+    assert torch.isnan(room[:skip]).all(), "nothing written before the output"
