@@ -94,13 +94,21 @@ class Trimmed:
     after) without copying the tensor.
     """
 
-    __slots__ = ("cuts", "lambdas", "tensors")
+    __slots__ = ("cuts", "lambdas", "source", "tensors")
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], lambdas: Mapping[str, float | None] | None = None,
-                 cuts: Mapping[str, tuple[int, float]] | None = None):
+                 cuts: Mapping[str, tuple[int, float]] | None = None, source=None):
         self.tensors = tensors
         self.lambdas = {} if lambdas is None else lambdas
         self.cuts = {} if cuts is None else cuts
+        self.source = source  # the TaskVector whose packed buffers hold ``tensors``, if any
+
+    def packed_like(self, layout, dtype: torch.dtype) -> torch.Tensor | None:
+        """The source's flat buffer of ``dtype`` when it is laid out as ``layout`` (so that it lines
+        up with a result of that layout entry for entry), else None."""
+        if self.source is None or self.source._layout != layout:
+            return None
+        return self.source._buffers.get(dtype)
 
     def pieces(self, name: str, lo: int, hi: int) -> list[tuple[int, int, float | None]]:
         """The flat range ``[lo, hi)`` of tensor ``name`` as ``(start, stop, λ)`` pieces."""
@@ -157,13 +165,20 @@ def elect_and_merge(
     so many small tensors cost no more than a few large ones.
     """
     k = len(inputs)
+    layout = getattr(out, "_layout", None)
     for buffer, slots in segments:
         if _numba_ready(out, inputs, slots):
-            _numba.ties_merge(
-                [(out[name].reshape(-1), [inp.tensors[name].reshape(-1) for inp in inputs],
-                  [inp.lambdas.get(name) for inp in inputs], [inp.cuts.get(name) for inp in inputs])
-                 for name, _ in slots],
-                weights, sign, scale)
+            packed = [inp.packed_like(layout, buffer.dtype) for inp in inputs] if layout is not None else [None]
+            if all(p is not None for p in packed):  # the inputs' buffers line up with the result's
+                _numba.ties_merge(buffer, packed, [
+                    (offset, layout.slots[name].numel, [inp.lambdas.get(name) for inp in inputs],
+                     [inp.cuts.get(name) for inp in inputs]) for name, offset in slots], weights, sign, scale)
+                continue
+            for name, _ in slots:
+                flat = out[name].reshape(-1)
+                _numba.ties_merge(flat, [inp.tensors[name].reshape(-1) for inp in inputs], [
+                    (0, flat.numel(), [inp.lambdas.get(name) for inp in inputs],
+                     [inp.cuts.get(name) for inp in inputs])], weights, sign, scale)
             continue
         if k <= _triton.MAX_INPUTS and _triton_ready(out, inputs, buffer, slots):
             for name, _ in slots:

@@ -23,6 +23,7 @@ callers use their torch path.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Sequence
 
@@ -75,33 +76,38 @@ def _padded(values, fill, dtype=np.float32) -> np.ndarray:
     return np.array([*values, *[fill] * (MAX_INPUTS - len(values))], dtype=dtype)
 
 
-def ties_merge(slots: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[float | None],
-                                     Sequence[tuple[int, float] | None]]],
+def ties_merge(out: torch.Tensor, inputs: Sequence[torch.Tensor],
+               slots: Sequence[tuple[int, int, Sequence[float | None], Sequence[tuple[int, float] | None]]],
                weights: Sequence[float], sign: str, scale: float) -> None:
-    """TIES' trim → elect → disjoint mean, per slot ``(out, inputs, λs, cuts)``: ``out`` (flat) gets
-    the merge of ``inputs`` (flat), input ``i`` trimmed by hardshrink ``λs[i]`` (None: untrimmed),
-    or from ``cuts[i] = (index, λ_after)`` on by ``λ_after``."""
-    kernels = _kernels()
+    """TIES' trim → elect → disjoint mean of flat ``inputs`` into flat ``out``, slot by slot:
+    ``slots`` lists ``(offset, numel, λs, cuts)`` in offset order, and input ``i``'s entries of
+    that slot are trimmed by hardshrink ``λs[i]`` (None: untrimmed), or from ``cuts[i] = (index,
+    λ_after)`` on (an index within the slot) by ``λ_after``. Entries outside every slot are left
+    alone. One kernel call per thread covers all slots."""
     k = len(weights)
-    weight = _padded(weights, 1.0)
-    by_count = sign == "count"
-    scale32 = np.float32(scale)
-    prepared = []
-    for out, inputs, lambdas, cuts in slots:
-        lams = [-1.0 if lam is None else lam for lam in lambdas]  # -1: hardshrink zeroes nothing
-        cuts = [None if lam is None else c for lam, c in zip(lambdas, cuts)]  # untrimmed: no cut either
-        lam = _padded(lams, -1.0)
-        cut = _padded([out.numel() if c is None else c[0] for c in cuts], 0, np.int64)
-        after = _padded([lams[i] if c is None else c[1] for i, c in enumerate(cuts)], -1.0)
-        xs = [_array(x) for x in inputs]
-        xs += [xs[0]] * (MAX_INPUTS - k)  # unused slots: any array of the same type
-        prepared.append((_array(out), *xs, lam, cut, after))
-    kernel = kernels.ties(k, by_count)
-
-    def call(job, lo, hi):
-        kernel(*prepared[job], weight, scale32, lo, hi)
-
-    _parallel.run([out.numel() for out, *_ in slots], call)
+    bounds, lam, cut, after, spans = [], [], [], [], []
+    for offset, numel, lambdas, cuts in slots:
+        lams = [-1.0 if x is None else x for x in lambdas]  # -1: hardshrink zeroes nothing
+        cuts = [None if x is None else c for x, c in zip(lambdas, cuts)]  # untrimmed: no cut either
+        bounds.append(offset)
+        lam.append(lams + [-1.0] * (MAX_INPUTS - k))
+        cut.append([offset + (numel if c is None else c[0]) for c in cuts] + [0] * (MAX_INPUTS - k))
+        after.append([lams[i] if c is None else c[1] for i, c in enumerate(cuts)] + [-1.0] * (MAX_INPUTS - k))
+        spans.append((offset, offset + numel))
+    if not spans:
+        return
+    bounds.append(spans[-1][1])
+    xs = [_array(x) for x in inputs]
+    xs += [xs[0]] * (MAX_INPUTS - k)  # unused slots: any array of the same type
+    arguments = (_array(out), *xs, np.array(bounds, np.int64), np.array(lam, np.float32),
+                 np.array(cut, np.int64), np.array(after, np.float32), _padded(weights, 1.0), np.float32(scale))
+    kernel = _kernels().ties(k, sign == "count")
+    # Between slots that do not touch (gaps hold other dtypes' or tied entries), a share runs per slot.
+    gapless = all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    if gapless:
+        _parallel.run([spans[-1][1] - spans[0][0]], lambda job, lo, hi: kernel(*arguments, spans[0][0] + lo, spans[0][0] + hi))
+    else:
+        _parallel.run([b - a for a, b in spans], lambda job, lo, hi: kernel(*arguments, spans[job][0] + lo, spans[job][0] + hi))
 
 
 def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:

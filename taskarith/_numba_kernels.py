@@ -274,42 +274,55 @@ def _ties_span(out, x0, x1, x2, x3, l0, l1, l2, l3, w0, w1, w2, w3, scale, start
 @functools.cache
 def ties(k: int, by_count: bool):
     """The kernel merging ``k`` inputs, sign elected by count or by sum: ``kernel(out, x0, x1, x2,
-    x3, lam, cut, after, weight, scale, start, stop)`` writes TIES' trim → elect → disjoint mean of
-    the first ``k`` of ``x0..x3`` into ``out[start:stop]``.
+    x3, bounds, lam, cut, after, weight, scale, start, stop)`` writes TIES' trim → elect → disjoint
+    mean of the first ``k`` of ``x0..x3`` into ``out[start:stop]``.
 
-    Entry ``j`` of input ``i`` is zeroed where ``-λ <= x <= λ`` (hardshrink),
-    with ``λ = lam[i]`` before index ``cut[i]`` and ``after[i]`` from it on,
-    then multiplied by ``weight[i]``. Every step is the float32 (float64 for
-    the sign sum) operation of the torch path in :mod:`taskarith._fused`, in the
-    same order, so both give the same bits. Measured per 100M float32 entries
-    of 3 inputs, one thread: this loop 0.11 s. Slower designs, measured when
-    the loop took 0.21 s: over a tuple of inputs 0.78 s; blocked through
-    cache-resident copies of the inputs 0.35 s; with ``k`` and ``by_count`` as
-    run-time arguments 0.48 s (constants of this closure, they compile away;
-    Numba caches each variant on its own).
+    The arrays hold consecutive slots (tensors), slot ``s`` at ``[bounds[s], bounds[s + 1])`` with
+    its own row of ``lam``, ``cut`` and ``after`` (``[slots, 4]``): entry ``j`` of input ``i`` is
+    zeroed where ``-λ <= x <= λ`` (hardshrink), with ``λ = lam[s, i]`` before index ``cut[s, i]``
+    and ``after[s, i]`` from it on, then multiplied by ``weight[i]``. One call covers any number
+    of slots: thousands of small LoRA factors cost one call, not one each. Every step is the
+    float32 (float64 for the sign sum) operation of the torch path in :mod:`taskarith._fused`, in
+    the same order, so both give the same bits. Measured per 100M float32 entries of 3 inputs, one
+    thread: this loop 0.11 s. Slower designs, measured when the loop took 0.21 s: over a tuple of
+    inputs 0.78 s; blocked through cache-resident copies of the inputs 0.35 s; with ``k`` and
+    ``by_count`` as run-time arguments 0.48 s (constants of this closure, they compile away; Numba
+    caches each variant on its own).
     """
 
     @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(out, x0, x1, x2, x3, lam, cut, after, weight, scale, start, stop):
-        # Parameters in locals: read from their arrays inside the loop, they would be reloaded per
-        # entry (out might alias them) and the loop would not vectorise (5x slower).
-        c0, c1, c2, c3 = cut[0], cut[1], cut[2], cut[3]
+    def kernel(out, x0, x1, x2, x3, bounds, lam, cut, after, weight, scale, start, stop):
         w0, w1, w2, w3 = weight[0], weight[1], weight[2], weight[3]
-        # The range runs in spans between the inputs' tie cuts, each span with one λ per input:
-        # choosing λ per entry by index cost ~25% of the loop.
-        lo = start
-        while lo < stop:
-            hi = stop
-            for c in (c0, c1, c2, c3):
-                if lo < c < hi:
-                    hi = c
-            _ties_span(out, x0, x1, x2, x3,
-                 lam[0] if lo < c0 else after[0], lam[1] if lo < c1 else after[1],
-                 lam[2] if lo < c2 else after[2], lam[3] if lo < c3 else after[3],
-                 w0, w1, w2, w3, scale, lo, hi, k, by_count)
-            lo = hi
+        s = np.searchsorted(bounds, start, side="right") - 1
+        while start < stop:
+            end = min(bounds[s + 1], stop)
+            _ties_slot(out, x0, x1, x2, x3, lam[s], cut[s], after[s], w0, w1, w2, w3, scale, start, end,
+                       k, by_count)
+            start = end
+            s += 1
 
     return kernel
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _ties_slot(out, x0, x1, x2, x3, lam, cut, after, w0, w1, w2, w3, scale, start, stop, k, by_count):
+    """:func:`ties` over ``[start, stop)`` within one slot, whose parameter rows these are."""
+    # Parameters in locals: read from their arrays inside the loop, they would be reloaded per
+    # entry (out might alias them) and the loop would not vectorise (5x slower).
+    c0, c1, c2, c3 = cut[0], cut[1], cut[2], cut[3]
+    # The range runs in spans between the inputs' tie cuts, each span with one λ per input:
+    # choosing λ per entry by index cost ~25% of the loop.
+    lo = start
+    while lo < stop:
+        hi = stop
+        for c in (c0, c1, c2, c3):
+            if lo < c < hi:
+                hi = c
+        _ties_span(out, x0, x1, x2, x3,
+                   lam[0] if lo < c0 else after[0], lam[1] if lo < c1 else after[1],
+                   lam[2] if lo < c2 else after[2], lam[3] if lo < c3 else after[3],
+                   w0, w1, w2, w3, scale, lo, hi, k, by_count)
+        lo = hi
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

@@ -291,7 +291,7 @@ def _trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed
 def _trim_plans(vectors: list[TaskVector], density: float, scope: str) -> list[_fused.Trimmed]:
     """:func:`_trim_plan` of each vector; tensor-scope selections of all of them share the threads."""
     if density >= 1:
-        return [_fused.Trimmed({n: v[n] for n in v._layout.slots}) for v in vectors]
+        return [_fused.Trimmed({n: v[n] for n in v._layout.slots}, source=v) for v in vectors]
     if scope != "tensor":
         return [_global_trim_plan(v, density) for v in vectors]
     plans, jobs = [], []
@@ -303,7 +303,7 @@ def _trim_plans(vectors: list[TaskVector], density: float, scope: str) -> list[_
             _segment_trims(vector, tensors, grouped, density, lambdas, cuts)
         together = set(grouped)
         jobs += [(tensors[n], lambdas, cuts, n) for n in tensors if n not in together]
-        plans.append((tensors, lambdas, cuts))
+        plans.append((tensors, lambdas, cuts, vector))
     largest: dict[tuple, int] = {}
     for x, *_ in jobs:
         key = (x.dtype, x.device)
@@ -372,7 +372,7 @@ def _global_trim_plan(vector: TaskVector, density: float) -> _fused.Trimmed:
         part, index = kernels.tie_cut([tensors[n].reshape(-1) for n, _ in order], threshold, excess)
         for j, (name, _) in enumerate(order[part:], part):
             cuts[name] = (index if j == part else 0, _fused.floor_threshold(threshold, _compute_of(tensors[name].dtype)))
-    return _fused.Trimmed(tensors, lambdas, cuts)
+    return _fused.Trimmed(tensors, lambdas, cuts, source=vector)
 
 
 # Tensor-scope trims of float32 tensors smaller than this, when a vector holds at least _MANY_SMALL of

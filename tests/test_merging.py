@@ -519,3 +519,16 @@ def test_bracketed_selection_equals_the_full_selection_or_declines(parts, fracti
     assert 0 < k < flat.size, "answered outside 0 < k < n"
     want = kernels.select_magnitudes(torch.from_numpy(np.abs(flat)), k)
     assert got == want, f"k={k}: {got} vs {want}"
+
+
+@given(rows=hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 40)),
+                       elements=st.integers(-3, 3).map(float) | st.floats(-9, 9, width=32)),
+       fraction=st.floats(0, 1))
+def test_row_thresholds_match_a_selection_per_row(rows, fraction):
+    """Every row's threshold and tie count (small integers: ties at the threshold are common) as a
+    selection of that row alone gives them."""
+    k = math.floor(fraction * rows.shape[1])
+    got = kernels.row_thresholds(torch.from_numpy(rows.copy()), k)
+    for row, (threshold, excess) in zip(rows, got):
+        want = kernels.select_magnitudes(torch.from_numpy(np.abs(row)), k)
+        assert (threshold, excess) == want, f"row {row.tolist()}, k={k}"
