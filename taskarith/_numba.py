@@ -4,13 +4,14 @@ TIES written with torch kernels, even blocked to stay in cache
 (:mod:`taskarith._fused`), runs a dozen kernels per block, and on the CPU each
 costs its dispatch: merging 3 x 100M float32 entries took ~0.67 s on the
 2-core VM of ``benchmarks/``. The same steps as one compiled loop over the
-entries ran in ~0.13 s. Likewise a file merge forms each bfloat16 delta and
+entries ran in ~0.08 s. Likewise a file merge forms each bfloat16 delta and
 checks its float32 round trip in one pass, and sums the deltas of an
 unweighted task arithmetic in one pass, where torch needs several; an
 unweighted ``TaskVector.sum`` of up to four vectors is one pass too.
 ``torch.compile`` generated a comparable TIES loop, but needs a C++ toolchain at
 run time and took ~20 s to compile in a fresh process; Numba brings its own
-compiler and caches what it compiles (a cached kernel loads in ~0.15 s).
+compiler and caches what it compiles (a later process makes its first kernel call,
+Numba's import included, in ~0.3-0.4 s).
 
 The kernels compute exactly what the torch path computes, operation for
 operation and in the same order, so results never depend on which path ran;
