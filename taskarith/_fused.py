@@ -166,19 +166,21 @@ def elect_and_merge(
     """
     k = len(inputs)
     layout = getattr(out, "_layout", None)
+
+    def trims(name: str) -> tuple[list, list]:
+        return [inp.lambdas.get(name) for inp in inputs], [inp.cuts.get(name) for inp in inputs]
+
     for buffer, slots in segments:
         if _numba_ready(out, inputs, slots):
             packed = [inp.packed_like(layout, buffer.dtype) for inp in inputs] if layout is not None else [None]
             if all(p is not None for p in packed):  # the inputs' buffers line up with the result's
-                _numba.ties_merge(buffer, packed, [
-                    (offset, layout.slots[name].numel, [inp.lambdas.get(name) for inp in inputs],
-                     [inp.cuts.get(name) for inp in inputs]) for name, offset in slots], weights, sign, scale)
+                _numba.ties_merge(buffer, packed, [(offset, layout.slots[name].numel, *trims(name)) for name, offset in slots],
+                                  weights, sign, scale)
                 continue
             for name, _ in slots:
                 flat = out[name].reshape(-1)
-                _numba.ties_merge(flat, [inp.tensors[name].reshape(-1) for inp in inputs], [
-                    (0, flat.numel(), [inp.lambdas.get(name) for inp in inputs],
-                     [inp.cuts.get(name) for inp in inputs])], weights, sign, scale)
+                _numba.ties_merge(flat, [inp.tensors[name].reshape(-1) for inp in inputs],
+                                  [(0, flat.numel(), *trims(name))], weights, sign, scale)
             continue
         if k <= _triton.MAX_INPUTS and _triton_ready(out, inputs, buffer, slots):
             for name, _ in slots:

@@ -73,8 +73,9 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return flat.numpy()
 
 
-def _padded(values, fill, dtype=np.float32) -> np.ndarray:
-    return np.array([*values, *[fill] * (MAX_INPUTS - len(values))], dtype=dtype)
+def _pad(values: Sequence, fill) -> list:
+    """``values`` filled up to :data:`MAX_INPUTS` with ``fill`` (for the unused input slots)."""
+    return [*values, *[fill] * (MAX_INPUTS - len(values))]
 
 
 def ties_merge(out: torch.Tensor, inputs: Sequence[torch.Tensor],
@@ -91,17 +92,17 @@ def ties_merge(out: torch.Tensor, inputs: Sequence[torch.Tensor],
         lams = [-1.0 if x is None else x for x in lambdas]  # -1: hardshrink zeroes nothing
         cuts = [None if x is None else c for x, c in zip(lambdas, cuts)]  # untrimmed: no cut either
         bounds.append(offset)
-        lam.append(lams + [-1.0] * (MAX_INPUTS - k))
-        cut.append([offset + (numel if c is None else c[0]) for c in cuts] + [0] * (MAX_INPUTS - k))
-        after.append([lams[i] if c is None else c[1] for i, c in enumerate(cuts)] + [-1.0] * (MAX_INPUTS - k))
+        lam.append(_pad(lams, -1.0))
+        cut.append(_pad([offset + (numel if c is None else c[0]) for c in cuts], 0))
+        after.append(_pad([lams[i] if c is None else c[1] for i, c in enumerate(cuts)], -1.0))
         spans.append((offset, offset + numel))
     if not spans:
         return
     bounds.append(spans[-1][1])
     xs = [_array(x) for x in inputs]
-    xs += [xs[0]] * (MAX_INPUTS - k)  # unused slots: any array of the same type
-    arguments = (_array(out), *xs, np.array(bounds, np.int64), np.array(lam, np.float32),
-                 np.array(cut, np.int64), np.array(after, np.float32), _padded(weights, 1.0), np.float32(scale))
+    arguments = (_array(out), *_pad(xs, xs[0]), np.array(bounds, np.int64), np.array(lam, np.float32),
+                 np.array(cut, np.int64), np.array(after, np.float32), np.array(_pad(weights, 1.0), np.float32),
+                 np.float32(scale))
     kernel = _kernels().ties(k, sign == "count")
     # Between slots that do not touch (gaps hold other dtypes' or tied entries), a share runs per slot.
     gapless = all(a[1] == b[0] for a, b in itertools.pairwise(spans))
@@ -122,11 +123,7 @@ def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
     # ELEMENTWISE_FROM entries torch's kernels, on all threads, are as fast as one pass of ours.
     if (k == 2 and not stream) or out.numel() < ELEMENTWISE_FROM or not usable([out], inputs):
         return False
-    arrays = [_array(x) for x in inputs]
-    arrays += [arrays[0]] * (MAX_INPUTS - k)
-    kernel = _kernels().running_sum(k, stream)
-    target = _array(out)
-    _parallel.run([out.numel()], lambda job, lo, hi: kernel(target, *arrays, lo, hi))
+    _run_elementwise(_kernels().elementwise("sum", k, stream), out, inputs, np.float32(1.0))
     return True
 
 
@@ -136,12 +133,17 @@ def scale(out: torch.Tensor, x: torch.Tensor, s: float) -> bool:
     ``out`` is too small to stream (torch's own kernel is one pass too)."""
     if x.dtype != out.dtype or x.shape != out.shape or not _streams(out) or not usable([out], [x]):
         return False
-    kernel = _kernels().scaled
     with np.errstate(over="ignore"):  # a factor beyond float32 becomes inf, as in torch
         factor = np.float32(s)
-    target, source = _array(out), _array(x)
-    _parallel.run([out.numel()], lambda job, lo, hi: kernel(target, source, factor, lo, hi))
+    _run_elementwise(_kernels().elementwise("scale", 1, True), out, [x], factor)
     return True
+
+
+def _run_elementwise(kernel, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: np.float32) -> None:
+    target = _array(out)
+    arrays = [_array(x) for x in inputs]
+    arrays = _pad(arrays, arrays[0])  # unused slots: any array of the same type
+    _parallel.run([out.numel()], lambda job, lo, hi: kernel(target, *arrays, s, lo, hi))
 
 
 # 1M float32 entries: torch 27-42 GB/s on two threads, one pass of ours on one thread 22-23 GB/s.
@@ -224,8 +226,8 @@ def add_deltas(out: torch.Tensor, base: torch.Tensor, finetuned: Sequence[torch.
     if not finetuned or len(finetuned) > MAX_INPUTS or not usable([out], [base, *finetuned]):
         return None
     checked = checked and base.dtype != torch.float32  # float32 deltas are never checked
-    arrays = [_array(out), _array(base), *[_array(f) for f in finetuned]]
-    arrays += [arrays[2]] * (MAX_INPUTS - len(finetuned))
+    tuned = [_array(f) for f in finetuned]
+    arrays = [_array(out), _array(base), *_pad(tuned, tuned[0])]
     return not _failures(_kernels().add_deltas(len(finetuned), checked), arrays, out.numel())
 
 

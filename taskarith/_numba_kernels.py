@@ -138,69 +138,55 @@ def _unaligned_head(out, start, stop):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _sum_span(out, x0, x1, x2, x3, start, stop, k):
-    """The body of :func:`running_sum` over ``[start, stop)``."""
+def _elementwise_span(out, x0, x1, x2, x3, s, start, stop, k, scaling):
+    """The body of :func:`elementwise` over ``[start, stop)``."""
     out, x0, x1, x2, x3 = out[start:stop], x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop]
     for j in range(stop - start):
-        total = _load(x0, j) + _load(x1, j)
-        if k > 2:
-            total = _rounded(out, total) + _load(x2, j)
-        if k > 3:
-            total = _rounded(out, total) + _load(x3, j)
-        _put(out, j, total)
+        if scaling:
+            value = _load(x0, j) * s
+        else:
+            value = _load(x0, j) + _load(x1, j)
+            if k > 2:
+                value = _rounded(out, value) + _load(x2, j)
+            if k > 3:
+                value = _rounded(out, value) + _load(x3, j)
+        _put(out, j, value)
 
 
 @functools.cache
-def running_sum(k: int, stream: bool):
-    """The kernel of an unweighted sum of ``k`` (2-4) arrays of ``out``'s dtype: ``kernel(out, x0, x1,
-    x2, x3, start, stop)`` writes ``((x0 + x1) + x2) + x3`` over ``[start, stop)``, each partial sum
-    computed in float32 and rounded to the dtype, as ``torch.add`` then ``Tensor.add_`` compute it:
-    one pass over memory where torch makes ``k - 1``. With ``stream``, each block of results is
-    computed in cache and written out with non-temporal stores (:func:`_stream_out`)."""
+def elementwise(op: str, k: int, stream: bool):
+    """The kernel ``kernel(out, x0, x1, x2, x3, s, start, stop)`` of an element-wise op over ``[start,
+    stop)``, computed in float32 and rounded to ``out``'s dtype as torch computes it:
+
+    - ``op="sum"``: ``((x0 + x1) + x2) + x3`` over the first ``k`` (2-4) inputs, each partial sum
+      rounded to the dtype, as ``torch.add`` then ``Tensor.add_`` compute it: one pass over memory
+      where torch makes ``k - 1`` (``s`` unused);
+    - ``op="scale"``: ``x0 * s`` with float32 ``s``, as ``torch.mul`` by a Python scalar (``k=1``).
+
+    With ``stream``, entries up to the first cache-line boundary are written plainly, then each
+    block of results is computed in cache and written out with non-temporal stores
+    (:func:`_stream_out`), then the tail plainly again.
+    """
+    scaling = op == "scale"
 
     @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(out, x0, x1, x2, x3, start, stop):
+    def kernel(out, x0, x1, x2, x3, s, start, stop):
         if stream:
             head = start + _unaligned_head(out, start, stop)
-            _sum_span(out, x0, x1, x2, x3, start, head, k)
+            _elementwise_span(out, x0, x1, x2, x3, s, start, head, k, scaling)
             block = np.empty(_STREAM_BLOCK, out.dtype)
             start = head
             for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
                 hi = lo + _STREAM_BLOCK
-                _sum_span(block, x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], 0, _STREAM_BLOCK, k)
+                _elementwise_span(block, x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], s, 0, _STREAM_BLOCK, k, scaling)
                 _stream_out(block, out, lo)
                 start = hi
             _store_fence()
-        _sum_span(out, x0, x1, x2, x3, start, stop, k)
+        _elementwise_span(out, x0, x1, x2, x3, s, start, stop, k, scaling)
 
     return kernel
 
 
-@njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _scale_span(out, x, s, start, stop):
-    out, x = out[start:stop], x[start:stop]
-    for j in range(stop - start):
-        _put(out, j, _load(x, j) * s)
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def scaled(out, x, s, start, stop):
-    """``out = x * s`` over ``[start, stop)``, in float32 with float32 ``s`` and rounded to ``out``'s
-    dtype, as ``torch.mul`` by a Python scalar computes it, streamed as :func:`running_sum` with
-    ``stream`` does."""
-    head = start + _unaligned_head(out, start, stop)
-    _scale_span(out, x, s, start, head)
-    block = np.empty(_STREAM_BLOCK, out.dtype)
-    start = head
-    for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
-        _scale_span(block, x[lo:lo + _STREAM_BLOCK], s, 0, _STREAM_BLOCK)
-        _stream_out(block, out, lo)
-        start = lo + _STREAM_BLOCK
-    _store_fence()
-    _scale_span(out, x, s, start, stop)
-
-
-MAX_INPUTS = 4  # the slots x0..x3 of :func:`ties`
 
 
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
@@ -268,7 +254,6 @@ def _ties_span(out, x0, x1, x2, x3, l0, l1, l2, l3, w0, w1, w2, w3, scale, start
             kept += a
             count += one if a > 0 else np.float32(0.0)
         _put(out, j, (kept * e) / max(count, one) * scale)
-
 
 
 @functools.cache

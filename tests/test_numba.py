@@ -369,8 +369,8 @@ def test_scale_and_add_kernels_match_torch(dtype, n, s):
 def test_kernel_closures_hold_only_constants_so_that_numba_caches_them():
     """Numba keys a cached closure by its pickled cell contents: a compiled function among them
     pickles differently in every process, and the kernel was compiled anew each time (~1 s)."""
-    factories = [_kernels().ties(3, False), _kernels().add_deltas(2, True), _kernels().running_sum(3, True),
-                 _kernels().pack_magnitudes(True), _kernels().bracket_scan(False)]
+    factories = [_kernels().ties(3, False), _kernels().add_deltas(2, True), _kernels().elementwise("sum", 3, True),
+                 _kernels().elementwise("scale", 1, True), _kernels().pack_magnitudes(True), _kernels().bracket_scan(False)]
     for kernel in factories:
         cells = [c.cell_contents for c in kernel.py_func.__closure__ or ()]
         assert cells and all(type(c) in (int, bool) for c in cells), f"{kernel.py_func.__qualname__}: {cells}"
