@@ -8,7 +8,6 @@ See ``docs/cli.md`` for both formats and the mergekit mapping table.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import merging
+from . import _yaml, merging
 from .errors import TaskArithError
 from .io import SHARD_INDEX, SINGLE_FILE
 
@@ -28,6 +27,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
 NATIVE_KEYS = ("method", "base", "models", "vectors", "options", "dtype")
 MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed")
 MERGEKIT_METHODS = ("task_arithmetic", "ties", "dare_ties")
+_SHOWN = 20  # problems listed in one message; values are shown up to _SHORT characters
+_SHORT = 80
 _REFUSED = {
     "slices": "per-layer 'slices' (layer stacking) have no taskarith equivalent; merge whole models",
     "tokenizer": "'tokenizer' blocks are not supported: the output takes the base model's tokenizer files",
@@ -55,13 +56,9 @@ class Plan:
 
 
 def load(path, *, seed: int | None = None, output=None) -> Plan:
-    """Read and validate the config file at ``path`` (YAML or JSON)."""
+    """Read and validate the config file at ``path``: YAML or JSON text, UTF-8 (or UTF-16/32 with a BOM)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise TaskArithError(f"cannot read the config {str(path)!r}: {err.strerror or err}") from None
-    return parse(text, name=str(path), seed=seed, output=output)
+    return parse(_yaml.read(path), name=str(path), seed=seed, output=output)
 
 
 def parse(text: str, *, name: str = "<config>", seed: int | None = None, output=None) -> Plan:
@@ -76,8 +73,9 @@ def parse(text: str, *, name: str = "<config>", seed: int | None = None, output=
     doc = _Doc(text, name)
     data = doc.data
     if not isinstance(data, dict):
-        raise TaskArithError(f"{name}: a merge config is a mapping of keys (method, models, ...), "
-                             f"got {type(data).__name__}; see docs/cli.md")
+        got = "nothing (the file is empty or only comments)" if data is None else _got(data)
+        raise TaskArithError(f"{name}: a merge config is a mapping of keys (method: ..., models: ... or "
+                             f"merge_method: ..., base_model: ...), got {got}; see docs/cli.md")
     if "merge_method" in data or "base_model" in data:
         plan = _mergekit(doc, data, seed)
     else:
@@ -90,6 +88,21 @@ def parse(text: str, *, name: str = "<config>", seed: int | None = None, output=
     return plan
 
 
+def _got(value) -> str:
+    """``value`` for a message, with its YAML/JSON type: "a list [1, 2]", "text 'x'", "nothing"."""
+    kinds = {bool: "a boolean", int: "the number", float: "the number", str: "text", list: "a list",
+             dict: "a mapping", tuple: "a list"}
+    if value is None or isinstance(value, _yaml.OutOfRange):
+        return "nothing" if value is None else f"{value!r}, out of range"
+    return f"{kinds.get(type(value), type(value).__name__)} {_show(value)}"
+
+
+def _show(value, form=repr) -> str:
+    """``form(value)`` cut to a readable length: a hostile config must not make a megabyte message."""
+    text = form(value)
+    return text if len(text) <= _SHORT else text[:_SHORT - 12] + "…" + text[-10:]
+
+
 # ------------------------------------------------------------------ document
 
 
@@ -97,48 +110,16 @@ class _Doc:
     """Parsed config data plus the line of every key, and the problems found so far."""
 
     def __init__(self, text: str, name: str):
-        self.name, self.lines, self.problems = name, {}, []
-        try:
-            import yaml
-        except ImportError:  # JSON still works without PyYAML (no line numbers)
-            if not name.endswith(".json"):
-                raise TaskArithError("reading YAML configs needs PyYAML (pip install pyyaml), or write the config "
-                                     "as JSON") from None
-            try:
-                self.data = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise TaskArithError(f"{name}: line {err.lineno}: not valid JSON: {err.msg}") from None
-            return
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            self.data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark is not None else ""
-            raise TaskArithError(f"{name}: {where}not valid YAML: {getattr(err, 'problem', None) or err}") from None
-        if node is not None:
-            self._walk(node, (), yaml)
-
-    def _walk(self, node, path: tuple, yaml) -> None:
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, value in node.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-                self.lines[path + (key,)] = key_node.start_mark.line + 1
-                if key in seen:
-                    self.problem(path + (key,), "duplicate key (the later value would silently win); keep one")
-                seen.add(key)
-                self._walk(value, path + (key,), yaml)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self.lines[path + (i,)] = item.start_mark.line + 1
-                self._walk(item, path + (i,), yaml)
+        self.name, self.problems = name, []
+        self.data, self.lines, duplicates = _yaml.load(text, name)
+        for path in duplicates:
+            self.problem(path, "duplicate key (the later value would silently win); keep one")
 
     def problem(self, path: tuple, message: str) -> None:
-        self.problems.append((path, message))
+        self.problems.append((path, message if len(message) <= 8 * _SHORT else message[:8 * _SHORT] + "…"))
 
     def where(self, path: tuple) -> str:
-        dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+        dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{_show(p, str)}" for p in path).lstrip(".")
         line = next((self.lines[path[:k]] for k in range(len(path), 0, -1) if path[:k] in self.lines), None)
         parts = [f"line {line}" if line else "", dotted]
         return ", ".join(p for p in parts if p)
@@ -147,8 +128,11 @@ class _Doc:
         if not self.problems:
             return
         order = sorted(self.problems, key=lambda pm: self.lines.get(pm[0], 0))
-        shown = "; ".join(f"{self.where(p)}: {m.rstrip('.')}" if self.where(p) else m.rstrip(".") for p, m in order)
         count = len(order)
+        shown = "; ".join(f"{self.where(p)}: {m.rstrip('.')}" if self.where(p) else m.rstrip(".")
+                          for p, m in order[:_SHOWN])
+        if count > _SHOWN:
+            shown += f"; ... ({count - _SHOWN} more)"
         raise TaskArithError(f"{self.name}: {count} problem{'s' * (count != 1)}: {shown}. "
                              "See docs/cli.md for the config format.")
 
@@ -159,53 +143,62 @@ class _Doc:
             return float(value)
         hint = ""
         if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
-            hint = " (YAML 1.1 reads exponents without a dot as text: write e.g. 1.0e-3)"
-        self.problem(path, f"expected a finite number, got {value!r}{hint}")
+            hint = " (YAML 1.1 reads an exponent as a number only with a dot and a sign: write e.g. 1.0e-3, 1.0e+3)"
+        got = _got(value) if isinstance(value, _yaml.OutOfRange) else _show(value)
+        self.problem(path, f"expected a finite number, got {got}{hint}")
         return None
 
     def mapping(self, path: tuple, value, allowed: tuple, *, refused: tuple = ()) -> dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            self.problem(path, f"expected a mapping of {', '.join(allowed)}, got {type(value).__name__}")
+            self.problem(path, f"expected a mapping of {', '.join(allowed)}, got {_got(value)}")
             return {}
         for key in value:
             if key not in allowed and key not in refused:
-                self.problem(path + (key,), f"unknown key {key!r}; valid keys: {', '.join(allowed)}")
+                self.problem(path + (key,), f"unknown key {_show(key)}; valid keys: {', '.join(allowed)}")
         return value
 
     def checkpoint(self, path: tuple, value, *, vector: bool = False) -> Path | None:
         if not isinstance(value, str) or not value:
-            self.problem(path, f"expected a path, got {value!r}")
+            self.problem(path, f"expected a path (text), got {_got(value)}")
             return None
-        p = Path(value).expanduser()
-        if not p.exists():
+        shown = _show(value)
+        try:  # relative paths are relative to the current directory, as in mergekit
+            p = Path(value).expanduser()
+            exists, is_file = p.exists(), p.is_file()
+            is_model = is_file or (p / SINGLE_FILE).is_file() or (p / SHARD_INDEX).is_file()
+        except (OSError, ValueError, RuntimeError) as err:  # a NUL byte, an unknown ~user, a name too long
+            self.problem(path, f"cannot use the path {shown}: {getattr(err, 'strerror', None) or err}")
+            return None
+        if not exists:
             hint = ""
             if re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not vector:
                 hint = (" (taskarith reads local checkpoints only: download it first, e.g. "
                         f"`huggingface-cli download {value} --local-dir DIR`, and give DIR)")
-            self.problem(path, f"no such file {value!r}{hint}")
+            self.problem(path, f"no such file {shown}{hint}")
             return None
-        if vector or p.is_file():
-            if p.suffix != ".safetensors" or not p.is_file():
-                self.problem(path, f"{value!r} is not a .safetensors file" + ("" if vector else " or a model folder"))
+        if vector or is_file:
+            if p.suffix != ".safetensors" or not is_file:
+                self.problem(path, f"{shown} is not a .safetensors file" + ("" if vector else " or a model folder"))
                 return None
-        elif not ((p / SINGLE_FILE).is_file() or (p / SHARD_INDEX).is_file()):
-            self.problem(path, f"folder {value!r} holds neither {SINGLE_FILE} nor {SHARD_INDEX}")
+        elif not is_model:
+            self.problem(path, f"folder {shown} holds neither {SINGLE_FILE} nor {SHARD_INDEX}")
             return None
         return p
 
     def dtype(self, path: tuple, value) -> torch.dtype | None:
         if value is None:
             return None
-        if value not in DTYPES:
-            self.problem(path, f"unknown dtype {value!r}; valid: {', '.join(DTYPES)}")
+        if not isinstance(value, str) or value not in DTYPES:
+            self.problem(path, f"unknown dtype {_show(value)}; valid: {', '.join(DTYPES)}")
             return None
         return DTYPES[value]
 
     def method_options(self, method_path: tuple, options_path: tuple, method, options: dict) -> dict:
         if not isinstance(method, str) or method not in merging.methods():
-            self.problem(method_path, f"unknown merge method {method!r}; valid: {', '.join(sorted(merging.methods()))}")
+            self.problem(method_path, f"unknown merge method {_show(method)}; valid: "
+                         f"{', '.join(sorted(merging.methods()))}")
             return options
         try:
             return merging.lookup(method, options)[1]
@@ -260,7 +253,7 @@ def _native(doc: _Doc, data: dict, seed: int | None) -> Plan | None:
     elif valid is not None:  # unknown keys get their own line; lookup checks the values
         doc.mapping(("options",), options, tuple(valid) or ("none: this method takes no options",))
         options = {k: v for k, v in options.items() if k in valid}
-    if seed is not None and method in merging.methods() and merging.methods()[method].randomized:
+    if seed is not None and _method_options(method) is not None and merging.methods()[method].randomized:
         options["seed"] = seed
     options = doc.method_options(("method",), ("options",), method, options)
     dtype = doc.dtype(("dtype",), data.get("dtype"))
@@ -282,12 +275,12 @@ def _mergekit(doc: _Doc, data: dict, seed: int | None) -> Plan | None:
             doc.problem((key,), why)
     method = data.get("merge_method")
     if method not in MERGEKIT_METHODS:
-        doc.problem(("merge_method",), f"mergekit method {method!r} is not supported; supported: "
+        doc.problem(("merge_method",), f"mergekit method {_show(method)} is not supported; supported: "
                     f"{', '.join(MERGEKIT_METHODS)} (taskarith's other methods are available in its own config "
                     "format, see docs/cli.md)")
     source = data.get("tokenizer_source")
     if source not in (None, "base"):
-        doc.problem(("tokenizer_source",), f"tokenizer_source {source!r} is not supported: the output takes the "
+        doc.problem(("tokenizer_source",), f"tokenizer_source {_show(source)} is not supported: the output takes the "
                     "base model's tokenizer (remove the key or write 'base')")
     base_text = data.get("base_model")
     base = None
@@ -301,7 +294,7 @@ def _mergekit(doc: _Doc, data: dict, seed: int | None) -> Plan | None:
     flags = {}
     for key in ("normalize", "int8_mask", "rescale"):
         if key in top and not isinstance(top[key], bool):
-            doc.problem(("parameters", key), f"expected true or false, got {top[key]!r}")
+            doc.problem(("parameters", key), f"expected true or false, got {_got(top[key])}")
         flags[key] = top.get(key)
 
     models = data.get("models")
@@ -318,7 +311,7 @@ def _mergekit(doc: _Doc, data: dict, seed: int | None) -> Plan | None:
             continue
         if name is not None and base_text is not None and _same_path(name, base_text):
             continue  # mergekit lists the base among the models and skips it
-        if isinstance(name, str) and "+" in name and not Path(name).exists():
+        if isinstance(name, str) and "+" in name and not _exists(name):
             doc.problem(path + ("model",), "'model+lora' references are not supported: merge the adapter into "
                         "the model first and give its folder")
             continue
@@ -332,8 +325,9 @@ def _mergekit(doc: _Doc, data: dict, seed: int | None) -> Plan | None:
         weights.append(weight)
         densities.append((values.get("density", defaults.get("density", 1.0)), path + ("parameters", "density")))
     if not sources and models:
-        doc.problem(("models",), "no model to merge besides the base model")
-    if method not in MERGEKIT_METHODS or None in weights or any(d is None for d, _ in densities):
+        doc.problem(("models",), "no model to merge besides the base model: list the fine-tuned models")
+    if not sources or method not in MERGEKIT_METHODS or None in weights or None in defaults.values() \
+            or any(d is None for d, _ in densities):
         return None
     return _map_mergekit(doc, method, base, sources, weights, densities, defaults, flags, data, seed)
 
@@ -353,7 +347,14 @@ def _same_path(a, b) -> bool:
         return False
     try:
         return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-    except OSError:
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, an unknown ~user: checkpoint() reports it
+        return False
+
+
+def _exists(value: str) -> bool:
+    try:
+        return Path(value).exists()
+    except (OSError, ValueError):
         return False
 
 
@@ -370,6 +371,8 @@ def _map_mergekit(doc, method, base, sources, weights, densities, defaults, flag
                 doc.problem(path, "task_arithmetic does not sparsify: remove 'density' or use ties / dare_ties")
         if normalize:
             total = sum(weights)
+            if not math.isfinite(total):
+                doc.problem(("models",), f"the weights {_show(weights)} sum to {total}: use smaller weights")
             total = 1.0 if abs(total) < 1e-8 else total
             weights = [w / total for w in weights]
     else:
@@ -388,6 +391,9 @@ def _map_mergekit(doc, method, base, sources, weights, densities, defaults, flag
                             "rescales the kept entries by 1/density")
             options.update(drop=1.0 - density, sign="sum")
             chosen = seed if seed is not None else data.get("seed")
+            if chosen is not None and (isinstance(chosen, bool) or not isinstance(chosen, int)):
+                doc.problem(("seed",), f"expected an integer seed, got {_got(chosen)}")
+                chosen = 0
             if chosen is None:
                 doc.problem(("merge_method",), "dare_ties is random: add 'seed: N' to the config or pass --seed N "
                             "(taskarith makes random merges reproducible)")

@@ -13,8 +13,10 @@ import argparse
 import json
 import math
 import os
+import re
+import signal
 import sys
-import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,9 +24,10 @@ import torch
 
 from . import _config, _extract, merging, metrics, streaming
 from ._config import DTYPES
-from .errors import TaskArithError
-from .io import load_state_dict, write_safetensors
-from .vector import TaskVector
+from .errors import BaseMismatchError, TaskArithError
+from .io import Checkpoint, check_output, load_state_dict, scratch_folder, write_safetensors
+from .io._writer import MODEL_METADATA
+from .vector import TaskVector, _checked_scalar
 
 __all__ = ["main"]
 
@@ -46,21 +49,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     debug = getattr(args, "debug", False)
     try:
-        args.run(args, parser)
+        with _terminate_as_interrupt():
+            args.run(args, parser)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    except _Terminated:
+        print("taskarith: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("taskarith: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # every failure becomes one line unless --debug
         if debug:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = _cli_words(" ".join(str(err).split()) or type(err).__name__)
         if not isinstance(err, (TaskArithError, OSError)):  # unexpected: say what it was and how to see more
             message = f"{type(err).__name__}: {message} (run with --debug for the traceback)"
         print(f"taskarith: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every temporary file is removed on the way out."""
+
+
+class _terminate_as_interrupt:
+    def __enter__(self):
+        self.previous = None
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise _Terminated()
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+# How the Python API's messages name options, and the flags a command-line user types instead.
+_FLAGS = [
+    (r"\boverwrite=True", "--overwrite"),
+    (r"\bon_base_mismatch='ignore'", "--on-base-mismatch ignore"),
+    (r"\bon_base_mismatch='raise'", "--on-base-mismatch raise"),
+    (r"\ballow_pickle=True", "--allow-pickle"),
+    (r"\bcheck_finite=True", "--check-finite"),
+    (r"\bstrict=False", "--partial"),
+    (r"\bmax_memory\b", "--max-memory"),
+    (r"\bshard_size\b", "--shard-size"),
+]
+
+
+def _cli_words(message: str) -> str:
+    """A library message in the command line's words: its flags instead of Python keywords."""
+    for pattern, flag in _FLAGS:
+        message = re.sub(pattern, flag, message)
+    return message
 
 
 # ------------------------------------------------------------------ parser
@@ -86,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="store deltas in this dtype (default: float32 for half-precision weights, else theirs)")
     p.add_argument("--check-finite", action="store_true", help="fail if a delta holds NaN or inf")
     p.add_argument("--allow-pickle", action="store_true", help="also read .bin/.pt checkpoints (weights_only)")
+    _overwrite_flag(p)
     p.set_defaults(run=_extract_cmd)
 
     p = sub.add_parser("apply", parents=[common], help="add scaled task vectors to a model",
@@ -102,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="when a vector was extracted from another base (task transfer: ignore)")
     p.add_argument("--partial", action="store_true", help="allow vectors covering only part of the model")
     p.add_argument("--shard-size", default="5GB", metavar="SIZE", help="largest shard of a model folder (default 5GB)")
+    _overwrite_flag(p)
     p.set_defaults(run=_apply_cmd)
 
     p = sub.add_parser("merge", parents=[common], help="merge models or vectors as a config file says",
@@ -120,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved merge as JSON, and stop")
+    p.add_argument("--strict", action="store_true", help="when merging vectors onto a base, refuse vectors extracted "
+                   "from another base (default: warn)")
+    _overwrite_flag(p)
     p.set_defaults(run=_merge_cmd)
 
     p = sub.add_parser("inspect", parents=[common], help="sizes, norms, sparsity, cosines and sign conflicts",
@@ -132,6 +185,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=_number, default=0.0, help="entries with |x| <= ATOL count as zero (default 0)")
     p.set_defaults(run=_inspect_cmd)
     return parser
+
+
+def _overwrite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output that taskarith did not write "
+                   "(an output taskarith wrote is replaced without it; an input never is)")
+
+
+def _check_output(args, *inputs, folder: bool) -> Path:
+    """Refuse, before any work, an output that would destroy an input or a file taskarith did not write."""
+    return check_output(args.output, inputs=inputs, overwrite=args.overwrite, folder=folder, flag="--overwrite")
 
 
 def _number(text: str) -> float:
@@ -160,9 +223,10 @@ def _log(message: str) -> None:
 
 def _extract_cmd(args, parser) -> None:
     out = _safetensors_output(parser, args)
+    _check_output(args, args.base, args.finetuned, folder=False)
     tv = TaskVector.from_models(args.base, args.finetuned, dtype=DTYPES.get(args.dtype),
                                 check_finite=args.check_finite, allow_pickle=args.allow_pickle)
-    tv.save(out)
+    tv.save(out, overwrite=True)  # checked above
     _log(f"wrote {out} ({len(tv)} tensors, {tv.numel():,} entries, norm {tv.norm():.6g})")
 
 
@@ -211,7 +275,10 @@ def _apply_cmd(args, parser) -> None:
     missing = [p for p, _ in pairs if not Path(p).is_file()]
     if missing:
         raise TaskArithError(f"no such vector file(s): {', '.join(map(repr, missing))}")
+    _check_output(args, args.base, *(p for p, _ in pairs), folder=Path(args.output).suffix != ".safetensors")
     vectors = [TaskVector.load(p) for p, _ in pairs]
+    for (path, scale), vector in zip(pairs, vectors):
+        _checked_scalar(scale, f"the scale of {path!r}", list(vector.dtypes))
     total = TaskVector.sum(vectors, [s for _, s in pairs]) if len(vectors) > 1 or pairs[0][1] != 1.0 else vectors[0]
     state = load_state_dict(args.base)
     edited = total.apply_to(state, strict=not args.partial, on_base_mismatch=args.on_base_mismatch)
@@ -228,6 +295,9 @@ def _merge_cmd(args, parser) -> None:
         parser.error("merge: --max-memory limits the out-of-core merge; --device merges in memory. Pick one.")
     out = Path(args.output)
     plan = _config.load(args.config, seed=args.seed, output=out)
+    _check_output(args, args.config, plan.base, *plan.sources, folder=out.suffix != ".safetensors")
+    if plan.kind == "vectors" and plan.base is not None:
+        _check_vector_bases(plan, strict=args.strict)
     if args.dry_run:
         print(json.dumps(plan.describe(), indent=2))
         return
@@ -238,24 +308,52 @@ def _merge_cmd(args, parser) -> None:
     _log(f"wrote {out} ({plan.method} of {len(plan.sources)} {plan.kind})")
 
 
+def _check_vector_bases(plan, *, strict: bool) -> None:
+    """Vectors merged onto a base were extracted from it: their recorded fingerprints must match it,
+    as ``apply`` checks (a warning by default, an error with ``--strict``)."""
+    base = Checkpoint(plan.base)
+    others = []
+    for source in plan.sources:
+        vector = Checkpoint(source)
+        recorded = vector.metadata.get("taskarith.base_fingerprint")
+        if recorded is None:
+            continue
+        aliases = json.loads(vector.metadata.get("taskarith.aliases", "{}"))
+        probe = {}
+        for name in vector.names():
+            found = [n for n in (name, *(a for a, c in aliases.items() if c == name)) if n in base]
+            if not found:
+                break  # the names are checked when the vector is applied
+            probe[name] = base.tensor(found[0])
+        else:
+            if _extract.fingerprint(probe, list(probe)) != recorded:
+                others.append(str(source))
+    if others:
+        message = (f"{len(others)} vector file(s) were extracted from a different base model than "
+                   f"{str(plan.base)!r}: {', '.join(map(repr, others))}. That is fine for deliberate task transfer; "
+                   "otherwise check the config's base")
+        if strict:
+            raise BaseMismatchError(message + " (or drop --strict to merge anyway).")
+        warnings.warn(message + " (--strict refuses such a merge).", stacklevel=2)
+
+
 def _merge_out_of_core(plan, out: Path, max_memory, shard_size, progress) -> None:
     streaming.hold_freed_memory()  # this process only merges: reuse freed memory, fewer page faults
-    common = dict(weights=plan.weights, max_memory=max_memory, progress=progress, **plan.options)
+    common = dict(weights=plan.weights, max_memory=max_memory, progress=progress, overwrite=True, **plan.options)
     if plan.kind == "models" and out.suffix != ".safetensors":
         streaming.merge_files(plan.base, plan.sources, out, plan.method, dtype=plan.dtype,
                               shard_size=shard_size, **common)
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    if plan.base is None:
+        streaming.merge_files(None, plan.sources, out, plan.method, dtype=plan.dtype, **common)
+        return
+    with scratch_folder(out) as tmp:
         if plan.kind == "models":  # one file: merge into an unsharded folder, keep its weights
-            folder = streaming.merge_files(plan.base, plan.sources, Path(tmp) / "model", plan.method,
+            folder = streaming.merge_files(plan.base, plan.sources, tmp / "model", plan.method,
                                            dtype=plan.dtype, shard_size=1 << 62, **common)
             os.replace(folder / "model.safetensors", out)
-        elif plan.base is None:
-            streaming.merge_files(None, plan.sources, out, plan.method, dtype=plan.dtype, **common)
         else:  # vectors onto a base: merge the vectors out of core, then apply
-            merged = streaming.merge_files(None, plan.sources, Path(tmp) / "merged.safetensors", plan.method,
-                                           **common)
+            merged = streaming.merge_files(None, plan.sources, tmp / "merged.safetensors", plan.method, **common)
             vector = TaskVector.load(merged)
             save_model(applied(load_state_dict(plan.base), vector, plan.dtype), out, like=plan.base,
                        shard_size=shard_size)
@@ -271,7 +369,7 @@ def _merge_in_memory(plan, out: Path, device: torch.device, shard_size) -> None:
                            dtype=plan.dtype if base is None else None, **plan.options).to("cpu")
     del vectors
     if base is None:
-        merged.save(out)
+        merged.save(out, overwrite=True)  # the output was checked before the merge
         return
     save_model(applied(base, merged, plan.dtype), out, like=plan.base, shard_size=shard_size)
 
@@ -298,12 +396,13 @@ def save_model(state: Mapping[str, torch.Tensor], out, *, like=None, shard_size=
     """
     out = Path(out)
     if out.suffix == ".safetensors":
-        write_safetensors(out, [(n, t.contiguous()) for n, t in state.items()], {"format": "pt"})
+        write_safetensors(out, [(n, t.contiguous()) for n, t in state.items()], MODEL_METADATA)
         return out
     from . import hf
 
     like = Path(like) if like is not None and Path(like).is_dir() else None
-    return Path(hf.save_model(dict(state), out, like=like, shard_size=shard_size))
+    # The command checked the output against its inputs before any work.
+    return Path(hf.save_model(dict(state), out, like=like, shard_size=shard_size, overwrite=True))
 
 
 def _inspect_cmd(args, parser) -> None:

@@ -19,10 +19,7 @@ back on load because the values are equal.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,14 +27,10 @@ import torch
 
 from . import _extract
 from .errors import KeyMismatchError, ShapeMismatchError, TaskArithError, format_names
-from .io import SHARD_INDEX, SINGLE_FILE, load_state_dict, write_safetensors
-from .streaming import Checkpoint, _atomic_dir, parse_bytes
+from .io import SHARD_INDEX, SINGLE_FILE, Checkpoint, check_output, load_state_dict, parse_bytes, write_model
 
 __all__ = ["save_model"]
 
-# Weight files of any framework, and their shard indexes: never copied from ``like``
-# (they would be stale next to the new weights).
-_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|msgpack|h5|gguf|onnx)$|.*\.index\.json$")
 
 
 def save_model(
@@ -47,6 +40,7 @@ def save_model(
     like: str | os.PathLike | None = None,
     shard_size: str | int = "5GB",
     strict: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write a full state_dict as a Hugging Face model folder, atomically.
 
@@ -55,15 +49,18 @@ def save_model(
     ``model.safetensors.index.json`` (``metadata.total_size`` in bytes of tensor
     data and a ``weight_map``); every file carries the ``{"format": "pt"}``
     metadata Transformers expects. Everything else in ``like`` is copied:
-    ``config.json``, ``generation_config.json``, tokenizer files, the model card
-    and subfolders, except weight files of any format and hidden entries
-    (``.git``, ``.cache``). The folder is built beside ``out`` and swapped in
-    only when complete; on any error ``out`` is left as it was.
+    ``config.json`` (its ``torch_dtype`` set to the written weights' dtype),
+    ``generation_config.json``, tokenizer files, the model card and subfolders,
+    except weight files of any format, hidden entries (``.git``, ``.cache``) and
+    symlinks leading out of ``like``. The folder is built beside ``out`` and
+    swapped in only when complete; on any error ``out`` is left as it was.
 
     Args:
         state_dict: the weights (``nn.Module`` or mapping of names to tensors),
             e.g. the result of :meth:`TaskVector.apply_to`.
-        out: the folder to write (replaced if it exists).
+        out: the folder to write. An existing folder is replaced only if taskarith
+            wrote it (it holds the marker ``.taskarith-output``) or is empty, or with
+            ``overwrite=True``; ``out`` must not be, hold or lie inside ``like``.
         like: the base model's folder, whose non-weight files are copied and
             whose stored names decide how tied weights are written.
         shard_size: largest shard, as bytes or a string such as ``"5GB"`` or
@@ -72,6 +69,7 @@ def save_model(
             shapes to be exactly its names and shapes (all differences are
             reported at once). Pass ``False`` to write a different architecture
             next to ``like``'s config on purpose.
+        overwrite: replace an existing ``out`` that taskarith did not write.
 
     Returns:
         ``out`` as a :class:`~pathlib.Path`.
@@ -81,36 +79,21 @@ def save_model(
         >>> from taskarith import hf
         >>> out = hf.save_model(torch.nn.Linear(3, 2), os.path.join(tempfile.mkdtemp(), "model"))
         >>> sorted(p.name for p in out.iterdir())
-        ['model.safetensors']
+        ['.taskarith-output', 'model.safetensors']
     """
     state = load_state_dict(state_dict)
-    shard_bytes = parse_bytes(shard_size)
-    if shard_bytes <= 0:
-        raise TaskArithError(f"shard_size must be positive, got {shard_size!r}")
-    out = Path(out)
+    shard_bytes = parse_bytes(shard_size, what="shard_size")
     like = None if like is None else Path(like)
     if like is not None and not like.is_dir():
         raise TaskArithError(f"like={str(like)!r} is not a folder: pass the base model's folder (it holds config.json)")
+    out = check_output(out, inputs=[like], overwrite=overwrite, folder=True)
     stored = _stored_shapes(like)
     names = _names_to_write(state, stored)
     if not names:
         raise TaskArithError("the state_dict is empty: there is nothing to write")
     if stored is not None and strict:
         _check_like(state, names, stored, like)
-    shards = _plan_shards(state, names, shard_bytes)
-    with _atomic_dir(out) as tmp:
-        weight_map = {}
-        for number, shard in enumerate(shards, 1):
-            file = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(tmp / file, [(n, state[n]) for n in shard], {"format": "pt"})
-            weight_map.update({n: file for n in shard})
-        if len(shards) > 1:
-            total = sum(state[n].numel() * state[n].element_size() for n in names)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        if like is not None:
-            _copy_extras(like, tmp)
-    return out
+    return write_model(out, [(n, state[n]) for n in names], shard_bytes=shard_bytes, like=like)
 
 
 def _stored_shapes(like: Path | None) -> dict[str, tuple[int, ...]] | None:
@@ -155,30 +138,3 @@ def _check_like(state, names: list[str], stored: Mapping[str, tuple], like: Path
     parts.append("write the model the folder describes, or pass strict=False to write a different one on purpose.")
     error = KeyMismatchError if missing or extra else ShapeMismatchError
     raise error(" ".join(parts), **({"missing": missing, "extra": extra} if error is KeyMismatchError else {}))
-
-
-def _plan_shards(state, names: list[str], shard_bytes: int) -> list[list[str]]:
-    """Consecutive names packed greedily into shards of at most ``shard_bytes`` (a larger tensor stands alone)."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
-def _copy_extras(like: Path, tmp: Path) -> None:
-    def ignore(_folder, entries):
-        return [e for e in entries if e.startswith(".") or _WEIGHT_FILE.match(e)]
-
-    for entry in sorted(like.iterdir()):
-        if entry.name in ignore(like, [entry.name]):
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, tmp / entry.name, ignore=ignore)
-        elif entry.is_file():
-            shutil.copy2(entry, tmp / entry.name)

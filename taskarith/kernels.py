@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import _numba, _parallel
-from .errors import TaskArithError
+from .errors import NonFiniteError, TaskArithError
 
 __all__ = [
     "dare_mask",
@@ -78,7 +78,7 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     # One reduction usually settles it: the sum is NaN only with a NaN (or +inf and -inf) present.
     if math.isnan(float(flat.sum())) and bool(torch.isnan(flat).any()):
-        raise TaskArithError("cannot select the largest entries of scores containing NaN")
+        raise NonFiniteError(_NAN)
     threshold, excess = _select(flat, k)
     threshold = threshold.to(flat.device)
     mask = flat >= threshold
@@ -97,7 +97,7 @@ def _select(flat: torch.Tensor, k: int, *, inplace: bool = False, magnitudes: bo
     ``inplace=True`` lets a CPU selection reorder ``flat`` instead of copying it.
     ``magnitudes=True`` promises values >= 0: their IEEE bit patterns then sort
     like the values, and selecting on integers runs ~3x faster (on the CPU, a
-    NaN among them raises :class:`TaskArithError`).
+    NaN among them raises :class:`NonFiniteError`).
     """
     n = flat.numel()
     if flat.device.type == "cpu" and flat.dtype in _NUMPY_SELECT:
@@ -164,7 +164,7 @@ def trim_threshold(
     with ``|x| == t`` are dropped too (ties go to the lowest indices), else
     None. ``k = 0`` gives ``t = inf``. ``scratch`` (1-D, at least as long as
     ``values``) holds the magnitudes, saving an allocation per call. Raises
-    :class:`TaskArithError` if ``values`` holds NaN.
+    :class:`NonFiniteError` if ``values`` holds NaN.
 
     Example:
         >>> trim_threshold(torch.tensor([1.0, -2.0, 2.0, 0.5]), 1)
@@ -246,7 +246,7 @@ def _select_magnitude_array(magnitudes: np.ndarray, k: int) -> tuple[float, int]
     # NaN's bit patterns exceed every number's, so a NaN is among the k largest, which the selection
     # left at the end: checking them costs a fraction of a pass over all n.
     if bits[bits.size - k:].max() > _INF_BITS[magnitudes.dtype]:
-        raise TaskArithError(_NAN)
+        raise NonFiniteError(_NAN)
     return float(threshold.view(magnitudes.dtype)), excess
 
 
@@ -340,7 +340,7 @@ def bracket_select(parts: list[torch.Tensor], k: int) -> tuple[float, int] | Non
     """:func:`select_magnitudes` of ``|x|`` over the concatenation of flat float32 CPU tensors ``parts``,
     without a copy of all magnitudes: ``(threshold, excess)``, or None where the sample's bracket
     misses the k-th largest or would hold too many entries (select the usual way then). Raises
-    :class:`TaskArithError` if any entry is NaN.
+    :class:`NonFiniteError` if any entry is NaN.
 
     Example:
         >>> bracket_select([torch.tensor([1.0, -2.0]), torch.tensor([2.0, 0.5])], 1) is None  # too small
@@ -384,7 +384,7 @@ def bracket_select(parts: list[torch.Tensor], k: int) -> tuple[float, int] | Non
 
     _parallel.run(sizes, scan)
     if any(nan for _, nan, _ in found):
-        raise TaskArithError(_NAN)
+        raise NonFiniteError(_NAN)
     if any(c is None for _, _, c in found):
         return None
     above = sum(a for a, _, _ in found)
@@ -402,7 +402,7 @@ def bracket_select(parts: list[torch.Tensor], k: int) -> tuple[float, int] | Non
 def select_magnitudes(magnitudes: torch.Tensor, k: int) -> tuple[float, int]:
     """The k-th largest of non-negative ``magnitudes`` (reordered in place) and how many more
     entries than k reach it; ``(inf, 0)`` for k <= 0 and ``(0.0, 0)`` for k >= n. Raises
-    :class:`TaskArithError` if any is NaN.
+    :class:`NonFiniteError` if any is NaN.
 
     Example:
         >>> select_magnitudes(torch.tensor([1.0, 2.0, 2.0, 0.5]), 1)
@@ -493,7 +493,7 @@ def row_thresholds(rows: torch.Tensor, k: int) -> list[tuple[float, int]]:
     bits.partition(n - k, axis=1)
     top = magnitudes[:, n - k:]
     if math.isnan(float(top.max())):  # NaN's bit patterns exceed every number's: among the k largest
-        raise TaskArithError(_NAN)
+        raise NonFiniteError(_NAN)
     thresholds = bits[:, n - k]
     lower = bits[:, : n - k]
     # Ties below the k-th largest are rare in real deltas: a row's maximum settles it for most rows
@@ -508,7 +508,7 @@ def row_thresholds(rows: torch.Tensor, k: int) -> list[tuple[float, int]]:
 def check_no_nan(values: torch.Tensor) -> None:
     """Raise if ``values`` holds a NaN (one fast reduction; the exact scan only when it is NaN)."""
     if math.isnan(float(values.sum())) and bool(torch.isnan(values).any()):
-        raise TaskArithError(_NAN)
+        raise NonFiniteError(_NAN)
 
 
 _NAN = "cannot select the largest entries of scores containing NaN"

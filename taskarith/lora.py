@@ -21,13 +21,15 @@ and initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ,
 LoRA-GA) unless the adapter was converted back to plain LoRA when saved.
 Full weights stored in the adapter (``modules_to_save``, biases with
 ``bias="all"``/``"lora_only"``, embedding layers) become ``saved − base``
-deltas, which needs the ``base``.
+deltas, which needs the ``base``. PEFT trains a ``modules_to_save`` module as a
+copy, so merging unties it from weights tied to it (``lm_head`` and
+``embed_tokens`` with ``tie_word_embeddings``): the vector then gives each of
+those names its own delta, as ``merge_and_unload()`` does.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -37,46 +39,18 @@ from pathlib import Path
 import torch
 
 from . import _extract
+from ._lora_config import _FIX, CONFIG_FILE, WEIGHTS_FILE, _matching_key, _rank_and_scale, _read_config
 from .errors import KeyMismatchError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
 from .io import Source, load_state_dict
 from .vector import TaskVector
 
 __all__ = ["from_lora"]
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 _WRAPPER_PREFIX = "base_model.model."
 
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.[^.]+)?\.(?P<param>weight|bias)$")
 _EMBEDDING_FACTOR = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<side>A|B)(?:\.[^.]+)?$")
-
-_FIX = ("Merge the adapter with PEFT instead (model = peft_model.merge_and_unload()) and build the vector with "
-        "TaskVector.from_models(base, model).")
-
-# Options that, when set, make the adapter's effect something other than s·B@A on the base weights.
-_REFUSED = {
-    "use_dora": "DoRA rescales every column of W + ΔW by a learned magnitude, which is not a low-rank delta",
-    "layer_replication": "layer replication builds a deeper model than the base, so no delta of the base describes it",
-    "target_parameters": "LoRA on bare parameters (target_parameters) is not supported",
-    "trainable_token_indices": "trainable tokens store sparse embedding rows, which are not supported",
-    "alora_invocation_tokens": "activated LoRA (aLoRA) only acts after its invocation tokens and cannot be merged",
-    "use_qalora": "QALoRA pools the input before A, so ΔW is not B @ A",
-    "monteclora_config": "MonteCLoRA samples its factors, so the adapter has no single ΔW",
-    "use_bdlora": "BD-LoRA stores block-diagonal factors, which are not supported",
-    "arrow_config": "Arrow routes tokens between several LoRA experts, so the adapter has no single ΔW",
-    "kasa_config": "KaSA inserts learned singular values between A and B and truncates the base weight",
-}
-# Options that only steer training, targeting or (for the refused inits) initialisation: they do not change ΔW.
-_HARMLESS = {
-    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying",
-    "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layers_pattern",
-    "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config",
-    "megatron_config", "megatron_core", "modules_to_save", "peft_type", "peft_version", "qalora_group_size", "r",
-    "rank_pattern", "revision", "runtime_config", "target_modules", "task_type", "use_rslora", "velora_config",
-}
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-
 
 def from_lora(
     adapter: str | os.PathLike,
@@ -98,8 +72,12 @@ def from_lora(
             reported at once), names follow the base's (a wrapper prefix
             present on one side only is bridged), weights tied in the base share
             one delta, and full weights stored in the adapter become
-            ``saved − base``. Without it, names are the adapter's with PEFT's
-            ``base_model.model.`` prefix removed.
+            ``saved − base``; a ``modules_to_save`` weight tied in the base is
+            untied as PEFT's merge unties it (each name of the tie gets a delta,
+            zero if unchanged: load the result with ``tie_word_embeddings=False``;
+            a folder that ties the word embeddings cannot hold it and is refused,
+            pass the loaded model). Without ``base``, names are the adapter's
+            with PEFT's ``base_model.model.`` prefix removed.
         dtype: floating-point dtype in which ``B @ A`` is computed and stored.
         full: with ``base``, give every floating-point entry of the base a delta
             (zero where the adapter changes nothing), so that the vector
@@ -112,9 +90,12 @@ def from_lora(
         a :class:`~taskarith.TaskVector` of ``dtype`` deltas.
 
     Raises:
-        TaskArithError: for missing or invalid files, unsupported PEFT methods or
-            options (each named, with the reason), and factors inconsistent with
-            the config; :class:`~taskarith.KeyMismatchError` /
+        TaskArithError: for missing or invalid files, invalid ``r``,
+            ``lora_alpha``, ``rank_pattern`` or ``alpha_pattern`` values (all
+            listed, before any tensor is read), unsupported PEFT methods or
+            options (each named, with the reason), factors inconsistent with
+            the config, and merges a vector cannot express;
+            :class:`~taskarith.KeyMismatchError` /
             :class:`~taskarith.ShapeMismatchError` when ``base`` lacks a name or
             has another shape.
 
@@ -139,16 +120,18 @@ def from_lora(
     if full and base is None:
         raise TaskArithError("full=True needs the base model: pass base=... (the model the adapter was trained on)")
     folder = Path(adapter)
-    config = _read_config(folder)
+    config = _read_config(folder)  # every value is checked before any tensor is read
     tensors = _read_weights(folder, allow_pickle=allow_pickle)
-    factors, saved = _split(tensors, folder)
-    _check_ranks(factors, config)
+    factors, saved, layer_weights = _split(tensors, folder)
+    _check_ranks(factors, config, folder / CONFIG_FILE)
     if saved and base is None:
         raise TaskArithError(
             f"the adapter stores {len(saved)} full weights ({format_names(saved)}) from modules_to_save, "
             "bias training or saved embedding layers; their deltas are 'saved − base', so pass base=... "
             "(the model the adapter was trained on)."
         )
+    copies = _trained_copies(saved, layer_weights, config)
+    _check_untie_fits(copies, saved, base)
     base_state = None if base is None else load_state_dict(base, allow_pickle=allow_pickle)
     deltas: dict[str, torch.Tensor] = {}
     rename = (lambda name: name) if base_state is None else _aligner([f"{m}.weight" for m in factors] + list(saved), base_state)
@@ -156,65 +139,18 @@ def from_lora(
     for module, parts in factors.items():
         for name, delta in _lora_deltas(module, parts, config, base_state, rename, dtype).items():
             _accumulate(deltas, name, delta)
+    from_factors = set(deltas)
     for name, value in saved.items():
         target = base_state[rename(name)]
         _accumulate(deltas, rename(name), value.to(dtype) - target.detach().to(dtype))
     if base_state is None:
         return TaskVector(deltas)
-    return _in_base_terms(deltas, base_state, dtype, full)
+    # With ensure_weight_tying, PEFT saves the one trained copy of tied modules under each of their names.
+    tied_copies = set(deltas) - from_factors if config.get("ensure_weight_tying") else set()
+    return _in_base_terms(deltas, base_state, dtype, full, copies={rename(n) for n in copies}, tied_copies=tied_copies)
 
 
 # ------------------------------------------------------------------ reading
-
-
-def _read_config(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise TaskArithError(
-            f"{str(folder)!r} is not a folder: pass the folder PEFT's save_pretrained wrote "
-            f"(it holds {CONFIG_FILE} and {WEIGHTS_FILE})."
-        )
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        nested = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_FILE}"))
-        hint = f" Adapters were found in the subfolders {nested}: pass one of them." if nested else ""
-        raise TaskArithError(f"{str(folder)!r} holds no {CONFIG_FILE}, so it is not a PEFT adapter folder.{hint}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TaskArithError(f"{str(path)!r} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise TaskArithError(f"{str(path)!r} holds a {type(config).__name__}, not a JSON object")
-    _check_config(config, path)
-    return config
-
-
-def _check_config(config: dict, path: Path) -> None:
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise TaskArithError(
-            f"{str(path)!r} describes a {config.get('peft_type')!r} adapter; only peft_type 'LORA' adapters are "
-            f"deltas of the form s·B@A (LoHa, LoKr, IA3, AdaLoRA, prompt tuning and others are not supported). {_FIX}"
-        )
-    problems = [f"{key}={config[key]!r}: {why}" for key, why in _REFUSED.items() if config.get(key)]
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        problems.append(
-            f"init_lora_weights={init!r}: this initialisation rewrites the base weights, so the adapter is relative "
-            "to a base you do not have (save it with PEFT's path_initial_model_for_weight_conversion to get a plain "
-            "LoRA adapter of the original base)"
-        )
-    if config.get("bias", "none") not in ("none", "all", "lora_only"):
-        problems.append(f"bias={config.get('bias')!r}: expected 'none', 'all' or 'lora_only'")
-    unknown = sorted(k for k, v in config.items() if k not in _HARMLESS and k not in _REFUSED and v)
-    problems += [f"{k}={config[k]!r}: an option this version of taskarith does not know" for k in unknown]
-    for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            problems.append(f"{key}={value!r}: expected a positive number")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, Mapping):
-            problems.append(f"{key}={config.get(key)!r}: expected a mapping of module patterns to numbers")
-    raise_if_any(problems, error=TaskArithError, header=f"unsupported LoRA adapter {str(path)!r}", fix=_FIX)
 
 
 def _read_weights(folder: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -227,10 +163,12 @@ def _read_weights(folder: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor
     )
 
 
-def _split(tensors: Mapping[str, torch.Tensor], folder: Path) -> tuple[dict, dict]:
-    """LoRA factors grouped by module, and full weights stored in the adapter, under the model's names."""
+def _split(tensors: Mapping[str, torch.Tensor], folder: Path) -> tuple[dict, dict, set]:
+    """LoRA factors grouped by module, full weights stored in the adapter under the model's names, and the
+    names of those full weights that belong to a LoRA layer's base layer (not to a modules_to_save copy)."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
+    layer_weights: set[str] = set()
     unsupported = []
     for key, tensor in tensors.items():
         name = key.removeprefix(_WRAPPER_PREFIX)
@@ -250,6 +188,8 @@ def _split(tensors: Mapping[str, torch.Tensor], folder: Path) -> tuple[dict, dic
             continue
         else:
             saved[name.replace(".base_layer.", ".")] = tensor
+            if ".base_layer." in name:
+                layer_weights.add(name.replace(".base_layer.", "."))
     raise_if_any(unsupported, error=TaskArithError, header=f"adapter tensors of an unsupported kind in {str(folder)!r}",
                  fix=_FIX)
     problems = []
@@ -259,36 +199,16 @@ def _split(tensors: Mapping[str, torch.Tensor], folder: Path) -> tuple[dict, dic
             problems.append(f"{module!r}: both linear and embedding factors")
         elif len(linear or embedding) != 2:
             problems.append(f"{module!r}: only {sorted(parts)} found, A and B come in pairs")
-        elif linear and (parts["A.weight"].dim() != 2 or parts["B.weight"].dim() != 2):
-            problems.append(
-                f"{module!r}: factors of shapes {tuple(parts['A.weight'].shape)} and {tuple(parts['B.weight'].shape)} "
-                "(convolution LoRA is not supported)"
-            )
+        elif any(parts[k].dim() != 2 for k in linear or embedding):
+            a, b = (parts[k] for k in sorted(linear or embedding))
+            kind = "convolution LoRA is not supported" if a.dim() == 4 else "LoRA factors are matrices"
+            problems.append(f"{module!r}: factors of shapes {tuple(a.shape)} and {tuple(b.shape)} ({kind})")
     raise_if_any(problems, error=TaskArithError, header=f"malformed or unsupported LoRA factors in {str(folder)!r}",
                  fix=_FIX)
-    return factors, saved
+    return factors, saved, layer_weights
 
 
 # ------------------------------------------------------------------ deltas
-
-
-def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
-    """The value of the first pattern (in the config's order) that matches the end of ``module``.
-
-    A pattern is a regular expression that must match the whole module name or a
-    dotted suffix of it: ``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``
-    but not ``"model.layers.0.self_attn.xq_proj"``.
-    """
-    for pattern, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
-            return value
-    return default
-
-
-def _rank_and_scale(module: str, config: dict) -> tuple[int, float]:
-    r = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-    return r, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
 def _lora_deltas(module, parts, config, base_state, rename, dtype) -> dict[str, torch.Tensor]:
@@ -354,16 +274,23 @@ def _add(prefix: str):
     return lambda name: prefix + name
 
 
-def _check_ranks(factors, config) -> None:
+def _check_ranks(factors, config, path: Path) -> None:
+    """Each module's factors must have the rank the config gives it: the scaling ``alpha / r`` depends on it."""
     problems = []
     for module, parts in factors.items():
-        r = _rank_and_scale(module, config)[0]
+        key = _matching_key(config.get("rank_pattern") or {}, module)
+        r = config.get("r", 8) if key is None else config["rank_pattern"][key]
         a, b = (parts["embedding_A"], parts["embedding_B"]) if "embedding_A" in parts else (parts["A.weight"], parts["B.weight"])
         if a.shape[0] != r or b.shape[1] != r:
+            source = "" if key is None else f" (rank_pattern[{key!r}])"
             problems.append(f"{module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} have rank {a.shape[0]} and "
-                            f"{b.shape[1]}, the config says r={r}")
-    raise_if_any(problems, error=TaskArithError, header="adapter_config.json does not match the saved factors",
-                 fix="Check r and rank_pattern in adapter_config.json: the scaling s = alpha / r depends on them.")
+                            f"{b.shape[1]}, the config says r={r}{source}")
+        elif "B.bias" in parts and tuple(parts["B.bias"].shape) != (b.shape[0],):
+            bias = tuple(parts["B.bias"].shape)
+            problems.append(f"{module!r}: lora_B's bias has shape {bias}, lora_B {tuple(b.shape)}")
+    raise_if_any(problems, error=TaskArithError, header=f"{str(path)!r} does not match the saved factors",
+                 fix="Check r and rank_pattern there (a module's rank is its first matching rank_pattern value, else "
+                     "r): the scaling s = alpha / r depends on them.")
 
 
 def _check_against_base(factors, saved, base_state, rename) -> None:
@@ -404,25 +331,79 @@ def _check_against_base(factors, saved, base_state, rename) -> None:
                  fix="Pass the base model the adapter was trained on.")
 
 
-def _in_base_terms(deltas, base_state, dtype, full) -> TaskVector:
-    """Deltas in the base's order, weights tied in the base sharing one delta, zeros elsewhere if ``full``."""
+def _trained_copies(saved: Mapping[str, torch.Tensor], layer_weights: set[str], config: dict) -> set[str]:
+    """Saved weights of ``modules_to_save`` modules (those whose name ends with an entry, as PEFT matches them).
+
+    PEFT trains such a module as a deep copy, so merging unties it from the
+    weights the base ties to it, unless ``ensure_weight_tying`` ties the copies.
+    """
+    targets = config.get("modules_to_save") or []
+    if config.get("ensure_weight_tying"):
+        return set()
+    return {n for n in saved if n not in layer_weights
+            and any(n.rsplit(".", k)[0].endswith(t) for k in range(1, n.count(".") + 1) for t in targets)}
+
+
+def _check_untie_fits(copies: set[str], saved: Mapping[str, torch.Tensor], base: Source | None) -> None:
+    """Refuse to untie a word embedding when ``base`` is a folder whose config.json ties the word embeddings.
+
+    Such a folder stores one tensor for both names, and transformers ties them
+    again on loading, so no vector applied to it gives PEFT's untied merge.
+    """
+    path = Path(base) / "config.json" if isinstance(base, (str, os.PathLike)) and copies else None
+    try:
+        config = json.loads(path.read_text()) if path is not None and path.is_file() else None
+    except (OSError, ValueError):
+        return
+    text = (config.get("text_config") or config) if isinstance(config, dict) else None  # multimodal: text_config
+    if not isinstance(text, dict) or not text.get("tie_word_embeddings", True):  # absent: the old default, True
+        return
+    vocab = text.get("vocab_size")
+    hit = [n for n in copies if saved[n].dim() == 2 and (not isinstance(vocab, int) or vocab in saved[n].shape)]
+    if hit:
+        raise TaskArithError(
+            f"the adapter's modules_to_save trains its own copy of {format_names(hit)}, and the base folder "
+            f"{str(base)!r} ties the word embeddings (config.json: tie_word_embeddings=true). PEFT's merge_and_unload "
+            "unties them (the copy's weight under its name, the base weight under the other), which a folder with "
+            "tied embeddings cannot hold. Pass the loaded model instead: model = "
+            "AutoModelForCausalLM.from_pretrained(folder); merged = from_lora(adapter, base=model).apply_to(model); "
+            "and load or save the result with tie_word_embeddings=False."
+        )
+
+
+def _in_base_terms(deltas, base_state, dtype, full, *, copies=frozenset(), tied_copies=frozenset()) -> TaskVector:
+    """Deltas in the base's order, weights tied in the base sharing one delta, zeros elsewhere if ``full``.
+
+    A ``modules_to_save`` copy leaves its tied group; the names it leaves get a
+    delta (zero if unchanged) even without ``full``, else ``apply_to`` would
+    carry the copy's change over the base's tie. Several names of one group may
+    have deltas only as equal ``tied_copies`` (``ensure_weight_tying`` saves
+    the one trained copy under every tied name).
+    """
     names = [n for n, t in base_state.items() if t.is_floating_point()]
     aliases = _extract.tied_groups(base_state, names)
-    groups: dict[str, list[str]] = {}
+    group_of = {n: (n, "copy") if n in copies else (aliases.get(n, n), "") for n in names}
+    untied = {aliases.get(n, n) for n in copies}
+    groups: dict[tuple, list[str]] = {}
     for name in names:
-        groups.setdefault(aliases.get(name, name), []).append(name)
-    doubled = [f"{group}" for group in groups.values() if sum(n in deltas for n in group) > 1]
+        groups.setdefault(group_of[name], []).append(name)
+    doubled = []
+    for group in groups.values():
+        changed = [n for n in group if n in deltas]
+        first = deltas[changed[0]] if changed else None
+        if len(changed) > 1 and not all(n in tied_copies and torch.equal(deltas[n], first) for n in changed):
+            doubled.append(f"{changed}")
     raise_if_any(doubled, error=TaskArithError, header="the adapter changes several names of one tied weight",
                  fix="Adapters on tied weights (e.g. embed_tokens and lm_head together) are not supported; " + _FIX)
     out: dict[str, torch.Tensor] = {}
-    shared: dict[str, torch.Tensor] = {}
+    shared: dict[tuple, torch.Tensor] = {}
     for name in names:
-        group = aliases.get(name, name)
+        group = group_of[name]
         if group not in shared:
             member = next((n for n in groups[group] if n in deltas), None)
             if member is not None:
                 shared[group] = deltas[member]
-            elif full:
+            elif full or aliases.get(name, name) in untied:
                 shared[group] = torch.zeros(base_state[name].shape, dtype=dtype)
             else:
                 continue

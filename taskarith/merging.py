@@ -14,11 +14,15 @@ Conventions shared by every method:
   unless ``dtype=`` says otherwise.
 * every option is validated, and unknown names are listed, before any tensor
   is touched.
+* a NaN in any input raises :class:`~taskarith.NonFiniteError` naming the
+  vector and tensor (:meth:`Method.run`); infinities follow IEEE arithmetic.
+* the result carries the inputs' common base fingerprint.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 import os
 import threading
@@ -29,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _extract, _flat, _fused, _numba, _parallel, kernels
-from .errors import TaskArithError, raise_if_any
-from .vector import TaskVector, _require_scalar
+from .errors import NonFiniteError, TaskArithError, raise_if_any
+from .vector import TaskVector, _checked_scalar, _Info
 
 __all__ = ["Method", "Option", "merge", "methods", "register", "trim"]
 
@@ -45,6 +49,7 @@ class Option:
     check: Callable[[object], bool]
     valid: str
     required: bool = False
+    multiplies: bool = False  # the value multiplies deltas: refused where it overflows the merge's dtype
 
 
 @dataclass(frozen=True)
@@ -61,10 +66,34 @@ class Method:
     # ``elementwise`` methods treat entries independently after that, so tensors can be chunked.
     trims: bool = False
     elementwise: bool = False
+    # Every NaN of an input reaches the result (or makes ``fn`` raise NonFiniteError itself): the
+    # NaN policy then checks the result, smaller than the inputs, instead of the inputs.
+    propagates_nan: bool = False
 
     @property
     def doc(self) -> str:
         return self.fn.__doc__ or ""
+
+    def run(self, vectors: Sequence[TaskVector], weights: Sequence[float], **options) -> Mapping[str, torch.Tensor]:
+        """``fn(vectors, weights, **options)`` under the NaN policy: a NaN in any input raises
+        :class:`~taskarith.NonFiniteError` naming its vector (position) and tensor.
+
+        The inputs are checked first, unless the method propagates NaN and runs on the CPU: then
+        its result is (a NaN there sends the check to the inputs, to name them; one made from
+        infinities is IEEE's and stays). On accelerators the inputs are always checked: a
+        reduction costs little there, and the Triton TIES kernel zeroes NaN where the CPU keeps it.
+        """
+        if not self.propagates_nan or vectors[0].device.type != "cpu":
+            refuse_nan(vectors, self.name)
+            return self.fn(vectors, weights, **options)
+        try:
+            merged = self.fn(vectors, weights, **options)
+        except NonFiniteError:  # a trim's selection met a NaN: say where it is
+            refuse_nan(vectors, self.name)
+            raise
+        if _any_nan(merged._buffers.values() if isinstance(merged, TaskVector) else merged.values()):
+            refuse_nan(vectors, self.name)
+        return merged
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -72,11 +101,12 @@ _REGISTRY: dict[str, Method] = {}
 
 def register(name: str, fn: Callable[..., Mapping[str, torch.Tensor]], *, paper: str,
              options: Mapping[str, Option] | None = None, randomized: bool = False,
-             trims: bool = False, elementwise: bool = False) -> Method:
+             trims: bool = False, elementwise: bool = False, propagates_nan: bool = False) -> Method:
     """Add a merge method. ``fn(vectors, weights, **options)`` returns ``name -> merged delta``.
 
-    ``vectors`` arrive validated (same names and shapes) in their compute dtype;
-    ``weights`` is a list of floats. Registering an existing name raises.
+    ``vectors`` arrive validated (same names and shapes) in their compute dtype,
+    NaN-free unless ``propagates_nan`` (see :meth:`Method.run`); ``weights`` is a
+    list of finite floats. Registering an existing name raises.
 
     Example:
         >>> import torch, taskarith as ta
@@ -93,7 +123,7 @@ def register(name: str, fn: Callable[..., Mapping[str, torch.Tensor]], *, paper:
         raise TaskArithError(f"a merge method named {name!r} is already registered")
     if trims and not {"density", "scope"} <= set(options or {}):
         raise TaskArithError(f"method {name!r} declares trims=True but has no 'density' and 'scope' options")
-    method = Method(name, fn, paper, dict(options or {}), randomized, trims, elementwise)
+    method = Method(name, fn, paper, dict(options or {}), randomized, trims, elementwise, propagates_nan)
     _REGISTRY[name] = method
     return method
 
@@ -141,21 +171,26 @@ def merge(
     spec, resolved = lookup(method, options)
     vectors = _validate_vectors(vectors, method)
     weights = _validate_weights(weights, len(vectors))
+    check_scalars(spec, resolved, weights, {d for v in vectors for d in _compute_dtypes(v)})
     _extract.check_float_dtype(dtype)
+    # What the inputs know of their origin (the base fingerprint they share, if they all do): set
+    # here, once, on whatever the method returns.
+    info = functools.reduce(_Info.combine, (v._info for v in vectors))
     vectors = _common_ties(vectors)
     first = vectors[0]
     # Slot dtypes, not tensor views: with thousands of small tensors, per-name views cost more
     # than the merge itself.
     out_dtypes = {n: dtype or promote(v._layout.slot(n).dtype for v in vectors) for n in first._layout.slots}
     compute = [v.to(dtype=_compute_dtype(v)) for v in vectors]
-    merged = spec.fn(compute, weights, **resolved)
+    merged = spec.run(compute, weights, **resolved)
     fresh = isinstance(merged, TaskVector) and all(merged is not v for v in [*vectors, *compute])
-    if fresh and merged._layout == first._layout and all(
+    if not (fresh and merged._layout == first._layout and all(
         merged._layout.slots[n].dtype == out_dtypes[n] for n in first._layout.slots
-    ):
-        return merged  # already packed in the right layout: skip a copy
-    result = {n: merged[n].to(out_dtypes[n]) for n in first._layout.slots}
-    return TaskVector({n: result[first._layout.canonical(n)] for n in first._layout.names})
+    )):  # else already packed in the right layout: skip a copy
+        result = {n: merged[n].to(out_dtypes[n]) for n in first._layout.slots}
+        merged = TaskVector({n: result[first._layout.canonical(n)] for n in first._layout.names})
+    merged._info = info  # ours alone: fresh, or just built
+    return merged
 
 
 def _common_ties(vectors: list[TaskVector]) -> list[TaskVector]:
@@ -196,10 +231,10 @@ def _resolve_options(spec: Method, options: Mapping[str, object]) -> dict[str, o
         value = options[key]
         try:
             ok = opt.check(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             ok = False
         if not ok:
-            problems.append(f"{key}={value!r} is invalid: expected {opt.valid}")
+            problems.append(f"{key}={value!r:.60} is invalid: expected {opt.valid}")
         resolved[key] = value
     raise_if_any(problems, error=TaskArithError, header=f"bad options for merge method {spec.name!r}",
                  fix=f"See taskarith.methods()[{spec.name!r}] or docs/merging.md.")
@@ -219,14 +254,38 @@ def _validate_vectors(vectors, method: str) -> list[TaskVector]:
 
 
 def _validate_weights(weights, n: int) -> list[float]:
+    """One finite float per vector (1.0 each by default)."""
     if weights is None:
         return [1.0] * n
-    weights = [float(_require_scalar(w)) for w in weights]
+    weights = [float(_checked_scalar(w, f"weights[{i}]", ())) for i, w in enumerate(weights)]
     if len(weights) != n:
         raise TaskArithError(f"got {len(weights)} weights for {n} vectors; pass one weight per vector")
-    if not all(math.isfinite(w) for w in weights):
-        raise TaskArithError(f"weights must be finite, got {weights}")
     return weights
+
+
+def check_scalars(spec: Method, options: Mapping[str, object], weights: Sequence[float], dtypes) -> None:
+    """Refuse weights and multiplying options (``scale``, ``lambda_``) that overflow ``dtypes``, the
+    dtypes the merge computes in (float32 for half-precision deltas): cast there they would be inf."""
+    for i, w in enumerate(weights):
+        _checked_scalar(w, f"weights[{i}]", dtypes)
+    for key, opt in spec.options.items():
+        if opt.multiplies and options.get(key) is not None:
+            _checked_scalar(options[key], key, dtypes)
+
+
+def refuse_nan(vectors: Sequence[TaskVector], method: str) -> None:
+    """Raise :class:`~taskarith.NonFiniteError` naming each vector (position) and tensor of ``vectors``
+    holding a NaN; return if none does."""
+    bad = [f"vector #{i} {name!r}" for i, v in enumerate(vectors) if _any_nan(v._buffers.values())
+           for name in v._layout.slots if _any_nan([v[name]])]
+    raise_if_any(bad, error=NonFiniteError, header=f"NaN in the task vectors merged by {method!r}",
+                 fix="A merge refuses NaN deltas: find where they come from (TaskVector.from_models(..., "
+                     "check_finite=True) names them) or leave that vector out.")
+
+
+def _any_nan(tensors) -> bool:
+    # amax propagates NaN: one read-only pass, no temporary (isnan().any() wrote a mask and ran 10x slower).
+    return any(t.numel() and math.isnan(float(t.amax())) for t in tensors)
 
 
 def promote(dtypes) -> torch.dtype:
@@ -242,6 +301,12 @@ def _compute_dtype(v: TaskVector) -> torch.dtype | None:
     if any(dt in _HALF for dt in v.dtypes):
         return torch.float32 if torch.float64 not in v.dtypes else torch.float64
     return None
+
+
+def _compute_dtypes(v: TaskVector) -> list[torch.dtype]:
+    """The dtypes ``v`` is merged in."""
+    compute = _compute_dtype(v)
+    return [compute] if compute is not None else list(v.dtypes)
 
 
 def _fraction(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[object], bool]:
@@ -260,7 +325,7 @@ def _integer(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-SCALE = Option(1.0, _finite, "a finite number")
+SCALE = Option(1.0, _finite, "a finite number", multiplies=True)
 DENSITY = Option(0.2, _fraction(0.0, 1.0, lo_open=True), "a number in (0, 1]")
 SCOPE = Option("global", lambda x: x in ("global", "tensor"), "'global' or 'tensor'")
 SIGN = Option("sum", lambda x: x in ("sum", "count"), "'sum' or 'count'")
@@ -533,7 +598,7 @@ def _breadcrumbs(vectors, weights, *, density, top, scale):
             magnitude = t.abs()
             # Selections are nested (same total order), so this keeps exactly k_end - k_top entries.
             mask = kernels.topk_mask(magnitude, k_end) & ~kernels.topk_mask(magnitude, k_top)
-            kept[name] = t * mask
+            kept[name] = torch.where(mask, t, 0)  # a dropped entry is 0 (t * mask made inf·0 = NaN)
         parts.append(kept)
     return _sum(_weighted(parts, weights), scale)
 
@@ -574,7 +639,8 @@ def _tsv(vectors, weights, *, rank_fraction, scale):
             continue
         r = max(1, math.floor(fraction * min(tensors[0].shape)))
         us, ss, vs = [], [], []
-        for t in tensors:
+        for i, t in enumerate(tensors):
+            _require_finite(t, "tsv", f"vector #{i} {name!r} (times its weight)")
             u, s, vh = torch.linalg.svd(t, full_matrices=False)
             # Directions of (numerically) zero singular values are arbitrary and add nothing to
             # the sum; leaving them out keeps the orthogonalisation well defined.
@@ -590,6 +656,14 @@ def _tsv(vectors, weights, *, rank_fraction, scale):
     return out
 
 
+def _require_finite(matrix: torch.Tensor, method: str, what: str) -> None:
+    """An SVD needs finite values: refuse inf (NaN inputs were refused before the method ran)."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise NonFiniteError(f"{method} takes the SVD of {what}, which is not finite (an infinite delta, or a "
+                             f"value beyond the dtype's range): SVD needs finite values. Leave that vector out, or "
+                             f"lower its weight.")
+
+
 def _closest_orthogonal(m: torch.Tensor) -> torch.Tensor:
     p, _, qh = torch.linalg.svd(m, full_matrices=False)
     return p @ qh
@@ -603,19 +677,24 @@ def _iso_c(vectors, weights, *, scale):
     for name in vectors[0]._layout.slots:
         total = sum(v[name] * w for v, w in zip(vectors, weights))
         if total.dim() == 2 and min(total.shape) > 0:
+            _require_finite(total, "iso_c", f"the weighted sum of {name!r}")
             u, s, vh = torch.linalg.svd(total, full_matrices=False)
             total = s.mean() * (u @ vh)
         out[name] = total * scale
     return out
 
 
+# NaN: the linear methods carry a NaN input to the result (0 · NaN is NaN); so do the trims, whose
+# selection refuses NaN (NonFiniteError) and whose hardshrink and CPU election keep it. DARE's drop,
+# breadcrumbs' and consensus' masks hide NaN, and SVDs fail on it: those have their inputs checked.
 register("task_arithmetic", _task_arithmetic, paper="https://arxiv.org/abs/2212.04089", options={"scale": SCALE},
-         elementwise=True)
-register("mean", _mean, paper="https://arxiv.org/abs/2203.05482", elementwise=True)
+         elementwise=True, propagates_nan=True)
+register("mean", _mean, paper="https://arxiv.org/abs/2203.05482", elementwise=True, propagates_nan=True)
 register("magnitude_prune", _magnitude_prune, paper="https://arxiv.org/abs/2306.01708",
-         options={"density": DENSITY, "scope": SCOPE}, trims=True, elementwise=True)
+         options={"density": DENSITY, "scope": SCOPE}, trims=True, elementwise=True, propagates_nan=True)
 register("ties", _ties, paper="https://arxiv.org/abs/2306.01708",
-         options={"density": DENSITY, "scope": SCOPE, "sign": SIGN, "scale": SCALE}, trims=True, elementwise=True)
+         options={"density": DENSITY, "scope": SCOPE, "sign": SIGN, "scale": SCALE}, trims=True, elementwise=True,
+         propagates_nan=True)
 register("dare", _dare_linear, paper="https://arxiv.org/abs/2311.03099", randomized=True,
          options={"drop": DROP, "seed": SEED, "scale": SCALE}, elementwise=True)
 register("dare_ties", _dare_ties, paper="https://arxiv.org/abs/2311.03099", randomized=True,
@@ -625,7 +704,8 @@ register("breadcrumbs", _breadcrumbs, paper="https://arxiv.org/abs/2312.06795",
                   "top": Option(0.01, _fraction(0.0, 1.0, hi_open=True), "a number in [0, 1)"), "scale": SCALE})
 register("consensus", _consensus, paper="https://arxiv.org/abs/2405.07813",
          options={"k": Option(2, lambda x: _integer(x) and x >= 1, "an int >= 1"),
-                  "lambda_": Option(0.5, lambda x: _finite(x) and x >= 0, "a number >= 0"), "scale": SCALE},
+                  "lambda_": Option(0.5, lambda x: _finite(x) and x >= 0, "a finite number >= 0", multiplies=True),
+                  "scale": SCALE},
          elementwise=True)
 register("tsv", _tsv, paper="https://arxiv.org/abs/2412.00081",
          options={"rank_fraction": Option(None, lambda x: x is None or _fraction(0.0, 1.0, lo_open=True)(x), "None (1/#tasks) or a number in (0, 1]"),

@@ -15,147 +15,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
-import struct
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import _extract, _flat, _fused, _libc, _numba, kernels, merging
-from .errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
-from .io import SHARD_INDEX, SINGLE_FILE, write_safetensors
+from .errors import NonFiniteError, ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
+from .io import Checkpoint, Lazy, check_output, parse_bytes, write_model, write_safetensors
 from .vector import FORMAT, FORMAT_VERSION, TaskVector
 
-__all__ = ["Checkpoint", "merge_files"]
+__all__ = ["merge_files"]
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|.*\.safetensors\.index\.json$")
 _COLLECT = 1 << 22  # at most this many candidates are selected among in memory (less under a small budget)
 _SELECT_BYTES = 96  # private bytes per entry while histogramming a block (delta, keys, digits)
-
-
-class Checkpoint:
-    """Read-only, zero-copy access to a ``.safetensors`` file or a (sharded) model directory."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if self.path.is_dir():
-            if (self.path / SINGLE_FILE).is_file():
-                files = {None: self.path / SINGLE_FILE}
-                owner = None
-            elif (self.path / SHARD_INDEX).is_file():
-                weight_map = json.loads((self.path / SHARD_INDEX).read_text())["weight_map"]
-                files = {f: self.path / f for f in sorted(set(weight_map.values()))}
-                owner = weight_map
-            else:
-                raise TaskArithError(f"directory {str(self.path)!r} holds neither {SINGLE_FILE} nor {SHARD_INDEX}")
-        elif self.path.suffix == ".safetensors" and self.path.is_file():
-            files, owner = {None: self.path}, None
-        else:
-            raise TaskArithError(f"{str(self.path)!r} is not a .safetensors file or a model directory")
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], Path, int, int]] = {}
-        self.metadata: dict[str, str] = {}
-        self._maps: dict[Path, np.ndarray] = {}
-        for key, file in files.items():
-            header, data_start = _read_header(file)
-            self.metadata.update(header.pop("__metadata__", None) or {})
-            for name, info in header.items():
-                if owner is not None and owner.get(name) != key:
-                    continue
-                begin, end = info["data_offsets"]
-                self.entries[name] = (_DTYPES[info["dtype"]], tuple(info["shape"]), file, data_start + begin, data_start + end)
-        if owner is not None:
-            lost = sorted(set(owner) - set(self.entries))
-            if lost:
-                raise TaskArithError(f"shard index of {str(self.path)!r} lists tensors found in no shard: {lost[:20]}")
-        # The order taskarith.io reads the same checkpoint in (so selections break ties alike):
-        # a vector's recorded order, else the shard index's, else sorted as safetensors lists them.
-        recorded = [n for n in json.loads(self.metadata.get("taskarith.names", "[]")) if n in self.entries]
-        if len(recorded) == len(self.entries):
-            self.order = recorded
-        else:
-            self.order = list(owner) if owner is not None else sorted(self.entries)
-
-    def names(self) -> list[str]:
-        return list(self.order)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.entries[name][0]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor as a view of the memory-mapped file (copied only if misaligned)."""
-        dtype, shape, file, begin, end = self.entries[name]
-        if file not in self._maps:
-            # Copy-on-write: never writes the file. Sliced as a plain array (which keeps the map
-            # alive): a memmap slice runs Python code, ~80 us per tensor.
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="c").view(np.ndarray)
-        raw = torch.from_numpy(self._maps[file][begin:end])
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if begin % itemsize:
-            raw = raw.clone()
-        return raw.view(dtype).view(shape)
-
-    def prefetch(self, name: str, limit: int | None = None) -> None:
-        """Start reading the bytes of ``name`` (at most ``limit`` of them) into the page cache in the
-        background, so that disk reads overlap work on other tensors. A no-op where the OS offers no
-        ``posix_fadvise``."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        _, _, file, begin, end = self.entries[name]
-        length = end - begin if limit is None else min(end - begin, limit)
-        if length <= 0:
-            return
-        try:
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, begin, length, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # only a hint
-
-    def extra_files(self) -> list[Path]:
-        """Non-weight files beside the weights (config.json, tokenizer files, ...)."""
-        if not self.path.is_dir():
-            return []
-        return [p for p in sorted(self.path.iterdir()) if p.is_file() and not _WEIGHT_FILE.match(p.name)]
-
-
-def _read_header(file: Path) -> tuple[dict, int]:
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise TaskArithError(f"{str(file)!r} is not a safetensors file (too short)")
-        (size,) = struct.unpack("<Q", prefix)
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TaskArithError(f"{str(file)!r} is not a safetensors file: {err}") from err
-    return header, 8 + size
-
-
-def parse_bytes(size: str | int) -> int:
-    """``"2GB"``, ``"512MiB"``, ``10**9`` -> bytes."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        return size
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
-    if not match:
-        raise TaskArithError(f"cannot read {size!r} as a size; write e.g. '2GB', '512MiB' or a number of bytes")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
 
 
 # ------------------------------------------------------------------ selection
@@ -180,7 +56,7 @@ def stream_threshold(
     def keys_of(magnitudes: torch.Tensor) -> torch.Tensor:
         flat = magnitudes.reshape(-1)
         if math.isnan(float(flat.sum())):  # magnitudes are >= 0: only NaN makes the sum NaN (inf stays inf)
-            raise TaskArithError("cannot select the largest entries of deltas containing NaN")
+            raise NonFiniteError("cannot select the largest entries of deltas containing NaN")
         if not wide and flat.dtype == torch.float64:
             raise TaskArithError("internal: a float64 block in a float32 selection")
         return flat.to(float_dtype).view(key_dtype)
@@ -261,6 +137,7 @@ def merge_files(
     shard_size: str | int = "5GB",
     progress: bool | None = None,
     device: str | torch.device = "cpu",
+    overwrite: bool = False,
     **options,
 ) -> Path:
     """Merge checkpoints on disk without loading them, writing the result atomically.
@@ -274,7 +151,9 @@ def merge_files(
     Args:
         base: the pretrained model, or None to merge task vector files.
         sources: fine-tuned models (or vector files).
-        out: output directory (or file with ``base=None``); replaced atomically.
+        out: output directory (or file with ``base=None``), written atomically. An existing one
+            is replaced only if taskarith wrote it or ``overwrite=True``; one that is, holds or lies
+            inside an input is refused (see :func:`taskarith.io.check_output`).
         method: a registered merge method; ``**options`` are its options.
         weights: one multiplier per source.
         dtype: output dtype (default: the base's, or the vectors').
@@ -284,22 +163,26 @@ def merge_files(
         device: where to compute (``"cuda"``: each row block is copied from the memory-mapped
             files through pinned host memory, asynchronously, so reading the next input overlaps
             the copy of the previous one; results come back to the host to be written).
+        overwrite: replace an existing ``out`` that taskarith did not write.
 
     Returns:
         the path written.
     """
     spec, resolved = merging.lookup(method, options)
-    budget, shard_bytes = parse_bytes(max_memory), parse_bytes(shard_size)
+    budget = parse_bytes(max_memory, what="max_memory")
+    shard_bytes = parse_bytes(shard_size, what="shard_size")
     if not sources:
         raise TaskArithError("merge_files needs at least one source")
     weights = merging._validate_weights(weights, len(sources))
     _extract.check_float_dtype(dtype)
+    out = check_output(out, inputs=[base, *sources], overwrite=overwrite, folder=base is not None)
     pre = Checkpoint(base) if base is not None else None
     inputs = [Checkpoint(s) for s in sources]
     reference = pre or inputs[0]
     _check_inputs(reference, inputs, with_base=pre is not None)
     floats = [n for n in reference.names() if reference.dtype(n).is_floating_point]
-    aliases = json.loads(inputs[0].metadata.get("taskarith.aliases", "{}")) if pre is None else {}
+    aliases = _common_aliases(inputs) if pre is None else {}
+    merging.check_scalars(spec, resolved, weights, {_extract.delta_dtype(reference.dtype(n), None) for n in floats})
     device = torch.device(device)
 
     def input_rows(i: int, name: str, rows: slice) -> torch.Tensor:
@@ -367,7 +250,7 @@ def merge_files(
         if (pre is not None and device.type == "cpu" and not spec.trims and spec.elementwise and shape
                 and all(d in (None, torch.float32) for d in dtypes)):
             out = pieces.merge(
-                lambda parts: spec.fn(parts, weights, **fn_options), name, base_rows(name, rows),
+                lambda parts: spec.run(parts, weights, **fn_options), name, base_rows(name, rows),
                 [input_rows(i, name, rows) for i in range(len(inputs))], dtype or pre.dtype(name),
                 (rows.start or 0) * math.prod(shape[1:]), math.prod(shape), checked=None in dtypes,
                 plain_sum=plain_sum)
@@ -380,14 +263,13 @@ def merge_files(
         # Random methods seed each (vector position, tensor name, fixed block) alone, so a row
         # block draws the same masks as the whole vectors in memory.
         with kernels.region(offset, math.prod(shape)):
-            result = spec.fn([TaskVector._wrap(name, p) for p in parts], weights, **options)[name]
+            result = spec.run([TaskVector._wrap(name, p) for p in parts], weights, **options)[name]
         del parts
         if pre is None:
             return result.to(dtype or _promote_inputs(inputs, name))
         b = base_rows(name, rows)
         return _extract.apply_entry(b, result, 1.0, torch.empty(b.shape, dtype=dtype or b.dtype, device=b.device))
 
-    out = Path(out)
     names = [n for n in reference.names() if n not in aliases]
     out_dtype = {n: (dtype or (reference.dtype(n) if pre else _promote_inputs(inputs, n))) if n in floats else reference.dtype(n)
                  for n in names}
@@ -410,26 +292,26 @@ def merge_files(
             yield reference.tensor(name)
         bar.update(1)  # here: the writer asks for a tensor's blocks only when it writes them
 
-    def tensors() -> Iterator[tuple[str, Callable[[], Iterator[torch.Tensor]]]]:
-        for name in names:
-            yield name, lambda name=name: blocks(name)
+    chunks = [(n, Lazy(out_dtype[n], reference.shape(n), lambda n=n: blocks(n))) for n in names]
 
     _numba.prime()  # before the budget's baseline: its runtime's memory is not the merge's data
     # Cached buffers would count against the budget: keep none while merging.
     with _flat.cache_paused(), _trimming(budget), ThreadPoolExecutor(1, thread_name_prefix="taskarith-read") as reader:
         try:
             if spec.trims:
-                trims.update(_plan_trims(resolved, floats, len(inputs), reference, delta, delta_dtypes, row_blocks,
-                                         budget, wide_keys))
+                try:
+                    trims.update(_plan_trims(resolved, floats, len(inputs), reference, delta, delta_dtypes,
+                                             row_blocks, budget, wide_keys))
+                except NonFiniteError:  # a selection met a NaN: name every input tensor holding one
+                    bad = [f"vector #{i} {n!r}" for i in range(len(inputs)) for n in floats
+                           if any(merging._any_nan([delta(i, n, rows)]) for rows in row_blocks(n, _SELECT_BYTES))]
+                    raise_if_any(bad, error=NonFiniteError, header=f"NaN in the checkpoints merged by {method!r}",
+                                 fix="A merge refuses NaN deltas: fix or leave out the checkpoint holding them.")
+                    raise
             if pre is None:
-                metadata = {"taskarith.format": FORMAT, "taskarith.format_version": FORMAT_VERSION,
-                            "taskarith.aliases": json.dumps(aliases), "taskarith.merge": method}
-                _write_stream(out, [(n, out_dtype[n], reference.shape(n)) for n in names], tensors(), metadata)
+                write_safetensors(out, chunks, _vector_metadata(inputs, names, aliases, method))
             else:
-                with _atomic_dir(out) as tmp:
-                    _write_model(tmp, names, out_dtype, reference, tensors(), shard_bytes)
-                    for extra in pre.extra_files():
-                        shutil.copy2(extra, tmp / extra.name)
+                write_model(out, chunks, shard_bytes=shard_bytes, like=pre.path if pre.path.is_dir() else None)
         finally:
             bar.close()
     return out
@@ -500,7 +382,8 @@ class _Pieces:
         wide = _extract.delta_dtype(b.dtype, None)
         half = b.dtype != wide
         out = self.output(n, out_dtype)
-        if plain_sum and _numba.add_deltas(out, b, fts, checked=checked):
+        # A NaN in the one-pass sum sends the block to the pieces, whose method names the input holding it.
+        if plain_sum and _numba.add_deltas(out, b, fts, checked=checked) and not merging._any_nan([out]):
             return out.view(base.shape)
         width = min(n, _PIECE)
         base_wide = self._rows("base", 1, width, wide)[0] if half else None
@@ -610,75 +493,29 @@ def _make_trim(chunks, k: int, n: int, budget: int, wide: bool) -> _Trim:
     return _Trim(threshold, above, k)
 
 
+def _common_aliases(inputs: list[Checkpoint]) -> dict[str, str]:
+    """The tied names every input vector records alike (vectors that tie differently cannot be merged)."""
+    recorded = [json.loads(c.metadata.get("taskarith.aliases", "{}")) for c in inputs]
+    if any(r != recorded[0] for r in recorded):
+        raise TaskArithError("the vector files record different tied names (taskarith.aliases): "
+                             + "; ".join(f"{c.path.name}: {r}" for c, r in zip(inputs, recorded))
+                             + ". Extract every vector from models that tie the same weights.")
+    return recorded[0]
+
+
+def _vector_metadata(inputs: list[Checkpoint], names: list[str], aliases: dict, method: str) -> dict[str, str]:
+    """The merged vector's file metadata; it keeps the inputs' base fingerprint where they all share one."""
+    metadata = {"taskarith.format": FORMAT, "taskarith.format_version": FORMAT_VERSION,
+                "taskarith.aliases": json.dumps(aliases), "taskarith.names": json.dumps([*names, *aliases]),
+                "taskarith.merge": method}
+    prints = {c.metadata.get("taskarith.base_fingerprint") for c in inputs}
+    if len(prints) == 1 and None not in prints:
+        metadata["taskarith.base_fingerprint"] = prints.pop()
+    return metadata
+
+
 def _promote_inputs(inputs: list[Checkpoint], name: str) -> torch.dtype:
     return merging.promote(c.dtype(name) for c in inputs)
-
-
-# -------------------------------------------------------------------- writing
-
-
-def _write_stream(path: Path, plan, tensors: Iterator, metadata: dict) -> None:
-    """One safetensors file from a stream of tensors whose dtypes and shapes are known up front."""
-    chunks = []
-    for (name, dtype, shape), (_, blocks) in zip(plan, tensors):
-        chunks.append((name, _Lazy(dtype, shape, blocks)))
-    write_safetensors(path, chunks, metadata)
-
-
-class _Lazy:
-    """Stands in for a tensor in write_safetensors: its bytes are produced while writing."""
-
-    def __init__(self, dtype, shape, blocks):
-        self.dtype, self.shape, self.blocks = dtype, torch.Size(shape), blocks
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-
-def _write_model(tmp: Path, names, out_dtype, reference, tensors: Iterator, shard_bytes: int) -> None:
-    shards, current, size = [], [], 0
-    for name in names:
-        nbytes = math.prod(reference.shape(name)) * torch.empty((), dtype=out_dtype[name]).element_size()
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current or not shards:
-        shards.append(current)
-    stream = iter(tensors)
-    weight_map = {}
-    for index, shard in enumerate(shards, 1):
-        file = SINGLE_FILE if len(shards) == 1 else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        plan = [(n, out_dtype[n], reference.shape(n)) for n in shard]
-        _write_stream(tmp / file, plan, (next(stream) for _ in shard), {"format": "pt"})
-        weight_map.update({n: file for n in shard})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(p.stat().st_size for p in tmp.glob("model-*.safetensors"))},
-                 "weight_map": weight_map}
-        (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=2))
-
-
-@contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """A temporary directory beside ``path``, swapped into place only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "previous")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _return_freed_memory() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -19,13 +20,14 @@ from . import _extract, _flat, _numba, _triton
 from .errors import (
     BaseMismatchError,
     KeyMismatchError,
+    NonFiniteError,
     ShapeMismatchError,
     TaskArithError,
     check_same_keys,
     format_names,
     raise_if_any,
 )
-from .io import Source, load_state_dict, read_safetensors, write_safetensors
+from .io import Source, check_output, load_state_dict, read_safetensors, write_safetensors
 
 __all__ = ["TaskVector"]
 
@@ -59,7 +61,10 @@ class TaskVector(Mapping[str, torch.Tensor]):
     ending in ``_`` are the explicit in-place forms). Vectors support ``+``,
     ``-``, unary ``-``, multiplication and division by a scalar, Python's
     ``sum``, :meth:`dot`, :meth:`norm` and :meth:`cosine`; :meth:`apply_to`
-    returns a new full state_dict ``base + scale * τ``.
+    returns a new full state_dict ``base + scale * τ``. Scalars (scales,
+    weights, ``alpha``) must be finite and within the range of the deltas'
+    dtype, and divisors non-zero there: others raise a :class:`TaskArithError`
+    naming them.
 
     Args:
         deltas: a mapping of names to floating-point tensors (all on one device).
@@ -393,6 +398,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
         s = _scalar(scalar)
         if s is None:
             return NotImplemented
+        _checked_scalar(s, "scalar", self._layout.sizes)
         compiled = _exact_in_float32(s)  # the kernel multiplies by float32(s), as torch does for these
         return self._map(lambda src, out: (compiled and _numba.scale(out, src, s)) or torch.mul(src, s, out=out))
 
@@ -402,14 +408,14 @@ class TaskVector(Mapping[str, torch.Tensor]):
         s = _scalar(scalar)
         if s is None:
             return NotImplemented
-        if isinstance(s, numbers.Number) and s == 0:
-            raise ZeroDivisionError("division of a task vector by zero")
+        _checked_scalar(s, "scalar", self._layout.sizes, divisor=True)
         return self._map(lambda src, out: torch.div(src, s, out=out))
 
     # In-place forms, for callers who own the vector (e.g. an accumulator they created).
 
     def add_(self, other: TaskVector, *, alpha: float = 1.0) -> TaskVector:
         """In place: ``self += alpha * other``. Returns self."""
+        alpha = float(_checked_scalar(alpha, "alpha", self._layout.sizes))
         self._check_compatible(other, "add_")
         if self._layout == other._layout:
             for dt, buf in self._buffers.items():
@@ -426,16 +432,14 @@ class TaskVector(Mapping[str, torch.Tensor]):
 
     def mul_(self, scalar: float | torch.Tensor) -> TaskVector:
         """In place: ``self *= scalar``. Returns self."""
-        s = _require_scalar(scalar)
+        s = _checked_scalar(scalar, "scalar", self._layout.sizes)
         for buf in self._buffers.values():
             buf.mul_(s)
         return self
 
     def div_(self, scalar: float | torch.Tensor) -> TaskVector:
         """In place: ``self /= scalar``. Returns self."""
-        s = _require_scalar(scalar)
-        if isinstance(s, numbers.Number) and s == 0:
-            raise ZeroDivisionError("division of a task vector by zero")
+        s = _checked_scalar(scalar, "scalar", self._layout.sizes, divisor=True)
         for buf in self._buffers.values():
             buf.div_(s)
         return self
@@ -473,7 +477,8 @@ class TaskVector(Mapping[str, torch.Tensor]):
         raise_if_any(bad, error=TaskArithError, header="TaskVector.sum takes task vectors only", fix="Pass a list of TaskVector.")
         if weights is None:
             weights = [1.0] * len(vectors)
-        weights = [float(_require_scalar(w)) for w in weights]
+        dtypes = {dt for v in vectors for dt in v._layout.sizes}
+        weights = [float(_checked_scalar(w, f"weights[{i}]", dtypes)) for i, w in enumerate(weights)]
         if len(weights) != len(vectors):
             raise TaskArithError(f"got {len(weights)} weights for {len(vectors)} vectors; pass one weight per vector")
         first = vectors[0]
@@ -565,7 +570,8 @@ class TaskVector(Mapping[str, torch.Tensor]):
 
         Args:
             base: ``nn.Module``, state_dict, ``.safetensors`` file or model directory.
-            scale: λ, a Python number or 0-d tensor.
+            scale: λ, a Python number or 0-d tensor; NaN, inf and values beyond the deltas'
+                dtype's range are refused (:class:`~taskarith.NonFiniteError`).
             strict: require the base's floating-point entries to be exactly the
                 vector's names (a vector covering part of a model needs ``False``).
             on_base_mismatch: ``"warn"`` (default), ``"raise"`` or ``"ignore"``
@@ -581,7 +587,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
         """
         if on_base_mismatch not in ("warn", "raise", "ignore"):
             raise TaskArithError(f"on_base_mismatch must be 'warn', 'raise' or 'ignore', got {on_base_mismatch!r}")
-        alpha = float(_require_scalar(scale))
+        alpha = float(_checked_scalar(scale, "scale", self._layout.sizes))
         state = load_state_dict(base, allow_pickle=allow_pickle)
         covered = self._validate_base(state, strict)
         self._check_fingerprint(state, covered, on_base_mismatch)
@@ -672,14 +678,17 @@ class TaskVector(Mapping[str, torch.Tensor]):
 
     # ------------------------------------------------------------------- I/O
 
-    def save(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None, *,
+             overwrite: bool = False) -> None:
         """Write the vector to a ``.safetensors`` file, atomically.
 
         The file records a format version, the dtype policy, the skipped integer
         entries, tied names and the base fingerprint; ``metadata`` adds your own
         string pairs (keys must not start with ``taskarith.``). Any ordinary
-        safetensors reader can load the deltas.
+        safetensors reader can load the deltas. An existing ``path`` is replaced
+        only if taskarith wrote it, or with ``overwrite=True``.
         """
+        check_output(path, overwrite=overwrite, folder=False)
         user = dict(self._info.metadata)
         user.update(metadata or {})
         bad = [f"{k!r}" for k, v in user.items() if not isinstance(k, str) or not isinstance(v, str) or k.startswith(_RESERVED)]
@@ -735,7 +744,10 @@ class TaskVector(Mapping[str, torch.Tensor]):
 
     def with_metadata(self, **metadata: str) -> TaskVector:
         """The same vector (sharing memory) carrying extra user metadata for :meth:`save`."""
-        return TaskVector._make(self._layout, self._buffers, replace(self._info, metadata={**self._info.metadata, **metadata}))
+        # Views of their own: the buffer cache takes a dead vector's buffer back only when no other tensor
+        # uses its storage, and a second vector holding the very same tensor objects would not count.
+        buffers = {dtype: buf.view(buf.shape) for dtype, buf in self._buffers.items()}
+        return TaskVector._make(self._layout, buffers, replace(self._info, metadata={**self._info.metadata, **metadata}))
 
 
 def _scalar(value: object):
@@ -763,11 +775,52 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device, t.data_ptr(), t.stride(), tuple(t.shape), t.dtype)
 
 
-def _require_scalar(value: object):
+def _require_scalar(value: object, what: str = "the scalar"):
     s = _scalar(value)
     if s is None:
-        raise TaskArithError(f"expected a real Python number or a 0-d tensor, got {type(value).__name__} {value!r:.60}")
+        raise TaskArithError(
+            f"{what} must be a real Python number or a 0-d tensor, got {type(value).__name__} {value!r:.60}"
+        )
     return s
+
+
+class DivisionByZeroError(TaskArithError, ZeroDivisionError):
+    """A task vector divided by zero (or by a number that is zero in its dtype)."""
+
+
+def _checked_scalar(value: object, what: str, dtypes, *, divisor: bool = False):
+    """``value`` (a Python number or 0-d tensor, returned as given) once it is finite and, cast to
+    each of ``dtypes`` (the dtypes it multiplies or divides), neither inf nor, for a ``divisor``,
+    zero; otherwise raise an error naming ``what``, the value and the fix."""
+    s = _require_scalar(value, what)
+    try:
+        x = float(s)
+    except OverflowError:
+        raise NonFiniteError(f"{what} (an int of {len(str(abs(s)))} digits) overflows float64: pass a smaller "
+                             f"value as {what}.") from None
+    if not math.isfinite(x):
+        raise NonFiniteError(f"{what}={x} is not a finite number: pass a finite number as {what}.")
+    for dtype in dtypes or [torch.float64]:  # none (an empty vector): still no zero divisor
+        largest, smallest = _range_of(dtype)
+        if abs(x) > largest:
+            wider = " (or convert the vector with .to(dtype=torch.float64))" if dtype != torch.float64 else ""
+            raise NonFiniteError(
+                f"{what}={s!r:.60} overflows {dtype} (largest finite value {largest!r}), so the deltas would "
+                f"become inf: pass a smaller value as {what}{wider}."
+            )
+        if divisor and abs(x) < smallest:
+            raise DivisionByZeroError(
+                f"cannot divide a task vector by {what}={s!r:.60}: it is zero in {dtype} (smallest positive "
+                f"value {smallest!r}). Divide by a non-zero number, or multiply by 0 to zero the vector."
+            )
+    return s
+
+
+@functools.cache
+def _range_of(dtype: torch.dtype) -> tuple[float, float]:
+    """The largest finite value of ``dtype`` and its smallest positive (subnormal) one."""
+    info = torch.finfo(dtype)
+    return info.max, info.tiny * info.eps
 
 
 _DOT_CHUNK = 1 << 16

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import taskarith as ta
 from taskarith import hf
+from taskarith.io import _writer as writer
 
 
 def _tiny_llama(tie: bool, seed: int = 0):
@@ -38,7 +39,7 @@ def _stored_names(folder: Path) -> set[str]:
     for file in folder.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as f:
             names.update(f.keys())
-            assert f.metadata() == {"format": "pt"}, file
+            assert f.metadata()["format"] == "pt", file  # Transformers needs it
     return names
 
 
@@ -70,7 +71,7 @@ def test_edited_folder_loads_in_transformers_with_every_parameter_and_the_forwar
 
     assert _stored_names(out) == _stored_names(base_dir)
     assert {p.name for p in out.iterdir()} == {
-        "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "extra",
+        ".taskarith-output", "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "extra",
     }
     assert [p.name for p in (out / "extra").iterdir()] == ["notes.txt"]
     assert (out / "config.json").read_text() == (base_dir / "config.json").read_text()
@@ -158,7 +159,7 @@ def test_sharded_output_has_an_index_and_loads(tmp_path):
 def test_a_failure_mid_write_leaves_no_folder_and_keeps_the_previous_one(tmp_path, monkeypatch):
     state = {f"layer{i}.weight": torch.randn(64, 64) for i in range(4)}
     calls = []
-    real = hf.write_safetensors
+    real = writer.write_safetensors
 
     def failing(path, chunks, metadata=None):
         calls.append(path)
@@ -166,21 +167,21 @@ def test_a_failure_mid_write_leaves_no_folder_and_keeps_the_previous_one(tmp_pat
             raise OSError("disk full")
         real(path, chunks, metadata)
 
-    monkeypatch.setattr(hf, "write_safetensors", failing)
+    monkeypatch.setattr(writer, "write_safetensors", failing)
     with pytest.raises(OSError, match="disk full"):
         hf.save_model(state, tmp_path / "out", shard_size="16KB")
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
 
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "model.safetensors").write_text("previous")
+    previous = {"w": torch.ones(3)}
+    hf.save_model(previous, tmp_path / "out")  # a previous output of taskarith, which a new write may replace
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     calls.clear()
     with pytest.raises(OSError, match="disk full"):
         hf.save_model(state, tmp_path / "out", shard_size="16KB")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.safetensors"]
-    assert (tmp_path / "out" / "model.safetensors").read_text() == "previous"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
-    monkeypatch.setattr(hf, "write_safetensors", real)
+    monkeypatch.setattr(writer, "write_safetensors", real)
     hf.save_model(state, tmp_path / "out", shard_size="16KB")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert ta.io.load_state_dict(tmp_path / "out").keys() == state.keys()
@@ -224,4 +225,4 @@ def test_a_config_only_like_folder_is_copied_without_name_checks(tmp_path):
     like.mkdir()
     (like / "config.json").write_text("{}")
     out = hf.save_model({"w": torch.ones(2)}, tmp_path / "out", like=like)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".taskarith-output", "config.json", "model.safetensors"]

@@ -65,18 +65,22 @@ def test_interrupted_save_leaves_the_previous_file_intact(tmp_path):
     # A process killed (SIGKILL, no cleanup) in the middle of writing a new vector to the same path.
     script = textwrap.dedent(f"""
         import os, signal, torch, taskarith as ta, taskarith.io as tio
-        real = tio._write_tensor
+        real = tio._writer._write_tensor
         def dying(f, t):
             real(f, t)
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        tio._write_tensor = dying
+        tio._writer._write_tensor = dying
         ta.TaskVector({{"w": torch.zeros(1000), "v": torch.zeros(1000)}}).save({str(path)!r})
     """)
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == -signal.SIGKILL
     assert path.read_bytes() == before
     assert ta.load(path).equal(old)
+    # The killed process left its temporary file; the next write to the same output removes it.
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tv.safetensors.taskarith-tmp-")]
+    old.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tv.safetensors"]
 
 
 def test_failed_save_removes_its_temporary_file(tmp_path, monkeypatch):
@@ -88,7 +92,7 @@ def test_failed_save_removes_its_temporary_file(tmp_path, monkeypatch):
     def broken(f, t):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tio, "_write_tensor", broken)
+    monkeypatch.setattr(tio._writer, "_write_tensor", broken)
     with pytest.raises(OSError, match="disk full"):
         ta.TaskVector({"w": torch.zeros(3)}).save(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tv.safetensors"]
@@ -119,8 +123,8 @@ def test_a_write_failing_in_the_background_fails_the_save(tmp_path, monkeypatch)
         def fileno(self):
             return self.f.fileno()
 
-    real_init = tio._Pipeline.__init__
-    monkeypatch.setattr(tio._Pipeline, "__init__", lambda self, f: real_init(self, FailingFile(f)))
+    real_init = tio._writer._Pipeline.__init__
+    monkeypatch.setattr(tio._writer._Pipeline, "__init__", lambda self, f: real_init(self, FailingFile(f)))
     path = tmp_path / "tv.safetensors"
     with pytest.raises(OSError, match="no space left"):
         ta.TaskVector({f"w{i}": torch.full((100,), float(i)) for i in range(5)}).save(path)
@@ -133,9 +137,9 @@ def test_written_bytes_are_handed_to_writeback_in_order(tmp_path, monkeypatch):
     import taskarith.io as tio
 
     ranges = []
-    real = tio._libc.start_writeback
-    monkeypatch.setattr(tio._libc, "start_writeback", lambda fd, offset, n: (ranges.append((offset, n)), real(fd, offset, n)))
-    monkeypatch.setattr(tio, "_WRITEBACK_BYTES", 1000)
+    real = tio._writer._libc.start_writeback
+    monkeypatch.setattr(tio._writer._libc, "start_writeback", lambda fd, offset, n: (ranges.append((offset, n)), real(fd, offset, n)))
+    monkeypatch.setattr(tio._writer, "_WRITEBACK_BYTES", 1000)
     vector = ta.TaskVector({f"w{i}": torch.arange(100 * (i + 1), dtype=torch.float32) for i in range(6)})
     path = tmp_path / "tv.safetensors"
     vector.save(path)
@@ -214,3 +218,17 @@ def test_a_newer_format_version_is_refused(tmp_path):
     save_file({"w": torch.ones(2)}, tmp_path / "v9.safetensors", metadata={"taskarith.format_version": "9"})
     with pytest.raises(ta.TaskArithError, match="format 9"):
         ta.load(tmp_path / "v9.safetensors")
+
+
+def test_a_vector_with_metadata_keeps_its_memory_when_the_original_dies():
+    """with_metadata shares the original's buffers: when the original is collected, its buffers must not
+    go back to the cache while the new vector still uses them."""
+    import gc
+
+    ta.empty_cache()
+    a = ta.TaskVector({"w": torch.ones(1 << 20)}) * 2  # large enough for the buffer cache
+    b = a.with_metadata(task="x")
+    del a
+    gc.collect()
+    c = ta.TaskVector({"w": torch.ones(1 << 20)}) * 5  # would reuse a freed buffer of the same size
+    assert torch.equal(b["w"], torch.full((1 << 20,), 2.0)) and torch.equal(c["w"], torch.full((1 << 20,), 5.0))

@@ -224,6 +224,105 @@ def test_factor_problems_are_all_listed(tmp_path):
         from_lora(magnitude)
 
 
+NAN, INF = float("nan"), float("inf")
+RANK, ALPHA = "expected a positive integer rank", "expected a positive finite number"
+# adapter_config.json entries (over r=2, lora_alpha=2) -> the text naming the key, the value and what was expected
+INVALID_CONFIGS = {
+    "r_zero": ({"r": 0}, f"r=0: {RANK}"),
+    "r_negative": ({"r": -4}, f"r=-4: {RANK}"),
+    "r_fraction": ({"r": 2.5}, f"r=2.5: {RANK}"),
+    "r_bool": ({"r": True}, f"r=True: {RANK}"),
+    "r_string": ({"r": "8"}, f"r='8': {RANK}"),
+    "r_null": ({"r": None}, f"r=None: {RANK}"),
+    "alpha_zero": ({"lora_alpha": 0}, f"lora_alpha=0: {ALPHA}"),
+    "alpha_negative": ({"lora_alpha": -16}, f"lora_alpha=-16: {ALPHA}"),
+    "alpha_nan": ({"lora_alpha": NAN}, f"lora_alpha=nan: {ALPHA}"),
+    "alpha_inf": ({"lora_alpha": INF}, f"lora_alpha=inf: {ALPHA}"),
+    "alpha_past_float_range": ({"lora_alpha": 10**400}, "lora_alpha=1000"),
+    "alpha_bool": ({"lora_alpha": False}, f"lora_alpha=False: {ALPHA}"),
+    "alpha_string": ({"lora_alpha": "16"}, f"lora_alpha='16': {ALPHA}"),
+    "rank_pattern_zero": ({"rank_pattern": {"q": 0}}, f"rank_pattern['q']=0: {RANK}"),
+    "rank_pattern_negative": ({"rank_pattern": {"q": -2}}, f"rank_pattern['q']=-2: {RANK}"),
+    "rank_pattern_fraction": ({"rank_pattern": {"q": 1.5}}, f"rank_pattern['q']=1.5: {RANK}"),
+    "rank_pattern_bool": ({"rank_pattern": {"q": True}}, f"rank_pattern['q']=True: {RANK}"),
+    "rank_pattern_string": ({"rank_pattern": {"q": "4"}}, f"rank_pattern['q']='4': {RANK}"),
+    "rank_pattern_list": ({"rank_pattern": {"q": [4]}}, f"rank_pattern['q']=[4]: {RANK}"),
+    "rank_pattern_null": ({"rank_pattern": {"q": None}}, f"rank_pattern['q']=None: {RANK}"),
+    "rank_pattern_nan": ({"rank_pattern": {"q": NAN}}, f"rank_pattern['q']=nan: {RANK}"),
+    "alpha_pattern_zero": ({"alpha_pattern": {"v": 0}}, f"alpha_pattern['v']=0: {ALPHA}"),
+    "alpha_pattern_negative": ({"alpha_pattern": {"v": -1.5}}, f"alpha_pattern['v']=-1.5: {ALPHA}"),
+    "alpha_pattern_nan": ({"alpha_pattern": {"v": NAN}}, f"alpha_pattern['v']=nan: {ALPHA}"),
+    "alpha_pattern_inf": ({"alpha_pattern": {"v": -INF}}, f"alpha_pattern['v']=-inf: {ALPHA}"),
+    "alpha_pattern_bool": ({"alpha_pattern": {"v": True}}, f"alpha_pattern['v']=True: {ALPHA}"),
+    "alpha_pattern_string": ({"alpha_pattern": {"v": "16"}}, f"alpha_pattern['v']='16': {ALPHA}"),
+    "alpha_pattern_list": ({"alpha_pattern": {"v": [16]}}, f"alpha_pattern['v']=[16]: {ALPHA}"),
+    "alpha_pattern_object": ({"alpha_pattern": {"v": {"x": 1}}}, f"alpha_pattern['v']={{'x': 1}}: {ALPHA}"),
+    "bad_regex_key": ({"rank_pattern": {"q[": 2}}, "rank_pattern key 'q[': not a valid regular expression"),
+    # compiles inside PEFT's "(.*\.)?(KEY)$" and then matches any module starting with "q": refused too
+    "unbalanced_regex_key": ({"alpha_pattern": {"q)|(v": 2}}, "alpha_pattern key 'q)|(v': not a valid regular"),
+    "pattern_list": ({"rank_pattern": [["q", 2]]}, "rank_pattern=[['q', 2]]: expected an object of module-name"),
+    "pattern_string": ({"alpha_pattern": "q=2"}, "alpha_pattern='q=2': expected an object of module-name"),
+    "pattern_number": ({"rank_pattern": 4}, "rank_pattern=4: expected an object of module-name"),
+    "modules_to_save_string": ({"modules_to_save": "head"}, "modules_to_save='head': expected a list of module"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_CONFIGS))
+def test_invalid_ranks_alphas_and_patterns_are_refused_before_reading_tensors(tmp_path, case):
+    entries, expected = INVALID_CONFIGS[case]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, **entries}))
+    # No weights file: reading tensors first would fail with "no adapter_model.safetensors" instead.
+    with pytest.raises(ta.TaskArithError) as info:
+        from_lora(adapter)
+    message = str(info.value)
+    assert f"invalid LoRA adapter config {str(adapter / 'adapter_config.json')!r} (1): " in message
+    assert expected in message
+    assert "Correct them in adapter_config.json to the values the adapter was trained with" in message
+
+
+def test_every_invalid_config_value_is_listed_at_once(tmp_path):
+    tensors, _ = _factors(2, 2)
+    config = {"r": 0, "lora_alpha": NAN, "rank_pattern": {"q": -1, "v[": 2}, "alpha_pattern": ["v"], "use_dora": True}
+    adapter = _write_adapter(tmp_path / "adapter", config, tensors)
+    with pytest.raises(ta.TaskArithError) as info:
+        from_lora(adapter)  # r=0 used to divide by zero
+    message = str(info.value)
+    for part in ["(6)", "r=0", "lora_alpha=nan", "rank_pattern['q']=-1", "rank_pattern key 'v['",
+                 "alpha_pattern=['v']", "use_dora=True: DoRA", "Correct them in", "merge_and_unload()"]:
+        assert part in message, part
+
+
+def test_a_rank_pattern_that_disagrees_with_the_factors_is_refused(tmp_path):
+    tensors, _ = _factors(2, 2)
+    adapter = _write_adapter(tmp_path / "adapter", {"r": 2, "lora_alpha": 2, "rank_pattern": {"v": 3}}, tensors)
+    with pytest.raises(ta.TaskArithError) as info:
+        from_lora(adapter)
+    message = str(info.value)
+    assert f"{str(adapter / 'adapter_config.json')!r} does not match the saved factors (1)" in message
+    assert "'enc.v': A (2, 4) and B (6, 2) have rank 2 and 2, the config says r=3 (rank_pattern['v'])" in message
+
+
+def test_factors_of_different_ranks_or_shapes_are_refused(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    adapter = _write_adapter(tmp_path / "adapter", {"r": 2, "lora_alpha": 2, "lora_bias": True}, {
+        "base_model.model.q.lora_A.weight": torch.randn(2, 4, generator=gen),
+        "base_model.model.q.lora_B.weight": torch.randn(6, 3, generator=gen),  # rank 3 against A's 2
+        "base_model.model.v.lora_A.weight": torch.randn(2, 4, generator=gen),
+        "base_model.model.v.lora_B.weight": torch.randn(6, 2, generator=gen),
+        "base_model.model.v.lora_B.bias": torch.randn(5, generator=gen),  # B has 6 rows
+    })
+    with pytest.raises(ta.TaskArithError) as info:
+        from_lora(adapter)
+    assert "'q': A (2, 4) and B (6, 3) have rank 2 and 3, the config says r=2" in str(info.value)
+    assert "'v': lora_B's bias has shape (5,), lora_B (6, 2)" in str(info.value)
+    flat = _write_adapter(tmp_path / "flat", {"r": 2}, {"base_model.model.emb.lora_embedding_A": torch.ones(2),
+                                                        "base_model.model.emb.lora_embedding_B": torch.ones(3, 2)})
+    with pytest.raises(ta.TaskArithError, match=r"'emb': factors of shapes \(2,\) and \(3, 2\) \(LoRA factors are"):
+        from_lora(flat)
+
+
 def test_a_rank_that_disagrees_with_the_config_is_refused(tmp_path):
     tensors, _ = _factors(2, 3)
     adapter = _write_adapter(tmp_path / "adapter", {"r": 2, "lora_alpha": 2}, tensors)
@@ -253,6 +352,64 @@ def test_full_weights_in_the_adapter_need_the_base(tmp_path):
     base = _base_state()
     tv = from_lora(adapter, base=base)
     torch.testing.assert_close(tv.apply_to(base, strict=False)["head.weight"], torch.ones(3, 6))
+
+
+def _tied_base() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(4)
+    shared = torch.randn(5, 3, generator=gen)  # (vocab, dim): the input embedding and the output head
+    return {"emb.weight": shared, "q.weight": torch.randn(3, 3, generator=gen), "head.weight": shared}
+
+
+def test_a_modules_to_save_copy_of_a_tied_weight_is_untied_as_peft_merges_it(tmp_path):
+    base, gen = _tied_base(), torch.Generator().manual_seed(5)
+    trained = torch.randn(5, 3, generator=gen)
+    a, b = torch.randn(1, 3, generator=gen), torch.randn(3, 1, generator=gen)
+    adapter = _write_adapter(tmp_path / "adapter", {"r": 1, "lora_alpha": 1, "modules_to_save": ["head"]}, {
+        "base_model.model.head.weight": trained,
+        "base_model.model.q.lora_A.weight": a, "base_model.model.q.lora_B.weight": b,
+    })
+    for full in (False, True):
+        tv = from_lora(adapter, base=base, full=full)
+        # emb keeps a delta of its own, else apply_to would carry head's change over the base's tie
+        assert list(tv) == ["emb.weight", "q.weight", "head.weight"] and tv.aliases == {}
+        assert not tv["emb.weight"].any()
+        merged = tv.apply_to(base)
+        assert torch.equal(merged["emb.weight"], base["emb.weight"])
+        torch.testing.assert_close(merged["head.weight"], trained, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged["q.weight"], base["q.weight"] + b @ a)
+    # A folder that ties the word embeddings stores one of them and cannot hold the untied pair.
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file({k: v.clone() for k, v in base.items() if k != "head.weight"}, str(folder / "model.safetensors"))
+    for config in ({"tie_word_embeddings": True, "vocab_size": 5}, {"text_config": {"vocab_size": 5}}):
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ta.TaskArithError) as info:
+            from_lora(adapter, base=folder)
+        for part in ["own copy of 'head.weight'", repr(str(folder)), "tie_word_embeddings=true",
+                     "merge_and_unload unties", "from_pretrained(folder)", "tie_word_embeddings=False"]:
+            assert part in str(info.value), part
+    # An untied folder stores both names: nothing to untie.
+    save_file({k: v.clone() for k, v in base.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"tie_word_embeddings": False, "vocab_size": 5}))
+    torch.testing.assert_close(from_lora(adapter, base=folder).apply_to(folder, strict=False)["head.weight"], trained,
+                               rtol=0, atol=1e-6)
+
+
+def test_ensure_weight_tying_copies_stay_tied(tmp_path):
+    base, trained = _tied_base(), torch.randn(5, 3, generator=torch.Generator().manual_seed(6))
+    config = {"r": 1, "lora_alpha": 1, "modules_to_save": ["emb"], "ensure_weight_tying": True}
+    # PEFT saves the one trained copy under both tied names
+    adapter = _write_adapter(tmp_path / "a", config, {"base_model.model.emb.weight": trained,
+                                                      "base_model.model.head.weight": trained.clone()})
+    tv = from_lora(adapter, base=base)
+    assert tv.aliases == {"head.weight": "emb.weight"}
+    merged = tv.apply_to(base, strict=False)
+    torch.testing.assert_close(merged["head.weight"], trained, rtol=0, atol=1e-6)
+    assert merged["head.weight"].data_ptr() == merged["emb.weight"].data_ptr()
+    differ = _write_adapter(tmp_path / "b", config, {"base_model.model.emb.weight": trained,
+                                                     "base_model.model.head.weight": trained + 1})
+    with pytest.raises(ta.TaskArithError, match=r"several names of one tied weight \(1\): \['emb.weight', 'head"):
+        from_lora(differ, base=base)
 
 
 # ------------------------------------------------------------------- against PEFT itself

@@ -345,8 +345,10 @@ def test_bracket_scan_counts_and_packs_as_numpy(wide, values, lo, hi, room, data
         assert inside.size >= room and packed <= room
 
 
+# Scales that are not finite or overflow the dtype are refused before either path (tests/test_values.py);
+# the largest ones accepted still make products overflow.
 @given(st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 300) | st.integers(4096, 9000),
-       st.sampled_from([0.7, -2.0, 3, 1 << 24, (1 << 24) + 1, 1e-40, 1e39, -0.0, math.inf, math.nan, 1 / 3]))
+       st.sampled_from([0.7, -2.0, 3, 1 << 24, (1 << 24) + 1, 1e-40, 3e38, -3.3e38, -0.0, 1 / 3]))
 def test_scale_and_add_kernels_match_torch(dtype, n, s):
     g = torch.Generator().manual_seed(n)
     a = ta.TaskVector({"w": (torch.randn(n, generator=g) * 1e3).to(dtype), "b": torch.randn(7, generator=g).to(dtype)})

@@ -96,7 +96,7 @@ def test_each_tensor_prefetches_the_next_and_the_bar_follows_the_writes(checkpoi
     bar advances as tensors are written, not when the plan is made."""
     root, _, sources = checkpoints
     asked, events = [], []
-    real_prefetch = streaming.Checkpoint.prefetch
+    real_prefetch = ta.io.Checkpoint.prefetch
 
     def recording_prefetch(self, name, limit=None):
         asked.append((self.path, name))
@@ -109,12 +109,12 @@ def test_each_tensor_prefetches_the_next_and_the_bar_follows_the_writes(checkpoi
         def close(self):
             pass
 
-    real_write = streaming._Lazy.__init__
-    monkeypatch.setattr(streaming.Checkpoint, "prefetch", recording_prefetch)
+    real_write = ta.io.Lazy.__init__
+    monkeypatch.setattr(ta.io.Checkpoint, "prefetch", recording_prefetch)
     monkeypatch.setattr(streaming, "_progress", lambda *a, **k: Bar())
-    monkeypatch.setattr(streaming._Lazy, "__init__", lambda self, *a: (events.append(("plan", None)), real_write(self, *a))[1])
+    monkeypatch.setattr(ta.io.Lazy, "__init__", lambda self, *a: (events.append(("plan", None)), real_write(self, *a))[1])
     ta.merge_files(root / "base", sources, tmp_path / "m", "task_arithmetic")
-    names = streaming.Checkpoint(root / "base").names()
+    names = ta.io.Checkpoint(root / "base").names()
     paths = [Path(s) for s in sources] + [root / "base"]
     assert sorted(asked, key=str) == sorted(((p, n) for n in names[1:] for p in paths), key=str)
     assert events.index(("bar", 1)) > max(i for i, e in enumerate(events) if e[0] == "plan"), "bar moved before writing"
@@ -247,8 +247,9 @@ def test_bad_inputs_are_refused_before_any_work(checkpoints, tmp_path):
     save_file(nan, tmp_path / "nan.safetensors")
     with pytest.raises(ta.TaskArithError, match="NaN"):
         ta.merge_files(root / "base", [sources[0], tmp_path / "nan.safetensors"], tmp_path / "m", "ties", density=0.5)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ta.TaskArithError, match="neither"):
-        ta.merge_files(tmp_path, sources, tmp_path / "m", "ties")
+        ta.merge_files(tmp_path / "empty", sources, tmp_path / "m", "ties")
     assert not (tmp_path / "m").exists()
 
 
@@ -365,13 +366,13 @@ def test_slow_writes_never_see_a_reused_output(half_checkpoints, tmp_path, monke
 
     from taskarith import io
 
-    write = io._Pipeline.write
+    write = io._writer._Pipeline.write
 
     def slow_write(self, data):
         write(self, data)
         self.pool.submit(time.sleep, 0.01)  # the next write waits for this one too
 
-    monkeypatch.setattr(io._Pipeline, "write", slow_write)
+    monkeypatch.setattr(io._writer._Pipeline, "write", slow_write)
     monkeypatch.setattr(streaming, "_PIECE", 16, raising=False)
     monkeypatch.setattr(streaming, "_KEPT_OUTPUTS", 2, raising=False)
     root, sources = half_checkpoints
