@@ -197,6 +197,18 @@ def tied_groups(state: Mapping[str, torch.Tensor], names: list[str]) -> dict[str
     return aliases
 
 
+def _sample_positions(n: int) -> torch.Tensor:
+    """16 evenly spread positions in ``range(n)`` (all of them when fewer).
+
+    Up to 2^24 entries these are the positions float32 ``linspace`` gives, so the
+    fingerprints of vectors saved by earlier releases still match; above, float32
+    cannot hold ``n - 1`` (it rounds up to ``n``, past the end), so float64 spreads them.
+    """
+    steps = min(n, 16)
+    wide = n - 1 > 1 << 24
+    return torch.linspace(0, n - 1, steps=steps, dtype=torch.float64 if wide else torch.float32).long()
+
+
 def fingerprint(state: Mapping[str, torch.Tensor], names: list[str]) -> str:
     """A cheap identity of a base model: names, dtypes, shapes and a few sampled values.
 
@@ -209,8 +221,7 @@ def fingerprint(state: Mapping[str, torch.Tensor], names: list[str]) -> str:
     for name in names:
         flat = state[name].detach().reshape(-1)
         if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 16)).long().to(flat.device)
-            samples.append(flat[idx].double())
+            samples.append(flat[_sample_positions(flat.numel()).to(flat.device)].double())
     # One transfer for all samples: a copy to the host per tensor would synchronise a GPU each time.
     by_device: dict[torch.device, list[int]] = {}
     for i, sample in enumerate(samples):
