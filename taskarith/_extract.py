@@ -34,6 +34,24 @@ def check_float_dtype(dtype: object) -> None:
         raise TaskArithError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
 
+def device_of(device: object) -> torch.device:
+    """``device`` as a ``torch.device`` that this machine has, else a TaskArithError saying which it has.
+
+    Example:
+        >>> device_of("cpu")
+        device(type='cpu')
+    """
+    try:
+        result = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise TaskArithError(f"{device!r} is not a device: pass 'cpu', 'cuda', 'cuda:1', ...") from None
+    module = getattr(torch, result.type, None)
+    if result.type != "cpu" and hasattr(module, "is_available") and not module.is_available():
+        raise TaskArithError(f"device {str(result)!r} is not available on this machine (torch "
+                             f"{torch.__version__}{'' if torch.cuda.is_available() else ', no CUDA'}): use 'cpu'")
+    return result
+
+
 def delta_dtype(weight_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
     if requested is not None:
         return requested

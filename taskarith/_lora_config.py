@@ -17,6 +17,7 @@ from .errors import TaskArithError, raise_if_any
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+_MAX_CONFIG_BYTES = 10_000_000
 
 _FIX = ("Merge the adapter with PEFT instead (model = peft_model.merge_and_unload()) and build the vector with "
         "TaskVector.from_models(base, model).")
@@ -57,9 +58,11 @@ def _read_config(folder: Path) -> dict:
         hint = f" Adapters were found in the subfolders {nested}: pass one of them." if nested else ""
         raise TaskArithError(f"{str(folder)!r} holds no {CONFIG_FILE}, so it is not a PEFT adapter folder.{hint}")
     try:
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ValueError(f"{path.stat().st_size:,} bytes; an adapter config is a few kB")
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TaskArithError(f"{str(path)!r} is not valid JSON: {err}") from err
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise TaskArithError(f"{str(path)!r} is not valid JSON (an adapter config): {str(err)[:200]}") from None
     if not isinstance(config, dict):
         raise TaskArithError(f"{str(path)!r} holds a {type(config).__name__}, not a JSON object")
     _check_config(config, path)

@@ -302,7 +302,7 @@ def _merge_cmd(args, parser) -> None:
         print(json.dumps(plan.describe(), indent=2))
         return
     if args.device is not None:
-        _merge_in_memory(plan, out, torch.device(args.device), args.shard_size)
+        _merge_in_memory(plan, out, _extract.device_of(args.device), args.shard_size)
     else:
         _merge_out_of_core(plan, out, args.max_memory or "2GB", args.shard_size, args.progress)
     _log(f"wrote {out} ({plan.method} of {len(plan.sources)} {plan.kind})")

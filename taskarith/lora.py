@@ -353,7 +353,7 @@ def _check_untie_fits(copies: set[str], saved: Mapping[str, torch.Tensor], base:
     path = Path(base) / "config.json" if isinstance(base, (str, os.PathLike)) and copies else None
     try:
         config = json.loads(path.read_text()) if path is not None and path.is_file() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return
     text = (config.get("text_config") or config) if isinstance(config, dict) else None  # multimodal: text_config
     if not isinstance(text, dict) or not text.get("tie_word_embeddings", True):  # absent: the old default, True

@@ -183,7 +183,7 @@ def merge_files(
     floats = [n for n in reference.names() if reference.dtype(n).is_floating_point]
     aliases = _common_aliases(inputs) if pre is None else {}
     merging.check_scalars(spec, resolved, weights, {_extract.delta_dtype(reference.dtype(n), None) for n in floats})
-    device = torch.device(device)
+    device = _extract.device_of(device)
 
     def input_rows(i: int, name: str, rows: slice) -> torch.Tensor:
         return _to_device(inputs[i].tensor(name)[rows] if inputs[i].shape(name) else inputs[i].tensor(name), device)

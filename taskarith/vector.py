@@ -308,7 +308,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TaskVector:
         """A copy on ``device`` and/or with every delta in ``dtype`` (self if nothing changes)."""
-        device = torch.device(device) if device is not None else self._device
+        device = _extract.device_of(device) if device is not None else self._device
         if dtype is not None and not dtype.is_floating_point:
             raise TaskArithError(f"task vectors hold floating-point deltas; cannot convert to {dtype}")
         layout = self._layout.with_dtypes({d: dtype or d for d in self._layout.sizes})

@@ -545,3 +545,12 @@ def test_two_adapters_merge_into_a_folder_transformers_loads(tmp_path):
     expected = merged.apply_to(model)
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+def test_a_deeply_nested_or_huge_adapter_config_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ta.TaskArithError, match="not valid JSON"):
+        ta.lora.from_lora(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(" " * 10_000_001)
+    with pytest.raises(ta.TaskArithError, match="a few kB"):
+        ta.lora.from_lora(tmp_path)

@@ -97,8 +97,13 @@ def test_a_valid_file_reads_the_same_through_both_paths(tmp_path):
     for name, tensor in state.items():
         assert torch.equal(loaded[name], tensor) and torch.equal(ckpt.tensor(name), tensor)
         assert loaded[name].dtype == tensor.dtype
-    loaded["b"].add_(1)  # an owned copy: the file and the mapping are untouched
-    assert torch.equal(ckpt.tensor("b"), state["b"])
+    before = (tmp_path / "m.safetensors").read_bytes()
+    loaded["b"].add_(1)  # a copy-on-write view: the file and every other view are untouched
+    first = ckpt.load("w")
+    first.zero_()
+    assert torch.equal(ckpt.tensor("b"), state["b"]) and torch.equal(ckpt.tensor("w"), state["w"])
+    assert torch.equal(ckpt.load("w"), state["w"])  # a second load does not alias the first
+    assert (tmp_path / "m.safetensors").read_bytes() == before
 
 
 # ------------------------------------------------------------------ sharded folders
@@ -209,3 +214,17 @@ def test_vector_metadata_is_validated(tmp_path, key, value, needle):
     for read in (ta.TaskVector.load, lambda p: ta.merge_files(None, [p, p], tmp_path / "m.safetensors", "mean")):
         with pytest.raises(ta.TaskArithError, match=needle):
             read(path)
+
+
+def test_bad_paths_and_devices_are_task_arith_errors(tmp_path):
+    save_file({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    with pytest.raises(ta.TaskArithError, match="not a int"):
+        Checkpoint(5)
+    with pytest.raises(ta.TaskArithError, match="is not a device"):
+        ta.io.load_state_dict(tmp_path / "m.safetensors", device="nonsense")
+    with pytest.raises(ta.TaskArithError, match="is not a device"):
+        ta.merge_files(tmp_path / "m.safetensors", [tmp_path / "m.safetensors"], tmp_path / "out", "mean",
+                       device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ta.TaskArithError, match="not available on this machine"):
+            ta.TaskVector({"w": torch.ones(2)}).to("cuda")

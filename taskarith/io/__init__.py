@@ -28,6 +28,7 @@ from typing import Union
 
 import torch
 
+from .._extract import device_of
 from ..errors import TaskArithError
 from ._paths import (
     MARKER,
@@ -85,7 +86,7 @@ def load_state_dict(
             "a .safetensors file or a directory holding model.safetensors[.index.json]."
         )
     if device is not None:
-        device = torch.device(device)
+        device = device_of(device)
         state = {k: v.to(device) for k, v in state.items()}
     return state
 

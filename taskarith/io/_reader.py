@@ -2,8 +2,9 @@
 
 Every header, offset, dtype and shard path is validated before the first tensor
 is read, and all problems of a checkpoint are reported at once. Tensors are then
-served as zero-copy views of the memory-mapped files (:meth:`Checkpoint.tensor`,
-for out-of-core merging) or as owned copies (:meth:`Checkpoint.load`).
+served as zero-copy views of the memory-mapped files: shared ones for
+out-of-core merging (:meth:`Checkpoint.tensor`), private copy-on-write ones for
+in-memory use (:meth:`Checkpoint.load`).
 
 The rules are those of the safetensors format: an 8-byte little-endian header
 length, a JSON object header, and per tensor a known dtype, a shape and
@@ -59,11 +60,16 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TaskArithError(f"a checkpoint is a path to a .safetensors file or a model folder, not a "
+                                 f"{type(path).__name__}")
         self.path = Path(path)
         files, owner = _locate(self.path)
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], Path, int, int]] = {}
         self.metadata: dict[str, str] = {}
-        self._maps: dict[Path, np.ndarray] = {}
+        self._maps: dict[Path, np.ndarray] = {}  # views for tensor()
+        self._private_maps: dict[Path, np.ndarray] = {}  # views for load(), which may be written to
+        self._loaded: set[str] = set()
         problems: list[str] = []
         seen: dict[str, str] = {}  # name -> the file holding it
         read: set[str | None] = set()
@@ -122,28 +128,39 @@ class Checkpoint:
         return sorted({entry[2] for entry in self.entries.values()})
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The tensor as a view of the memory-mapped file (copied only if misaligned)."""
+        """The tensor as a view of the memory-mapped file (copied only if misaligned): its pages are
+        file-backed, read when touched and reclaimable, which is what out-of-core merging needs."""
+        return self._view(name, self._maps)
+
+    def load(self, name: str, device: str | torch.device | None = None) -> torch.Tensor:
+        """The tensor for in-memory use (on ``device``, default CPU), sharing memory with nothing else.
+
+        On the CPU it is a copy-on-write view of the file, as safetensors' own reader gives: no
+        copy is made up front, and writing to the tensor never changes the file. A name loaded a
+        second time from the same checkpoint is copied, so two loads never alias.
+        """
+        if device is not None and torch.device(device).type != "cpu":
+            return self.tensor(name).to(device)
+        if name in self._loaded:
+            return self.tensor(name).clone()
+        self._loaded.add(name)
+        return self._view(name, self._private_maps)
+
+    def _view(self, name: str, maps: dict[Path, np.ndarray]) -> torch.Tensor:
         dtype, shape, file, begin, end = self.entries[name]
-        if file not in self._maps:
-            # Copy-on-write: never writes the file. Sliced as a plain array (which keeps the map
-            # alive): a memmap slice runs Python code, ~80 us per tensor.
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="c").view(np.ndarray)
         if begin == end:
             return torch.empty(shape, dtype=dtype)
-        raw = torch.from_numpy(self._maps[file][begin:end])
+        if file not in maps:
+            # Copy-on-write: never writes the file. Sliced as a plain array (which keeps the map
+            # alive): a memmap slice runs Python code, ~80 us per tensor.
+            maps[file] = np.memmap(file, dtype=np.uint8, mode="c").view(np.ndarray)
+        raw = torch.from_numpy(maps[file][begin:end])
         if begin % raw.new_empty((), dtype=dtype).element_size():
             raw = raw.clone()
         return raw.view(dtype).view(shape)
 
-    def load(self, name: str, device: str | torch.device | None = None) -> torch.Tensor:
-        """The tensor in memory of its own (on ``device``, default CPU): no view of the file."""
-        view = self.tensor(name)
-        if device is not None and torch.device(device).type != "cpu":
-            return view.to(device)
-        return view.clone()
-
     def state_dict(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor, owned, in the checkpoint's order."""
+        """Every tensor (see :meth:`load`), in the checkpoint's order."""
         return {name: self.load(name, device) for name in self.order}
 
     def prefetch(self, name: str, limit: int | None = None) -> None:

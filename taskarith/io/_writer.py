@@ -179,7 +179,7 @@ def _update_config_dtype(config: Path, chunks: list[tuple[str, Any]]) -> None:
         return
     try:
         data = json.loads(config.read_text())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return  # not ours to fix: copied as it was
     name = str(next(iter(floats))).removeprefix("torch.")
 
@@ -193,7 +193,11 @@ def _update_config_dtype(config: Path, chunks: list[tuple[str, Any]]) -> None:
                 changed = update(value) or changed
         return changed
 
-    if update(data):
+    try:
+        changed = update(data)
+    except RecursionError:
+        return
+    if changed:
         mode = config.stat().st_mode
         config.write_text(json.dumps(data, indent=2) + "\n")
         os.chmod(config, mode)
