@@ -252,3 +252,15 @@ def test_sizes_are_decimal_like_hugging_face():
     for bad in ("0", "-1GB", "lots", "1e400GB", True):
         with pytest.raises(ta.TaskArithError):
             ta.io.parse_bytes(bad)
+
+
+def test_command_line_errors_name_flags_not_python_keywords(models, capsys):
+    root, _, _, _ = models
+    ta.TaskVector({"w": torch.ones(6, 4)}).save(root / "partial.safetensors")
+    assert run("apply", root / "base", root / "partial.safetensors", "-o", root / "edited") == 1
+    err = capsys.readouterr().err
+    assert "--partial" in err and "strict=False" not in err
+    assert run("apply", root / "base", root / "partial.safetensors", "-o", root / "edited", "--partial",
+               "--shard-size", "0") == 1
+    err = capsys.readouterr().err
+    assert "--shard-size" in err and "shard_size" not in err
