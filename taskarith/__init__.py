@@ -58,6 +58,7 @@ def load(path, device="cpu") -> TaskVector:
     return TaskVector.load(path, device=device)
 
 
-def save(vector: TaskVector, path, metadata=None) -> None:
-    """Write a task vector to a ``.safetensors`` file atomically (see :meth:`TaskVector.save`)."""
-    vector.save(path, metadata=metadata)
+def save(vector: TaskVector, path, metadata=None, *, overwrite: bool = False) -> None:
+    """Write a task vector to a ``.safetensors`` file atomically (see :meth:`TaskVector.save`): an existing
+    file is replaced only if taskarith wrote it, or with ``overwrite=True``."""
+    vector.save(path, metadata=metadata, overwrite=overwrite)

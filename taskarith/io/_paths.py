@@ -15,10 +15,8 @@ The output policy protects what a user already has on disk:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -96,15 +94,12 @@ def _ours_or_empty(folder: Path) -> bool:
 
 
 def is_taskarith_file(path: Path) -> bool:
-    """Whether ``path`` is a safetensors file whose metadata says taskarith wrote it."""
+    """Whether ``path`` is a valid safetensors file whose metadata says taskarith wrote it."""
+    from ._reader import Checkpoint  # the reader needs this module's containment rules first
+
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                return False
-            metadata = json.loads(f.read(length)).get("__metadata__") or {}
-        return any(str(k).startswith("taskarith.") for k in metadata)
-    except (OSError, ValueError, AttributeError, struct.error, RecursionError):
+        return path.suffix == ".safetensors" and any(k.startswith("taskarith.") for k in Checkpoint(path).metadata)
+    except (TaskArithError, OSError):
         return False
 
 
