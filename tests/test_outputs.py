@@ -76,6 +76,19 @@ def test_a_previous_output_is_replaced_without_asking(models):
     ta.merge_files(root / "base", fts, empty, "task_arithmetic")  # an empty folder holds nothing to lose
 
 
+def test_a_previous_output_holding_a_file_the_user_added_is_not_replaced_silently(models, capsys):
+    root, fts, _, config = models
+    assert run("merge", config, "-o", root / "merged") == 0
+    (root / "merged" / "notes.txt").write_text("my evaluation results")
+    assert run("merge", config, "-o", root / "merged") == 1
+    assert "'notes.txt'" in capsys.readouterr().err
+    with pytest.raises(ta.TaskArithError, match="'notes.txt', which taskarith did not write"):
+        hf.save_model({"w": torch.ones(2)}, root / "merged")
+    assert (root / "merged" / "notes.txt").read_text() == "my evaluation results"
+    assert run("merge", config, "-o", root / "merged", "--overwrite") == 0
+    assert not (root / "merged" / "notes.txt").exists()
+
+
 def test_a_file_is_never_turned_into_a_folder(models, capsys):
     root, fts, _, config = models
     (root / "results.txt").write_text("numbers")

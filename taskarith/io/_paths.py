@@ -4,8 +4,9 @@ The output policy protects what a user already has on disk:
 
 * an output that is, contains or lies inside an input is refused before any work;
 * an existing output is replaced only if taskarith wrote it (a folder holds the
-  marker file ``.taskarith-output``; a ``.safetensors`` file carries ``taskarith.*``
-  metadata) or the caller passes ``overwrite=True``; a file never becomes a folder
+  marker file ``.taskarith-output`` listing what it wrote, and nothing else; a
+  ``.safetensors`` file carries ``taskarith.*`` metadata) or the caller passes
+  ``overwrite=True``; a file never becomes a folder
   and a folder never becomes a file;
 * everything is written under a temporary name beside the output,
   ``.NAME.taskarith-tmp-PID-XXXX``, and renamed into place when complete; a later
@@ -15,6 +16,7 @@ The output policy protects what a user already has on disk:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -83,14 +85,36 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[object] = (), overw
     if not folder and kind == "folder":
         raise TaskArithError(f"the output {str(out)!r} is an existing folder, and this writes a single file: "
                              "choose a file name (a folder is never replaced by a file).")
-    if overwrite or (folder and _ours_or_empty(out)) or (not folder and is_taskarith_file(out)):
+    if overwrite or (not folder and is_taskarith_file(out)):
         return out
+    if folder:
+        foreign = _foreign_entries(out)
+        if not foreign:
+            return out
+        if foreign is not _ALL:
+            raise TaskArithError(f"the output {str(out)!r} is a folder taskarith wrote, but it now also holds "
+                                 f"{', '.join(map(repr, foreign[:10]))}, which taskarith did not write; pass {flag} "
+                                 "to replace it with them, or move them out first.")
     raise TaskArithError(f"the output {str(out)!r} exists and was not written by taskarith; pass {flag} to "
                          f"replace it, or choose another output.")
 
 
-def _ours_or_empty(folder: Path) -> bool:
-    return (folder / MARKER).is_file() or not any(folder.iterdir())
+_ALL = ["(everything)"]
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """The entries of ``folder`` taskarith did not write: none for an empty folder, those missing from
+    the marker's list for a folder taskarith wrote, :data:`_ALL` for any other folder."""
+    present = sorted(e.name for e in folder.iterdir())
+    if not present:
+        return []
+    try:
+        written = json.loads((folder / MARKER).read_text())["entries"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return _ALL
+    if not isinstance(written, list):
+        return _ALL
+    return [name for name in present if name != MARKER and name not in written]
 
 
 def is_taskarith_file(path: Path) -> bool:
@@ -194,8 +218,11 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = _temp(path, folder=True)
     try:
-        (tmp / MARKER).write_text("This folder was written by taskarith; taskarith may replace it.\n")
         yield tmp
+        # The marker lists what was written, so that a later write replaces the folder only while it
+        # holds nothing else (a file the user added since is never deleted without being asked).
+        entries = sorted(e.name for e in tmp.iterdir())
+        (tmp / MARKER).write_text(json.dumps({"written_by": "taskarith", "entries": entries}, indent=1) + "\n")
         if os.path.lexists(path):
             old = tmp.with_name(tmp.name + ".old")
             os.replace(path, old)
