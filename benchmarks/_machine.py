@@ -128,7 +128,7 @@ def machine_info() -> dict:
 
 
 def _numba_version() -> str | None:
-    """Numba's version when taskarith uses its kernels (installed, ``TASKARITH_NUMBA`` not 0), else None."""
+    """Numba's version when taskarith uses its kernels (installed, allowed by ``TASKARITH_BACKEND``), else None."""
     try:
         from taskarith import _numba
     except ImportError:  # a peer's environment, without taskarith

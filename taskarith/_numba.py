@@ -1,4 +1,4 @@
-"""Compiled CPU kernels through Numba, when it is installed (``pip install taskarith[fast]``).
+"""Compiled CPU kernels through Numba (a dependency of taskarith; the torch path serves where it is missing).
 
 TIES written with torch kernels, even blocked to stay in cache
 (:mod:`taskarith._fused`), runs a dozen kernels per block, and on the CPU each
@@ -16,7 +16,7 @@ Numba's import included, in ~0.3-0.4 s).
 The kernels compute exactly what the torch path computes, operation for
 operation and in the same order, so results never depend on which path ran;
 the tests compare both bit for bit. Without Numba, or with
-``TASKARITH_NUMBA=0`` in the environment, or for tensors these kernels do not
+``TASKARITH_BACKEND=torch`` (or ``triton``) in the environment, or for tensors these kernels do not
 take (not on the CPU, not contiguous, float16/float64, inputs of mixed dtypes),
 callers use their torch path.
 """
@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from . import _parallel
+from . import _backend, _parallel
 
 # Inputs of one of these dtypes (all alike), outputs of one of these too.
 DTYPES = (torch.float32, torch.bfloat16)
@@ -39,8 +38,9 @@ MAX_INPUTS = 4  # inputs of one kernel call (its four input slots)
 
 
 def enabled() -> bool:
-    """Whether the Numba kernels are used: Numba imports and ``TASKARITH_NUMBA`` is not ``0``."""
-    return os.environ.get("TASKARITH_NUMBA", "1") != "0" and _kernels() is not None
+    """Whether the Numba kernels are used: Numba imports and the backend switch allows them
+    (:mod:`taskarith._backend`)."""
+    return _backend.allows("numba") and _kernels() is not None
 
 
 def usable(out: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:

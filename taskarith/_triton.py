@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _backend
+
 MAX_INPUTS = 4
 _BLOCK = 1024
 
@@ -36,7 +38,7 @@ def usable(tensors: Sequence[torch.Tensor], dtypes: tuple[torch.dtype, ...] = (t
     )
     if not (on_device and all(t.dtype == tensors[0].dtype and t.is_contiguous() for t in tensors)):
         return False
-    return _kernels() is not None
+    return _backend.allows("triton") and _kernels() is not None
 
 
 @functools.cache

@@ -293,7 +293,7 @@ def test_tie_cut_finds_where_the_last_ties_begin(parts, threshold, pick, block, 
     part = int(np.searchsorted(starts, first_dropped, side="right")) - 1
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "_TIE_BLOCK", block)  # cut points fall inside and between blocks
-        patch.setenv("TASKARITH_NUMBA", "1" if compiled else "0")  # the Numba kernel, where installed
+        patch.setenv("TASKARITH_BACKEND", "numba" if compiled else "torch")  # the Numba kernel, where installed
         got = kernels.tie_cut([torch.from_numpy(p).to(dtype) for p in parts], threshold, excess)
     assert got == (part, int(first_dropped - starts[part])), f"excess={excess}"
 
@@ -306,7 +306,7 @@ def test_tie_after_finds_the_first_tie_past_those_kept(values, threshold, kept, 
     want = (int(ties[kept]), kept) if kept < ties.size else (None, int(ties.size))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "_TIE_BLOCK", block)  # the tie falls inside and between blocks
-        patch.setenv("TASKARITH_NUMBA", "1" if compiled else "0")  # the Numba kernel, where installed
+        patch.setenv("TASKARITH_BACKEND", "numba" if compiled else "torch")  # the Numba kernel, where installed
         got = kernels.tie_after(torch.from_numpy(values).to(dtype), threshold, kept)
     assert got == want
 
@@ -504,7 +504,7 @@ def test_bracketed_selection_equals_the_full_selection_or_declines(parts, fracti
         patch.setattr(kernels, "_BRACKET_MAX_FRACTION", 1.0)
         patch.setattr(kernels, "_BRACKET_MARGIN", margin)
         patch.setattr(ta._parallel, "MIN_SHARE", 1)  # several threads, ranges cut inside tensors
-        patch.setenv("TASKARITH_NUMBA", "1" if compiled else "0")  # the Numba kernel, where installed
+        patch.setenv("TASKARITH_BACKEND", "numba" if compiled else "torch")  # the Numba kernel, where installed
         patch.setattr(kernels, "_BRACKET_ROOM", room)
         if compiled and ta._numba.enabled():  # the scalar packing loop too, as on CPUs without AVX-512
             host = ta._numba._wide_stores()

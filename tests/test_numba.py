@@ -1,7 +1,7 @@
 """The Numba kernels compute, bit for bit, what the torch path computes.
 
 Each test runs the same public call with the kernels on and off
-(``TASKARITH_NUMBA``) and compares the bytes of the results, over inputs drawn
+(``TASKARITH_BACKEND``) and compares the bytes of the results, over inputs drawn
 to hit the edges: ties at trim thresholds, zeros of both signs, infinities,
 halfway cases of bfloat16 rounding, deltas whose float32 round trip fails.
 """
@@ -32,15 +32,15 @@ from taskarith._numba_kernels import _load, _put
 
 @contextlib.contextmanager
 def kernels(on: bool):
-    before = os.environ.get("TASKARITH_NUMBA")
-    os.environ["TASKARITH_NUMBA"] = "1" if on else "0"
+    before = os.environ.get("TASKARITH_BACKEND")
+    os.environ["TASKARITH_BACKEND"] = "numba" if on else "torch"
     try:
         yield
     finally:
         if before is None:
-            del os.environ["TASKARITH_NUMBA"]
+            del os.environ["TASKARITH_BACKEND"]
         else:
-            os.environ["TASKARITH_NUMBA"] = before
+            os.environ["TASKARITH_BACKEND"] = before
 
 
 @contextlib.contextmanager

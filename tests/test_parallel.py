@@ -5,9 +5,11 @@ import os
 from unittest import mock
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import taskarith as ta
 from taskarith import _parallel
 
 
@@ -54,3 +56,20 @@ def test_a_forked_child_runs_work_on_threads_of_its_own():
             child.kill()
     assert not alive, "the child hung on the parent's thread pool"
     assert queue.get(timeout=5) == 3_000_000
+
+
+def test_the_backend_switch_is_validated_and_honours_the_older_one(monkeypatch):
+    from taskarith import _backend
+
+    monkeypatch.delenv("TASKARITH_BACKEND", raising=False)
+    monkeypatch.delenv("TASKARITH_NUMBA", raising=False)
+    assert _backend.selected() == "auto" and _backend.allows("numba") and _backend.allows("triton")
+    monkeypatch.setenv("TASKARITH_NUMBA", "0")  # the older switch: Numba off, Triton still allowed
+    assert not _backend.allows("numba") and _backend.allows("triton")
+    for choice, numba, triton in [("torch", False, False), ("numba", True, False), ("triton", False, True),
+                                  (" AUTO ", True, True)]:
+        monkeypatch.setenv("TASKARITH_BACKEND", choice)
+        assert (_backend.allows("numba"), _backend.allows("triton")) == (numba, triton), choice
+    monkeypatch.setenv("TASKARITH_BACKEND", "cuda")
+    with pytest.raises(ta.TaskArithError, match="TASKARITH_BACKEND='cuda' is not a backend"):
+        ta.merge([ta.TaskVector({"w": torch.randn(1000)})] * 2, "ties", density=0.5)

@@ -50,7 +50,7 @@ json.dump(out, sys.stdout)
 def _run(mode: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
-    env["TASKARITH_NUMBA"] = "0"  # CPU tensors would take the Numba kernels: compare Triton with torch
+    env["TASKARITH_BACKEND"] = mode  # CPU tensors would take the Numba kernels under auto
     if mode == "triton":
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True, timeout=600,

@@ -80,7 +80,7 @@ def test_a_nan_in_any_input_raises_naming_its_vector_and_tensor(method, case, da
     name = data.draw(st.sampled_from(sorted(SHAPES)))
     vectors[at] = with_value(vectors[at], name, data.draw(st.integers(0, 100)), math.nan)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TASKARITH_NUMBA", "1" if compiled else "0")
+        patch.setenv("TASKARITH_BACKEND", "numba" if compiled else "torch")
         with pytest.raises(ta.NonFiniteError, match="NaN") as raised:
             ta.merge(vectors, method, weights=weights, **options)
     message = str(raised.value)
