@@ -12,6 +12,7 @@ pass. The results equal :func:`taskarith.merge` on the same inputs.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
@@ -527,9 +528,10 @@ def _return_freed_memory() -> None:
     it. Trimming costs page faults on the next allocations, so it only happens
     when private memory has grown past half the budget.
     """
-    if not _libc.available() or _trim_above is None:
+    limit = _trim_above.get()
+    if not _libc.available() or limit is None:
         return
-    if _private_bytes() > _trim_above:
+    if _private_bytes() > limit:
         _libc.malloc_trim()
 
 
@@ -543,19 +545,19 @@ def _private_bytes() -> int:
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_trim_above: int | None = None
+# Per merge (a context variable, not a global), so that merges running in several threads each keep
+# their own budget.
+_trim_above: contextvars.ContextVar[int | None] = contextvars.ContextVar("taskarith_trim_above", default=None)
 
 
 @contextmanager
 def _trimming(budget: int) -> Iterator[None]:
     """Trim freed memory whenever private memory exceeds the baseline plus half of ``budget``."""
-    global _trim_above
-    previous = _trim_above
-    _trim_above = _private_bytes() + budget // 2
+    token = _trim_above.set(_private_bytes() + budget // 2)
     try:
         yield
     finally:
-        _trim_above = previous
+        _trim_above.reset(token)
 
 
 def hold_freed_memory() -> None:

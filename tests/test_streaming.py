@@ -381,3 +381,23 @@ def test_slow_writes_never_see_a_reused_output(half_checkpoints, tmp_path, monke
     want = in_memory(root / "base", sources, "task_arithmetic", {"scale": 0.7})
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_merges_in_several_threads_equal_the_same_merges_in_turn(checkpoints, tmp_path):
+    """No merge state lives at module level: merges running side by side in threads, under different
+    budgets and methods, give the bytes each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, _, sources = checkpoints
+    jobs = [("ties", {"density": 0.4, "scope": "global"}, "20KB"), ("dare", {"drop": 0.3, "seed": 2}, "8KB"),
+            ("task_arithmetic", {}, "1GB"), ("ties", {"density": 0.2}, "12KB")]
+
+    def run(i, where):
+        method, options, budget = jobs[i]
+        out = ta.merge_files(root / "base", sources, tmp_path / where / str(i), method, max_memory=budget, **options)
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    alone = [run(i, "alone") for i in range(len(jobs))]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda i: run(i, "threads"), range(len(jobs))))
+    assert together == alone
