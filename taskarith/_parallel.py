@@ -1,8 +1,9 @@
 """Work split across threads for code whose heavy parts release the GIL (Numba kernels, numpy's
-selection, torch kernels)."""
+selection, torch kernels, DARE's mask draws): one pool per process, sized by torch's thread count."""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import threading
@@ -70,7 +71,9 @@ def run(sizes: Sequence[int], call: Callable[[int, int, int], None], *, split: b
             call(job, 0, size)
         return
     parts = shares(sizes, count, split=split)
-    done = [_pool(count).submit(_run_share, call, part) for part in parts[1:] if part]
+    # Worker threads do not inherit context variables: each share runs in a copy of the caller's, so
+    # that, e.g., an out-of-core merge's kernels.region() reaches the DARE masks drawn there.
+    done = [_pool(count).submit(contextvars.copy_context().run, _run_share, call, part) for part in parts[1:] if part]
     try:
         _run_share(call, parts[0])
     finally:

@@ -21,13 +21,10 @@ Conventions shared by every method:
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import math
-import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -523,16 +520,16 @@ def _dare(vectors: list[TaskVector], drop: float, seed: int) -> list[dict[str, t
     keep = 1.0 - drop
 
     def masks(i: int, v: TaskVector) -> dict[str, torch.Tensor]:
-        names = list(v._layout.slots)
         # Each mask draws from its own CPU generator, a serial stream: drawing several at once on
-        # threads (torch releases the GIL) is what makes DARE fast with more than one core.
-        # Worker threads do not inherit context variables: each task runs in a copy of ours, so an
-        # out-of-core merge's kernels.region() reaches dare_mask.
-        contexts = [contextvars.copy_context() for _ in names]
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            drawn = pool.map(lambda ctx, name: ctx.run(kernels.dare_mask, tuple(v[name].shape), keep, seed, i, name),
-                             contexts, names)
-            return dict(zip(names, drawn))
+        # the worker threads (torch releases the GIL) is what makes DARE fast with more than one core.
+        names = list(v._layout.slots)
+        drawn: list[torch.Tensor | None] = [None] * len(names)
+
+        def draw(job: int, lo: int, hi: int) -> None:
+            drawn[job] = kernels.dare_mask(tuple(v._layout.slots[names[job]].shape), keep, seed, i, names[job])
+
+        _parallel.run([v._layout.slots[n].numel for n in names], draw, split=False)
+        return dict(zip(names, drawn))
 
     out = []
     for i, v in enumerate(vectors):
