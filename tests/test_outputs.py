@@ -277,3 +277,24 @@ def test_command_line_errors_name_flags_not_python_keywords(models, capsys):
                "--shard-size", "0") == 1
     err = capsys.readouterr().err
     assert "--shard-size" in err and "shard_size" not in err
+
+
+def test_a_hugging_face_cache_snapshot_is_a_valid_like_folder(tmp_path):
+    """Hub snapshots link every file into the repository's blobs: those links are followed (copied as
+    files, no warning), and the weights read through them."""
+    import warnings
+
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    save_file({"w": torch.ones(3, 2)}, repo / "blobs" / "weights")
+    (repo / "blobs" / "config").write_text('{"torch_dtype": "float32"}')
+    os.symlink("../../blobs/weights", snapshot / "model.safetensors")
+    os.symlink("../../blobs/config", snapshot / "config.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = hf.save_model({"w": torch.zeros(3, 2, dtype=torch.bfloat16)}, tmp_path / "out", like=snapshot)
+    assert (out / "config.json").is_file() and not (out / "config.json").is_symlink()
+    assert json.loads((out / "config.json").read_text()) == {"torch_dtype": "bfloat16"}  # the copy, not the blob
+    assert (repo / "blobs" / "config").read_text() == '{"torch_dtype": "float32"}'
