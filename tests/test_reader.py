@@ -9,6 +9,8 @@ import struct
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import taskarith as ta
@@ -228,3 +230,25 @@ def test_bad_paths_and_devices_are_task_arith_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ta.TaskArithError, match="not available on this machine"):
             ta.TaskVector({"w": torch.ones(2)}).to("cuda")
+
+
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+       st.one_of(st.none(), st.integers(0, 10**6)))
+def test_damaged_files_give_a_clear_error_or_readable_tensors(tmp_path_factory, flips, cut):
+    """Any damage (bytes changed anywhere in the header or its length, the file cut short) ends in a
+    TaskArithError, or in a checkpoint whose every tensor reads: never another exception."""
+    path = tmp_path_factory.mktemp("damaged") / "m.safetensors"
+    save_file({"a": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "c": torch.tensor([1, 2])}, path,
+              metadata={"k": "v"})
+    data = bytearray(path.read_bytes())
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    for position, value in flips:
+        data[position % header_end] = value
+    path.write_bytes(bytes(data if cut is None else data[:cut % (len(data) + 1)]))
+    try:
+        checkpoint = Checkpoint(path)
+    except ta.TaskArithError:
+        return
+    for name in checkpoint.names():
+        assert checkpoint.load(name).shape == checkpoint.shape(name)
+        assert checkpoint.tensor(name).dtype == checkpoint.dtype(name)
