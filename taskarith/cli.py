@@ -318,16 +318,9 @@ def _check_vector_bases(plan, *, strict: bool) -> None:
         recorded = vector.metadata.get("taskarith.base_fingerprint")
         if recorded is None:
             continue
-        aliases = json.loads(vector.metadata.get("taskarith.aliases", "{}"))
-        probe = {}
-        for name in vector.names():
-            found = [n for n in (name, *(a for a, c in aliases.items() if c == name)) if n in base]
-            if not found:
-                break  # the names are checked when the vector is applied
-            probe[name] = base.tensor(found[0])
-        else:
-            if _extract.fingerprint(probe, list(probe)) != recorded:
-                others.append(str(source))
+        probe = _base_probe(base, vector)
+        if probe is not None and _extract.fingerprint(probe, list(probe)) != recorded:
+            others.append(str(source))
     if others:
         message = (f"{len(others)} vector file(s) were extracted from a different base model than "
                    f"{str(plan.base)!r}: {', '.join(map(repr, others))}. That is fine for deliberate task transfer; "
@@ -335,6 +328,19 @@ def _check_vector_bases(plan, *, strict: bool) -> None:
         if strict:
             raise BaseMismatchError(message + " (or drop --strict to merge anyway).")
         warnings.warn(message + " (--strict refuses such a merge).", stacklevel=2)
+
+
+def _base_probe(base: Checkpoint, vector: Checkpoint) -> dict[str, torch.Tensor] | None:
+    """The base's tensor for each name the vector stores (under a tied name of it where the base keeps
+    only that one), as its fingerprint was taken; None where the base lacks one (apply reports that)."""
+    aliases = json.loads(vector.metadata.get("taskarith.aliases", "{}"))
+    probe = {}
+    for name in vector.names():
+        found = next((n for n in (name, *(a for a, c in aliases.items() if c == name)) if n in base), None)
+        if found is None:
+            return None
+        probe[name] = base.tensor(found)
+    return probe
 
 
 def _merge_out_of_core(plan, out: Path, max_memory, shard_size, progress) -> None:

@@ -58,9 +58,10 @@ def save_model(
     Args:
         state_dict: the weights (``nn.Module`` or mapping of names to tensors),
             e.g. the result of :meth:`TaskVector.apply_to`.
-        out: the folder to write. An existing folder is replaced only if taskarith
-            wrote it (it holds the marker ``.taskarith-output``) or is empty, or with
-            ``overwrite=True``; ``out`` must not be, hold or lie inside ``like``.
+        out: the folder to write. An existing folder is replaced only if it is empty,
+            or taskarith wrote it (its marker ``.taskarith-output`` lists what it wrote)
+            and it holds nothing else, or with ``overwrite=True``; ``out`` must not be,
+            hold or lie inside ``like``.
         like: the base model's folder, whose non-weight files are copied and
             whose stored names decide how tied weights are written.
         shard_size: largest shard, as bytes or a string such as ``"5GB"`` or

@@ -273,9 +273,15 @@ def check_scalars(spec: Method, options: Mapping[str, object], weights: Sequence
 def refuse_nan(vectors: Sequence[TaskVector], method: str) -> None:
     """Raise :class:`~taskarith.NonFiniteError` naming each vector (position) and tensor of ``vectors``
     holding a NaN; return if none does."""
-    bad = [f"vector #{i} {name!r}" for i, v in enumerate(vectors) if _any_nan(v._buffers.values())
-           for name in v._layout.slots if _any_nan([v[name]])]
-    raise_if_any(bad, error=NonFiniteError, header=f"NaN in the task vectors merged by {method!r}",
+    raise_nan([(i, name) for i, v in enumerate(vectors) if _any_nan(v._buffers.values())
+               for name in v._layout.slots if _any_nan([v[name]])], method)
+
+
+def raise_nan(found: Sequence[tuple[int, str]], method: str) -> None:
+    """Raise :class:`~taskarith.NonFiniteError` naming each (vector position, tensor) of ``found``, the
+    NaN-holding inputs of a merge (in memory or out of core); return if there are none."""
+    raise_if_any([f"vector #{i} {name!r}" for i, name in found], error=NonFiniteError,
+                 header=f"NaN in the task vectors merged by {method!r}",
                  fix="A merge refuses NaN deltas: find where they come from (TaskVector.from_models(..., "
                      "check_finite=True) names them) or leave that vector out.")
 

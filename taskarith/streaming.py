@@ -27,7 +27,7 @@ import torch
 from . import _extract, _flat, _fused, _libc, _numba, kernels, merging
 from .errors import NonFiniteError, ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 from .io import Checkpoint, Lazy, check_output, parse_bytes, write_model, write_safetensors
-from .vector import FORMAT, FORMAT_VERSION, TaskVector
+from .vector import TaskVector, file_metadata
 
 __all__ = ["merge_files"]
 
@@ -304,15 +304,13 @@ def merge_files(
                     trims.update(_plan_trims(resolved, floats, len(inputs), reference, delta, delta_dtypes,
                                              row_blocks, budget, wide_keys))
                 except NonFiniteError:  # a selection met a NaN: name every input tensor holding one
-                    bad = [f"vector #{i} {n!r}" for i in range(len(inputs)) for n in floats
-                           if any(merging._any_nan([delta(i, n, rows)]) for rows in row_blocks(n, _SELECT_BYTES))]
-                    raise_if_any(bad, error=NonFiniteError, header=f"NaN in the checkpoints merged by {method!r}",
-                                 fix="A merge refuses NaN deltas: fix or leave out the checkpoint holding them.")
+                    merging.raise_nan([(i, n) for i in range(len(inputs)) for n in floats if any(
+                        merging._any_nan([delta(i, n, rows)]) for rows in row_blocks(n, _SELECT_BYTES))], method)
                     raise
             if pre is None:
                 write_safetensors(out, chunks, _vector_metadata(inputs, names, aliases, method))
             else:
-                write_model(out, chunks, shard_bytes=shard_bytes, like=pre.path if pre.path.is_dir() else None)
+                write_model(out, chunks, shard_bytes=shard_bytes, like=pre.path)  # a file base: no extras
         finally:
             bar.close()
     return out
@@ -506,13 +504,9 @@ def _common_aliases(inputs: list[Checkpoint]) -> dict[str, str]:
 
 def _vector_metadata(inputs: list[Checkpoint], names: list[str], aliases: dict, method: str) -> dict[str, str]:
     """The merged vector's file metadata; it keeps the inputs' base fingerprint where they all share one."""
-    metadata = {"taskarith.format": FORMAT, "taskarith.format_version": FORMAT_VERSION,
-                "taskarith.aliases": json.dumps(aliases), "taskarith.names": json.dumps([*names, *aliases]),
-                "taskarith.merge": method}
     prints = {c.metadata.get("taskarith.base_fingerprint") for c in inputs}
-    if len(prints) == 1 and None not in prints:
-        metadata["taskarith.base_fingerprint"] = prints.pop()
-    return metadata
+    common = prints.pop() if len(prints) == 1 else None
+    return file_metadata(aliases, [*names, *aliases], common, merge=method)
 
 
 def _promote_inputs(inputs: list[Checkpoint], name: str) -> torch.dtype:

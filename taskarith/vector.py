@@ -12,6 +12,7 @@ import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,12 +28,11 @@ from .errors import (
     format_names,
     raise_if_any,
 )
-from .io import Source, check_output, load_state_dict, read_safetensors, write_safetensors
+from .io import PICKLE_SUFFIXES, Source, check_output, load_state_dict, read_safetensors, write_safetensors
+from .io._reader import FORMAT, FORMAT_VERSION
 
 __all__ = ["TaskVector"]
 
-FORMAT = "taskarith.task_vector"
-FORMAT_VERSION = "1"
 _RESERVED = "taskarith."
 
 
@@ -694,17 +694,9 @@ class TaskVector(Mapping[str, torch.Tensor]):
         bad = [f"{k!r}" for k, v in user.items() if not isinstance(k, str) or not isinstance(v, str) or k.startswith(_RESERVED)]
         raise_if_any(bad, error=TaskArithError, header="invalid metadata keys",
                      fix=f"Metadata is str -> str and keys starting with {_RESERVED!r} are reserved.")
-        ours = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dtype_policy": self._info.dtype_policy,
-            "skipped": json.dumps(list(self._info.skipped)),
-            "aliases": json.dumps(self._layout.aliases),
-            "names": json.dumps(list(self._layout.names)),  # safetensors readers sort names; keep ours
-        }
-        if self._info.base_fingerprint:
-            ours["base_fingerprint"] = self._info.base_fingerprint
-        header = {**user, **{_RESERVED + k: v for k, v in ours.items()}}
+        ours = file_metadata(self._layout.aliases, self._layout.names, self._info.base_fingerprint,
+                             dtype_policy=self._info.dtype_policy, skipped=self._info.skipped)
+        header = {**user, **ours}
         chunks = [(name, self[name]) for name in self._layout.slots]
         write_safetensors(path, chunks, header)
 
@@ -721,12 +713,9 @@ class TaskVector(Mapping[str, torch.Tensor]):
             >>> loaded.equal(tv), loaded.metadata
             (True, {'task': 'demo'})
         """
-        if str(path).endswith(tuple([".pt", ".pth", ".bin", ".ckpt"])):
+        if Path(path).suffix in PICKLE_SUFFIXES:
             raise TaskArithError(f"refusing to unpickle {str(path)!r}: task vectors are stored as .safetensors")
-        tensors, header = read_safetensors(path, device=str(device))
-        version = header.get(_RESERVED + "format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise TaskArithError(f"{str(path)!r} uses task vector format {version}; this taskarith reads {FORMAT_VERSION}")
+        tensors, header = read_safetensors(path, device=str(device))  # the reader checked the format version
         aliases = json.loads(header.get(_RESERVED + "aliases", "{}"))
         tensors.update({a: tensors[c] for a, c in aliases.items()})
         order = json.loads(header.get(_RESERVED + "names", "[]"))
@@ -748,6 +737,22 @@ class TaskVector(Mapping[str, torch.Tensor]):
         # uses its storage, and a second vector holding the very same tensor objects would not count.
         buffers = {dtype: buf.view(buf.shape) for dtype, buf in self._buffers.items()}
         return TaskVector._make(self._layout, buffers, replace(self._info, metadata={**self._info.metadata, **metadata}))
+
+
+def file_metadata(aliases: Mapping[str, str], names: Sequence[str], base_fingerprint: str | None, *,
+                  dtype_policy: str | None = None, skipped: Sequence[str] | None = None,
+                  **more: str) -> dict[str, str]:
+    """The ``taskarith.*`` metadata of a task vector file, for every writer of one: the format and its
+    version, tied names, every name in order (safetensors readers sort names), and what is known."""
+    ours = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    if dtype_policy is not None:
+        ours["dtype_policy"] = dtype_policy
+    if skipped is not None:
+        ours["skipped"] = json.dumps(list(skipped))
+    ours.update(aliases=json.dumps(dict(aliases)), names=json.dumps(list(names)), **more)
+    if base_fingerprint:
+        ours["base_fingerprint"] = base_fingerprint
+    return {_RESERVED + k: v for k, v in ours.items()}
 
 
 def _scalar(value: object):

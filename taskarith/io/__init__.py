@@ -45,7 +45,7 @@ from ._writer import Lazy, copy_extras, parse_bytes, write_model, write_safetens
 atomic_path = atomic_file  # the name earlier releases exported
 
 __all__ = [
-    "MARKER", "SHARD_INDEX", "SINGLE_FILE", "Checkpoint", "Lazy", "Source", "atomic_file", "atomic_folder",
+    "MARKER", "PICKLE_SUFFIXES", "SHARD_INDEX", "SINGLE_FILE", "Checkpoint", "Lazy", "Source", "atomic_file", "atomic_folder",
     "atomic_path", "check_output", "copy_extras", "is_taskarith_file", "load_state_dict", "parse_bytes",
     "read_safetensors", "remove_stale", "scratch_folder", "write_model", "write_safetensors",
 ]

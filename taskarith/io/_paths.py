@@ -87,33 +87,29 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[object] = (), overw
                              "choose a file name (a folder is never replaced by a file).")
     if overwrite or (not folder and is_taskarith_file(out)):
         return out
-    if folder:
-        foreign = _foreign_entries(out)
-        if not foreign:
-            return out
-        if foreign is not _ALL:
-            raise TaskArithError(f"the output {str(out)!r} is a folder taskarith wrote, but it now also holds "
-                                 f"{', '.join(map(repr, foreign[:10]))}, which taskarith did not write; pass {flag} "
-                                 "to replace it with them, or move them out first.")
+    foreign = _foreign_entries(out) if folder else None
+    if foreign == []:
+        return out
+    if foreign:
+        raise TaskArithError(f"the output {str(out)!r} is a folder taskarith wrote, but it now also holds "
+                             f"{', '.join(map(repr, foreign[:10]))}, which taskarith did not write; pass {flag} "
+                             "to replace it with them, or move them out first.")
     raise TaskArithError(f"the output {str(out)!r} exists and was not written by taskarith; pass {flag} to "
                          f"replace it, or choose another output.")
 
 
-_ALL = ["(everything)"]
-
-
-def _foreign_entries(folder: Path) -> list[str]:
+def _foreign_entries(folder: Path) -> list[str] | None:
     """The entries of ``folder`` taskarith did not write: none for an empty folder, those missing from
-    the marker's list for a folder taskarith wrote, :data:`_ALL` for any other folder."""
+    the marker's list for a folder taskarith wrote, and None (unknown: all of them) for any other."""
     present = sorted(e.name for e in folder.iterdir())
     if not present:
         return []
     try:
         written = json.loads((folder / MARKER).read_text())["entries"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return _ALL
+        return None
     if not isinstance(written, list):
-        return _ALL
+        return None
     return [name for name in present if name != MARKER and name not in written]
 
 

@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import TaskArithError
+from ..errors import TaskArithError, raise_if_any
 from ._paths import contained_link_target
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+FORMAT = "taskarith.task_vector"  # a task vector file's taskarith.format, in the version this release reads
+FORMAT_VERSION = "1"
 _MAX_INDEX_BYTES = 100_000_000
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -95,12 +97,9 @@ class Checkpoint:
             if lost:
                 problems.append(f"the index lists {len(lost)} tensor(s) their shard does not hold: "
                                 + ", ".join(repr(n) for n in lost[:_LISTED]))
-        if problems:
-            shown = "; ".join(problems[:_LISTED]) + (f"; ... ({len(problems) - _LISTED} more)"
-                                                      if len(problems) > _LISTED else "")
-            raise TaskArithError(f"{str(self.path)!r} is not a valid safetensors checkpoint ({len(problems)} "
-                                 f"problem(s)): {shown}. Re-save the model with safetensors (e.g. "
-                                 "save_pretrained) or point at an intact copy.")
+        raise_if_any(problems, error=TaskArithError,
+                     header=f"{str(self.path)!r} is not a valid safetensors checkpoint",
+                     fix="Re-save the model with safetensors (e.g. save_pretrained) or point at an intact copy.")
         _check_taskarith_metadata(self.path, self.metadata, self.entries)
         # The order names are served in (and selections break ties by): a vector's recorded
         # order, else the shard index's, else sorted, as safetensors lists a file's names.
@@ -108,7 +107,7 @@ class Checkpoint:
         if len(recorded) == len(self.entries):
             self.order = recorded
         else:
-            self.order = [n for n in owner] if owner is not None else sorted(self.entries)
+            self.order = list(owner) if owner is not None else sorted(self.entries)
 
     def names(self) -> list[str]:
         """Every tensor name, in the checkpoint's order."""
@@ -122,10 +121,6 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
-
-    def files(self) -> list[Path]:
-        """The weight files read, in order."""
-        return sorted({entry[2] for entry in self.entries.values()})
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor as a view of the memory-mapped file (copied only if misaligned): its pages are
@@ -332,23 +327,21 @@ def _check_taskarith_metadata(path: Path, metadata: dict[str, str], entries: dic
         return
     problems = []
     version = ours.get("format_version")
-    if version is not None and version != "1":
-        raise TaskArithError(f"{str(path)!r} uses task vector format {version}; this taskarith reads format 1. "
-                             "Upgrade taskarith to read it.")
+    if version is not None and version != FORMAT_VERSION:
+        raise TaskArithError(f"{str(path)!r} uses task vector format {version}; this taskarith reads format "
+                             f"{FORMAT_VERSION}. Upgrade taskarith to read it.")
     parsed = {}
     for key, kind in (("aliases", dict), ("names", list), ("skipped", list)):
         if key not in ours:
             continue
         try:
-            parsed[key] = json.loads(ours[key])
+            value = json.loads(ours[key])
         except (ValueError, RecursionError):
-            parsed[key] = None
-        value = parsed[key]
-        items = value.items() if isinstance(value, dict) else value if isinstance(value, list) else None
-        if items is None or not isinstance(value, kind) or not all(
-                isinstance(x, str) for item in items for x in (item if isinstance(item, tuple) else (item,))):
+            value = None
+        if isinstance(value, kind) and all(isinstance(x, str) for x in _strings_of(value)):
+            parsed[key] = value
+        else:
             problems.append(f"taskarith.{key} must be a JSON {kind.__name__} of strings")
-            parsed[key] = None
     aliases = parsed.get("aliases") or {}
     bad = [f"{a!r} -> {c!r}" for a, c in aliases.items() if a in entries or c not in entries]
     if bad:
@@ -356,6 +349,10 @@ def _check_taskarith_metadata(path: Path, metadata: dict[str, str], entries: dic
     names = parsed.get("names")
     if names is not None and sorted(names) != sorted([*entries, *aliases]):
         problems.append("taskarith.names does not list exactly the stored names and their aliases")
-    if problems:
-        raise TaskArithError(f"{str(path)!r} carries invalid task vector metadata: {'; '.join(problems)}. "
-                             "The file was edited or damaged; extract the vector again.")
+    raise_if_any(problems, error=TaskArithError, header=f"{str(path)!r} carries invalid task vector metadata",
+                 fix="The file was edited or damaged; extract the vector again.")
+
+
+def _strings_of(value: dict | list) -> list:
+    """Every item of a list, or every key and value of a dict."""
+    return [x for pair in value.items() for x in pair] if isinstance(value, dict) else value
