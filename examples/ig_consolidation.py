@@ -252,7 +252,7 @@ def run_seed(seed: int, images, labels, args) -> dict:
             merged = ta.consolidate(vectors, scores, density=args.density, **options)
         results[name] = {}
         for criterion in CRITERIA:
-            lam = ta.tune_scale(pre, merged, lambda s, c=criterion: val(s)[c], grid=GRID)
+            lam = ta.attribution.tune_scale(pre, merged, lambda s, c=criterion: val(s)[c], grid=GRID)
             results[name][criterion] = {"lambda": lam, **test(merged.apply_to(pre, lam))}
     return {"seed": seed, "completeness": gaps, "results": results,
             "own_task_wins": output_row_conflicts(vectors, attributions),

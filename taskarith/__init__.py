@@ -8,11 +8,18 @@ architecture)::
     import taskarith as ta
     tv = ta.TaskVector.from_models(pretrained, finetuned)
     model.load_state_dict(tv.apply_to(pretrained, scale=0.5))
+
+The top level holds what most work needs: :class:`TaskVector`, :func:`merge`,
+:func:`merge_files`, :func:`methods`, :func:`register`, :func:`consolidate`,
+:func:`load`, :func:`save` and the errors. Submodules: :mod:`taskarith.merging`
+(methods and their contract), :mod:`taskarith.attribution` (integrated
+gradients), :mod:`taskarith.metrics`, :mod:`taskarith.hf`, :mod:`taskarith.lora`
+and :mod:`taskarith.io` (interop), :mod:`taskarith.runtime` (caches, threads,
+backend).
 """
 
-from . import attribution, hf, io, kernels, lora, merging, metrics  # attribution imports captum only when used
-from ._consolidate import consolidate, tune_scale
-from ._flat import cache_info, empty_cache
+from . import attribution, hf, io, lora, merging, metrics, runtime  # noqa: F401  (submodules of the surface; captum loads only when used)
+from ._consolidate import consolidate
 from .errors import (
     BaseMismatchError,
     KeyMismatchError,
@@ -20,11 +27,11 @@ from .errors import (
     ShapeMismatchError,
     TaskArithError,
 )
-from .merging import merge, methods
+from .merging import merge, methods, register
 from .streaming import merge_files
 from .vector import TaskVector
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BaseMismatchError",
@@ -33,23 +40,13 @@ __all__ = [
     "ShapeMismatchError",
     "TaskArithError",
     "TaskVector",
-    "__version__",
-    "attribution",
-    "cache_info",
     "consolidate",
-    "empty_cache",
-    "hf",
-    "io",
-    "kernels",
     "load",
-    "lora",
     "merge",
     "merge_files",
-    "merging",
     "methods",
-    "metrics",
+    "register",
     "save",
-    "tune_scale",
 ]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import _yaml, merging
+from .merging._registry import lookup
 from .errors import TaskArithError
 from .io import SHARD_INDEX, SINGLE_FILE
 
@@ -201,7 +202,7 @@ class _Doc:
                          f"{', '.join(sorted(merging.methods()))}")
             return options
         try:
-            return merging.lookup(method, options)[1]
+            return lookup(method, options)[1]
         except TaskArithError as err:
             self.problem(options_path, str(err))
             return options

@@ -274,7 +274,7 @@ def tune_scale(
     Example:
         >>> import torch, taskarith as ta
         >>> tv = ta.TaskVector({"w": torch.tensor([1.0])})
-        >>> ta.tune_scale({"w": torch.tensor([0.0])}, tv, lambda s: -abs(s["w"].item() - 0.5))
+        >>> ta.attribution.tune_scale({"w": torch.tensor([0.0])}, tv, lambda s: -abs(s["w"].item() - 0.5))
         0.5
     """
     if not isinstance(vector, TaskVector):

@@ -205,7 +205,7 @@ def empty_cache() -> None:
 
     Example:
         >>> import taskarith as ta
-        >>> ta.empty_cache()
+        >>> ta.runtime.empty_cache()
     """
     with _cache_lock:
         _cache.clear()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import _config, _extract, merging, metrics, streaming
+from . import _config, _extract, merging, metrics, runtime, streaming
 from ._config import DTYPES
 from .errors import BaseMismatchError, TaskArithError
 from .io import Checkpoint, check_output, load_state_dict, scratch_folder, write_safetensors
@@ -344,7 +344,7 @@ def _base_probe(base: Checkpoint, vector: Checkpoint) -> dict[str, torch.Tensor]
 
 
 def _merge_out_of_core(plan, out: Path, max_memory, shard_size, progress) -> None:
-    streaming.hold_freed_memory()  # this process only merges: reuse freed memory, fewer page faults
+    runtime.hold_freed_memory()  # this process only merges: reuse freed memory, fewer page faults
     common = dict(weights=plan.weights, max_memory=max_memory, progress=progress, overwrite=True, **plan.options)
     if plan.kind == "models" and out.suffix != ".safetensors":
         streaming.merge_files(plan.base, plan.sources, out, plan.method, dtype=plan.dtype,

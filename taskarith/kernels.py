@@ -14,12 +14,10 @@ entries survive on every run and every device.
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import math
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -35,9 +33,9 @@ __all__ = [
     "kth_largest",
     "row_thresholds",
     "segment_thresholds",
-    "topk_mask",
     "tie_after",
     "tie_cut",
+    "topk_mask",
     "trim_threshold",
 ]
 
@@ -550,44 +548,40 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(h[:8], "little") >> 1
 
 
-DARE_BLOCK = 1 << 20  # entries per independently seeded block of a DARE mask
-
-# Where the tensors a method sees start inside their full tensors (flat offset, full size):
-# out-of-core merges hand methods row blocks, and DARE must draw the same bits for them.
-_region: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("taskarith_region", default=None)
+RANDOM_CHUNK = 1 << 20  # entries per independently seeded chunk of a tensor's random draws
 
 
-@contextmanager
-def region(offset: int, full_numel: int):
-    """Declare that tensors passed to merge methods are the entries ``[offset, offset + n)`` of
-    tensors with ``full_numel`` entries (used by out-of-core merging)."""
-    token = _region.set((offset, full_numel))
-    try:
-        yield
-    finally:
-        _region.reset(token)
+def uniform(count: int, start: int, full: int, seed: int, *parts: object) -> torch.Tensor:
+    """``count`` uniform [0, 1) float32 draws for entries ``[start, start + count)`` of a tensor of
+    ``full`` entries: the same value for an entry however the tensor is split.
 
+    The whole tensor is cut into chunks of :data:`RANDOM_CHUNK` entries; chunk ``j``
+    draws from a CPU generator seeded with ``derive_seed(seed, *parts, j)``. So the
+    draws depend only on ``seed``, ``parts`` (input position, tensor name) and the
+    tensor's size, never on which other tensors exist, the order, threads, or how an
+    out-of-core merge splits the tensor.
 
-def dare_mask(shape: tuple[int, ...], keep: float, seed: int, *parts: object) -> torch.Tensor:
-    """Bernoulli(keep) boolean mask, identical on every device and for any split of the tensor.
-
-    The full tensor is cut into blocks of :data:`DARE_BLOCK` entries; block ``j``
-    draws from a CPU generator seeded with ``derive_seed(seed, *parts, j)``. So
-    the mask of a tensor depends only on ``seed``, ``parts`` (vector position,
-    tensor name) and the tensor's size, never on which other tensors exist, the
-    iteration order, threads, or how an out-of-core merge splits it.
+    Example:
+        >>> whole = uniform(10, 0, 10, 7, 0, "w")
+        >>> torch.equal(whole[4:], uniform(6, 4, 10, 7, 0, "w"))
+        True
     """
+    stop = start + count
+    out = torch.empty(count, dtype=torch.float32)
+    for chunk in range(start // RANDOM_CHUNK, -(-stop // RANDOM_CHUNK)):
+        begin = chunk * RANDOM_CHUNK
+        length = min(RANDOM_CHUNK, full - begin)
+        generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, *parts, chunk))
+        lo, hi = max(start - begin, 0), min(stop - begin, length)
+        # Draw i of a chunk is the generator's i-th whatever the count asked for, so a block ending
+        # inside this chunk draws only up to its end.
+        out[begin + lo - start:begin + hi - start] = torch.rand(hi, generator=generator)[lo:hi]
+    return out
+
+
+def dare_mask(shape: tuple[int, ...], keep: float, seed: int, *parts: object,
+              start: int = 0, full: int | None = None) -> torch.Tensor:
+    """Bernoulli(keep) boolean mask of the entries ``[start, start + n)`` of a tensor of ``full``
+    entries (default: the whole tensor of ``shape``), drawn with :func:`uniform`."""
     numel = math.prod(shape)
-    offset, full = _region.get() or (0, numel)
-    stop = offset + numel
-    mask = torch.empty(numel, dtype=torch.bool)
-    for block in range(offset // DARE_BLOCK, -(-stop // DARE_BLOCK)):
-        begin = block * DARE_BLOCK
-        length = min(DARE_BLOCK, full - begin)
-        generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, *parts, block))
-        lo, hi = max(offset - begin, 0), min(stop - begin, length)
-        # Entry i of a block is the generator's i-th draw whatever the count asked for, so a row
-        # block ending inside this block draws only up to its end (tests check split == whole).
-        draws = torch.rand(hi, generator=generator)
-        torch.lt(draws[lo:hi], keep, out=mask[begin + lo - offset:begin + hi - offset])
-    return mask.view(shape)
+    return torch.lt(uniform(numel, start, numel if full is None else full, seed, *parts), keep).view(shape)

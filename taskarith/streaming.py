@@ -13,6 +13,7 @@ pass. The results equal :func:`taskarith.merge` on the same inputs.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import math
 import os
@@ -24,9 +25,12 @@ from pathlib import Path
 
 import torch
 
-from . import _extract, _flat, _fused, _libc, _numba, kernels, merging
+from . import _extract, _flat, _fused, _libc, _numba, kernels
 from .errors import NonFiniteError, ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 from .io import Checkpoint, Lazy, check_output, parse_bytes, write_model, write_safetensors
+from .merging import _checks, _engine, _registry, linear
+from .merging._spec import promote
+from .merging._trim import trim_plan
 from .vector import TaskVector, file_metadata
 
 __all__ = ["merge_files"]
@@ -169,21 +173,24 @@ def merge_files(
     Returns:
         the path written.
     """
-    spec, resolved = merging.lookup(method, options)
+    spec, resolved = _registry.lookup(method, options)
     budget = parse_bytes(max_memory, what="max_memory")
     shard_bytes = parse_bytes(shard_size, what="shard_size")
     if not sources:
         raise TaskArithError("merge_files needs at least one source")
-    weights = merging._validate_weights(weights, len(sources))
+    weights = _checks.validate_weights(weights, len(sources))
     _extract.check_float_dtype(dtype)
     out = check_output(out, inputs=[base, *sources], overwrite=overwrite, folder=base is not None)
+    if spec.needs_base and base is None:
+        raise TaskArithError(f"merge method {method!r} reads the pretrained weights: merge fine-tuned models onto "
+                             f"a base (merge_files(base, models, ...)), not task vector files")
     pre = Checkpoint(base) if base is not None else None
     inputs = [Checkpoint(s) for s in sources]
     reference = pre or inputs[0]
     _check_inputs(reference, inputs, with_base=pre is not None)
     floats = [n for n in reference.names() if reference.dtype(n).is_floating_point]
     aliases = _common_aliases(inputs) if pre is None else {}
-    merging.check_scalars(spec, resolved, weights, {_extract.delta_dtype(reference.dtype(n), None) for n in floats})
+    _checks.check_scalars(spec, resolved, weights, {_extract.delta_dtype(reference.dtype(n), None) for n in floats})
     device = _extract.device_of(device)
 
     def input_rows(i: int, name: str, rows: slice) -> torch.Tensor:
@@ -202,7 +209,7 @@ def merge_files(
         known = dtypes_of.get(name)
         if known is not None and (known[0] is not None or not decide):
             return known
-        split = len(row_blocks(name, None)) > 1 or (spec.trims and len(row_blocks(name, _SELECT_BYTES)) > 1)
+        split = len(row_blocks(name, None)) > 1 or (spec.trim and len(row_blocks(name, _SELECT_BYTES)) > 1)
         if pre is None or reference.dtype(name) not in _extract.HALF or not (split or decide):
             dtypes_of[name] = [None] * len(inputs)  # called per row block and input: remember it
         else:
@@ -226,45 +233,44 @@ def merge_files(
         """Row slices of ``name`` whose working set fits the budget (None: the merge pass's)."""
         bytes_per_entry = merge_bytes if bytes_per_entry is None else bytes_per_entry
         shape = reference.shape(name)
-        if not shape or not spec.elementwise:
+        if not shape or spec.split == "tensor":
             return [slice(None)]
         row_bytes = bytes_per_entry * math.prod(shape[1:])
         rows = max(1, budget // max(row_bytes, 1))
         return [slice(r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)]
 
-    # Private bytes per entry of a row block, measured for TIES (the hungriest element-wise
-    # method): each input's delta plus the temporaries of sign election and disjoint mean.
-    merge_bytes = 16 * (len(inputs) + 1)
+    # Private bytes per entry of a row block: each input's delta plus the method's temporaries.
+    merge_bytes = spec.memory * (len(inputs) + 1)
     trims: dict = {}
-    fn_options = dict(resolved, density=1.0, scope="tensor") if spec.trims else resolved
     pieces = _Pieces()
     # Unweighted task arithmetic: the sum of the deltas, which a compiled kernel can do in one pass.
-    plain_sum = spec.fn is merging._task_arithmetic and all(w * resolved["scale"] == 1.0 for w in weights)
+    plain_sum = spec.fast is linear.task_arithmetic and all(w * resolved["scale"] == 1.0 for w in weights)
+
+    def block_deltas(name: str, rows: slice) -> list[torch.Tensor]:
+        parts = [delta(i, name, rows).contiguous() for i in range(len(inputs))]
+        if not spec.trim:
+            return parts
+        if trims.get((0, name)) is None:  # merged whole: trimmed in memory by the one trim plan
+            return [trim_plan(TaskVector._wrap(name, p), resolved["density"], "tensor").trimmed(name) for p in parts]
+        return [trims[(i, name)](p) for i, p in enumerate(parts)]
+
+    def run_method(name: str, deltas: list[torch.Tensor], base: torch.Tensor | None, start: int) -> torch.Tensor:
+        return _engine.call(spec, name, deltas, weights, resolved, base=base if spec.needs_base else None,
+                            shape=tuple(reference.shape(name)), start=start, stats=stats)
 
     def merged(name: str, rows: slice) -> torch.Tensor:
         shape = reference.shape(name)
-        # A tensor merged whole trims itself (the in-memory selection and fused merge);
-        # a split one gets its planned trims here and merges untrimmed.
-        whole_trim = spec.trims and trims.get((0, name)) is None
-        options = resolved if whole_trim else fn_options
+        start = (rows.start or 0) * math.prod(shape[1:]) if shape else 0
         dtypes = delta_dtypes(name)
-        if (pre is not None and device.type == "cpu" and not spec.trims and spec.elementwise and shape
+        if (pre is not None and device.type == "cpu" and not spec.trim and spec.elementwise and shape
                 and all(d in (None, torch.float32) for d in dtypes)):
-            out = pieces.merge(
-                lambda parts: spec.run(parts, weights, **fn_options), name, base_rows(name, rows),
-                [input_rows(i, name, rows) for i in range(len(inputs))], dtype or pre.dtype(name),
-                (rows.start or 0) * math.prod(shape[1:]), math.prod(shape), checked=None in dtypes,
-                plain_sum=plain_sum)
+            out = pieces.merge(lambda deltas, b, at: run_method(name, deltas, b, at), base_rows(name, rows),
+                               [input_rows(i, name, rows) for i in range(len(inputs))], dtype or pre.dtype(name),
+                               start, checked=None in dtypes, plain_sum=plain_sum)
             if out is not None:
                 return out
-        parts = [delta(i, name, rows).contiguous() for i in range(len(inputs))]
-        if spec.trims and not whole_trim:
-            parts = [trims[(i, name)](p) for i, p in enumerate(parts)]
-        offset = (rows.start or 0) * math.prod(shape[1:]) if shape else 0
-        # Random methods seed each (vector position, tensor name, fixed block) alone, so a row
-        # block draws the same masks as the whole vectors in memory.
-        with kernels.region(offset, math.prod(shape)):
-            result = spec.run([TaskVector._wrap(name, p) for p in parts], weights, **options)[name]
+        parts = block_deltas(name, rows)
+        result = run_method(name, parts, base_rows(name, rows) if pre is not None else None, start)
         del parts
         if pre is None:
             return result.to(dtype or _promote_inputs(inputs, name))
@@ -272,11 +278,23 @@ def merge_files(
         return _extract.apply_entry(b, result, 1.0, torch.empty(b.shape, dtype=dtype or b.dtype, device=b.device))
 
     names = [n for n in reference.names() if n not in aliases]
+    stats = None
+
+    def flat_deltas(name: str, lo: int, hi: int) -> list[torch.Tensor]:
+        wide = delta_dtypes(name, decide=True)
+        flats = [_to_device(c.tensor(name).reshape(-1)[lo:hi], device) for c in inputs]
+        if pre is None:
+            return [t.float() if t.dtype in _extract.HALF else t for t in flats]
+        return [_extract.delta_of(flat_base(name, lo, hi), t, wide[i]) for i, t in enumerate(flats)]
+
+    def flat_base(name: str, lo: int, hi: int) -> torch.Tensor | None:
+        return None if pre is None else _to_device(pre.tensor(name).reshape(-1)[lo:hi], device)
+
     out_dtype = {n: (dtype or (reference.dtype(n) if pre else _promote_inputs(inputs, n))) if n in floats else reference.dtype(n)
                  for n in names}
     bar = _progress(progress, total=len(names), desc=f"merge ({method})")
 
-    following = dict(zip(names, names[1:]))
+    following = dict(itertools.pairwise(names))
     checkpoints = [*inputs, *([pre] if pre is not None else [])]
 
     def blocks(name: str) -> Iterator[torch.Tensor]:
@@ -299,13 +317,16 @@ def merge_files(
     # Cached buffers would count against the budget: keep none while merging.
     with _flat.cache_paused(), _trimming(budget), ThreadPoolExecutor(1, thread_name_prefix="taskarith-read") as reader:
         try:
-            if spec.trims:
+            if spec.statistic is not None:
+                stats = _engine.statistic(spec, [n for n in names if n in floats], flat_deltas, flat_base,
+                                          lambda n: tuple(reference.shape(n)), weights, resolved)
+            if spec.trim:
                 try:
                     trims.update(_plan_trims(resolved, floats, len(inputs), reference, delta, delta_dtypes,
                                              row_blocks, budget, wide_keys))
                 except NonFiniteError:  # a selection met a NaN: name every input tensor holding one
-                    merging.raise_nan([(i, n) for i in range(len(inputs)) for n in floats if any(
-                        merging._any_nan([delta(i, n, rows)]) for rows in row_blocks(n, _SELECT_BYTES))], method)
+                    _checks.raise_nan([(i, n) for i in range(len(inputs)) for n in floats if any(
+                        _checks.any_nan([delta(i, n, rows)]) for rows in row_blocks(n, _SELECT_BYTES))], method)
                     raise
             if pre is None:
                 write_safetensors(out, chunks, _vector_metadata(inputs, names, aliases, method))
@@ -359,9 +380,10 @@ class _Pieces:
             self.outputs.append(buf)
         return buf[:n]  # a view: the kept tensor itself is never handed out, so its use count tells
 
-    def merge(self, fn, name: str, base: torch.Tensor, finetuned: list[torch.Tensor], out_dtype: torch.dtype,
-              offset: int, full: int, *, checked: bool = True, plain_sum: bool = False) -> torch.Tensor | None:
-        """``base + fn(deltas)`` of an element-wise method for one row block.
+    def merge(self, fn, base: torch.Tensor, finetuned: list[torch.Tensor], out_dtype: torch.dtype,
+              offset: int, *, checked: bool = True, plain_sum: bool = False) -> torch.Tensor | None:
+        """``base + fn(deltas, base, start)`` of an element-wise method for one row block, ``fn`` called
+        on flat pieces (``start``: a piece's first entry in the whole tensor).
 
         Computes exactly what the whole-block path computes (the deltas of
         :func:`_extract.delta_of`, ``fn`` on them, ``base + result`` rounded
@@ -382,7 +404,7 @@ class _Pieces:
         half = b.dtype != wide
         out = self.output(n, out_dtype)
         # A NaN in the one-pass sum sends the block to the pieces, whose method names the input holding it.
-        if plain_sum and _numba.add_deltas(out, b, fts, checked=checked) and not merging._any_nan([out]):
+        if plain_sum and _numba.add_deltas(out, b, fts, checked=checked) and not _checks.any_nan([out]):
             return out.view(base.shape)
         width = min(n, _PIECE)
         base_wide = self._rows("base", 1, width, wide)[0] if half else None
@@ -406,8 +428,7 @@ class _Pieces:
                 wb = b[s:e]
                 for i, f in enumerate(fts):
                     torch.sub(f[s:e], wb, out=deltas[i, :m])
-            with kernels.region(offset + s, full):
-                result = fn([TaskVector._wrap(name, deltas[i, :m]) for i in range(count)])[name].reshape(-1)
+            result = fn([deltas[i, :m] for i in range(count)], b[s:e], offset + s).reshape(-1)
             total = torch.promote_types(wb.dtype, result.dtype)
             if total == out_dtype:
                 torch.add(wb if wb.dtype == total else wb.to(total), result, out=out[s:e])
@@ -447,7 +468,7 @@ def _plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_blo
     for i in range(count):
         if scope == "global":
             total = sum(math.prod(reference.shape(n)) for n in floats)
-            chunks = lambda i=i: (delta(i, n, rows).abs() for n in floats for rows in row_blocks(n, _SELECT_BYTES))  # noqa: E731
+            chunks = lambda i=i: (delta(i, n, rows).abs() for n in floats for rows in row_blocks(n, _SELECT_BYTES))
             shared = _make_trim(chunks, math.floor(density * total), total, budget, wide_keys(floats))
             trims.update({(i, n): shared for n in floats})
             continue
@@ -457,7 +478,7 @@ def _plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_blo
                 trims[(i, n)] = None
                 continue
             k = math.floor(density * numel)
-            chunks = lambda i=i, n=n: (delta(i, n, rows).abs() for rows in row_blocks(n, _SELECT_BYTES))  # noqa: E731
+            chunks = lambda i=i, n=n: (delta(i, n, rows).abs() for rows in row_blocks(n, _SELECT_BYTES))
             itemsize = 8 if delta_dtypes(n)[i] == torch.float64 or reference.dtype(n) == torch.float64 else 4
             if 0 < k < numel and numel * itemsize <= budget // 2:
                 trims[(i, n)] = _select_in_memory(chunks, k, numel, torch.float64 if itemsize == 8 else torch.float32)
@@ -510,7 +531,7 @@ def _vector_metadata(inputs: list[Checkpoint], names: list[str], aliases: dict, 
 
 
 def _promote_inputs(inputs: list[Checkpoint], name: str) -> torch.dtype:
-    return merging.promote(c.dtype(name) for c in inputs)
+    return promote([c.dtype(name) for c in inputs])
 
 
 def _return_freed_memory() -> None:
@@ -552,20 +573,6 @@ def _trimming(budget: int) -> Iterator[None]:
         yield
     finally:
         _trim_above.reset(token)
-
-
-def hold_freed_memory() -> None:
-    """Let glibc keep freed blocks for reuse rather than hand them back to the OS at once.
-
-    For a process that only merges, such as the command line: the setting is
-    process-wide, so the library never makes it on its own. Memory touched for
-    the first time costs a page fault per page; measured on the TIES merge of
-    ``benchmarks/bench_mergekit.py`` (374M bfloat16 parameters, 2 cores): minor
-    faults 0.92-1.02M -> 0.24-0.25M, system CPU 3.4-3.8 s -> 2.2-2.4 s, wall
-    12.9-13.2 s -> 12.4-12.9 s. A budgeted merge still returns freed memory
-    once private memory passes half its budget (:func:`_return_freed_memory`).
-    """
-    _libc.hold_freed_memory()
 
 
 def _progress(enabled: bool | None, total: int, desc: str):

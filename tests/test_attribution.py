@@ -339,8 +339,8 @@ def test_completeness_warning(mlp_case):
 
 def test_import_taskarith_does_not_import_captum():
     code = (
-        "import sys, taskarith as ta; ta.consolidate; ta.tune_scale; ta.attribution.integrated_gradients; "
-        "from taskarith import consolidate, tune_scale; "
+        "import sys, taskarith as ta; ta.consolidate; ta.attribution.tune_scale; ta.attribution.integrated_gradients; "
+        "from taskarith import consolidate; from taskarith.attribution import tune_scale; "
         "assert 'captum' not in sys.modules, 'captum imported'; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
@@ -562,15 +562,15 @@ def test_consolidate_bad_inputs():
 def test_tune_scale_picks_the_best_and_the_first_of_ties():
     tv = ta.TaskVector({"w": torch.tensor([1.0])})
     base = {"w": torch.tensor([0.0])}
-    assert ta.tune_scale(base, tv, lambda s: -abs(s["w"].item() - 1.5)) == 1.5
-    assert ta.tune_scale(base, tv, lambda s: 1.0, grid=[0.7, 0.2]) == 0.7
-    assert ta.tune_scale(base, tv, lambda s: torch.tensor(-(s["w"].item() - 0.3) ** 2), grid=[0.1, 0.3]) == 0.3
+    assert ta.attribution.tune_scale(base, tv, lambda s: -abs(s["w"].item() - 1.5)) == 1.5
+    assert ta.attribution.tune_scale(base, tv, lambda s: 1.0, grid=[0.7, 0.2]) == 0.7
+    assert ta.attribution.tune_scale(base, tv, lambda s: torch.tensor(-(s["w"].item() - 0.3) ** 2), grid=[0.1, 0.3]) == 0.3
     for grid in ([], [float("inf")], "0.5", [True]):
         with pytest.raises(ta.TaskArithError, match="grid"):
-            ta.tune_scale(base, tv, lambda s: 0.0, grid=grid)
+            ta.attribution.tune_scale(base, tv, lambda s: 0.0, grid=grid)
     with pytest.raises(ta.TaskArithError, match="real number"):
-        ta.tune_scale(base, tv, lambda s: float("nan"))
+        ta.attribution.tune_scale(base, tv, lambda s: float("nan"))
     with pytest.raises(ta.TaskArithError, match="callable"):
-        ta.tune_scale(base, tv, "accuracy")
+        ta.attribution.tune_scale(base, tv, "accuracy")
     with pytest.raises(ta.TaskArithError, match="TaskVector"):
-        ta.tune_scale(base, {"w": torch.ones(1)}, lambda s: 0.0)
+        ta.attribution.tune_scale(base, {"w": torch.ones(1)}, lambda s: 0.0)

@@ -225,7 +225,7 @@ def test_a_vector_with_metadata_keeps_its_memory_when_the_original_dies():
     go back to the cache while the new vector still uses them."""
     import gc
 
-    ta.empty_cache()
+    ta.runtime.empty_cache()
     a = ta.TaskVector({"w": torch.ones(1 << 20)}) * 2  # large enough for the buffer cache
     b = a.with_metadata(task="x")
     del a

@@ -14,6 +14,7 @@ from strategies import scalars, vectors
 
 import taskarith as ta
 from taskarith import kernels
+from taskarith.merging import _trim
 
 DETERMINISTIC = ["task_arithmetic", "mean", "magnitude_prune", "ties", "breadcrumbs", "consensus", "iso_c"]
 WITH_SCALE = ["task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "consensus", "tsv", "iso_c"]
@@ -237,10 +238,10 @@ def test_segmented_trim_plan_gives_the_same_ties_merge(vs, density, sign, small,
     if integers:
         vs = [ta.TaskVector({n: v[n].round() for n in v._layout.slots}) for v in vs]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ta.merging, "_MANY_SMALL", 10**9)  # never: one selection per tensor
+        patch.setattr(_trim, "_MANY_SMALL", 10**9)  # never: one selection per tensor
         want = ta.merge(vs, "ties", density=density, scope="tensor", sign=sign)
-        patch.setattr(ta.merging, "_MANY_SMALL", 1)
-        patch.setattr(ta.merging, "_SMALL_TENSOR", small)
+        patch.setattr(_trim, "_MANY_SMALL", 1)
+        patch.setattr(_trim, "_SMALL_TENSOR", small)
         got = ta.merge(vs, "ties", density=density, scope="tensor", sign=sign)
     assert all(torch.equal(got[n], want[n]) for n in want._layout.slots), "segmented trim changed the merge"
 
@@ -439,9 +440,9 @@ def test_unknown_methods_and_options_list_the_valid_ones():
 def test_options_are_validated_before_any_computation():
     calls = []
 
-    def spy(vectors, weights, *, level):
+    def spy(block, *, level):
         calls.append(1)
-        return vectors[0]
+        return block.deltas[0]
 
     ta.merging.register("spy_demo", spy, paper="n/a",
                         options={"level": ta.merging.Option(1, lambda x: x in (1, 2), "1 or 2")})

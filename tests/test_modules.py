@@ -152,19 +152,19 @@ def test_reused_buffers_never_overwrite_a_view_still_held():
 
 
 def test_buffers_of_dead_vectors_are_reused_and_can_be_freed():
-    ta.empty_cache()
+    ta.runtime.empty_cache()
     a = ta.TaskVector({"w": torch.ones(1 << 20)})
     first = a + a
     address = first["w"].data_ptr()
     del first
     gc.collect()
-    assert ta.cache_info()["buffers"] == 1
+    assert ta.runtime.cache_info()["buffers"] == 1
     second = a + a
     assert second["w"].data_ptr() == address
     assert bool((second["w"] == 2.0).all())
     del second
-    ta.empty_cache()
-    assert ta.cache_info()["buffers"] == 0
+    ta.runtime.empty_cache()
+    assert ta.runtime.cache_info()["buffers"] == 0
 
 
 def test_a_partial_vector_edits_both_names_of_a_tied_weight():

@@ -24,7 +24,8 @@ pytest.importorskip("numba", reason="the compiled kernels need Numba: pip instal
 from numba import njit
 
 import taskarith as ta
-from taskarith import _numba, merging
+from taskarith import _numba
+from taskarith.merging import _trim
 from taskarith import kernels as kernels_module
 from taskarith._numba import _kernels
 from taskarith._numba_kernels import _load, _put
@@ -111,7 +112,7 @@ def test_ties_kernel_breaks_ties_at_the_cut_as_the_torch_path():
     g = torch.Generator().manual_seed(0)
     vectors = [ta.TaskVector({"w": torch.randint(-2, 3, (3_000_000,), generator=g).float(),
                               "b": torch.randint(-2, 3, (501,), generator=g).float()}) for _ in range(3)]
-    plan = merging._trim_plan(vectors[0], 0.3, "tensor")
+    plan = _trim.trim_plan(vectors[0], 0.3, "tensor")
     assert plan.cuts, "the premise: a tie cut"
     for scope in ["tensor", "global"]:
         with kernels(False):

@@ -15,7 +15,7 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "tv.safetensors").exists()
 
 
-def test_the_api_page_example_registers_a_working_method():
+def test_the_api_page_example_registers_a_working_method(tmp_path):
     import torch
 
     import taskarith as ta
@@ -27,5 +27,9 @@ def test_the_api_page_example_registers_a_working_method():
         a = ta.TaskVector({"w": torch.tensor([1.0, -2.0])})
         b = ta.TaskVector({"w": torch.tensor([3.0, 1.0])})
         assert ta.merge([a, b], "sign_vote")["w"].tolist() == [2.0, -1.5]
+        a.save(tmp_path / "a.safetensors"), b.save(tmp_path / "b.safetensors")
+        out = ta.merge_files(None, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "m.safetensors",
+                             "sign_vote", max_memory=16)
+        assert ta.load(out)["w"].tolist() == [2.0, -1.5]
     finally:
         ta.merging.unregister("sign_vote")

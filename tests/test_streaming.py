@@ -212,13 +212,13 @@ def test_a_failed_merge_leaves_no_output_and_keeps_the_previous_one(checkpoints,
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
 
-    def explode(vectors, weights):
+    def explode(block):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("disk on fire")
-        return vectors[0]
+        return block.deltas[0]
 
-    ta.merging.register("explode_demo", explode, paper="n/a", elementwise=True)
+    ta.register("explode_demo", explode, paper="n/a", split="elementwise")
     try:
         with pytest.raises(RuntimeError, match="disk on fire"):
             ta.merge_files(root / "base", sources, tmp_path / "merged", "explode_demo")
@@ -262,22 +262,20 @@ def test_sizes_parse_in_decimal_and_binary_units():
 
 @given(rows=st.integers(1, 9), cols=st.integers(1, 6), cut=st.integers(0, 9), block=st.integers(1, 8))
 def test_dare_masks_do_not_depend_on_how_a_tensor_is_split(rows, cols, cut, block):
-    old = kernels.DARE_BLOCK
-    kernels.DARE_BLOCK = block
+    old = kernels.RANDOM_CHUNK
+    kernels.RANDOM_CHUNK = block
     try:
         whole = kernels.dare_mask((rows, cols), 0.5, 3, 0, "w")
         cut = min(cut, rows)
-        with kernels.region(0, rows * cols):
-            top = kernels.dare_mask((cut, cols), 0.5, 3, 0, "w")
-        with kernels.region(cut * cols, rows * cols):
-            bottom = kernels.dare_mask((rows - cut, cols), 0.5, 3, 0, "w")
+        top = kernels.dare_mask((cut, cols), 0.5, 3, 0, "w", start=0, full=rows * cols)
+        bottom = kernels.dare_mask((rows - cut, cols), 0.5, 3, 0, "w", start=cut * cols, full=rows * cols)
     finally:
-        kernels.DARE_BLOCK = old
+        kernels.RANDOM_CHUNK = old
     assert torch.equal(torch.cat([top, bottom]), whole)
 
 
 def test_out_of_core_dare_with_small_mask_blocks_equals_in_memory(checkpoints, tmp_path, monkeypatch):
-    monkeypatch.setattr(kernels, "DARE_BLOCK", 37)  # blocks that straddle the merge's row blocks
+    monkeypatch.setattr(kernels, "RANDOM_CHUNK", 37)  # blocks that straddle the merge's row blocks
     root, _, sources = checkpoints
     out = ta.merge_files(root / "base", sources, tmp_path / "m", "dare_ties", drop=0.3, seed=1, max_memory=3000)
     got = ta.io.load_state_dict(out)
@@ -324,7 +322,7 @@ def test_half_precision_merge_files_equals_in_memory_merge(half_checkpoints, tmp
 
     monkeypatch.setattr(streaming, "_PIECE", 7, raising=False)
     monkeypatch.setattr(_extract, "_BLOCK", 5, raising=False)
-    monkeypatch.setattr(kernels, "DARE_BLOCK", 11)
+    monkeypatch.setattr(kernels, "RANDOM_CHUNK", 11)
     root, sources = half_checkpoints
     out = ta.merge_files(root / "base", sources, tmp_path / "m", method, max_memory=max_memory, **options)
     got = ta.io.load_state_dict(out)

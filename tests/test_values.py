@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 import taskarith as ta
 from taskarith import merging
+from taskarith.merging import _engine
 
 METHODS = sorted(ta.methods())  # every registered method, whatever is added later
 SHAPES = {"a.weight": (3, 4), "a.bias": (7,), "b": (40,), "c": (1,)}
@@ -109,7 +110,7 @@ def test_every_method_checks_nan_on_each_device(method, device):
         ta.merge(vectors, method, weights=[1.0, 1.0, 0.0], **required(method))
 
 
-@pytest.mark.parametrize("method", [m for m, spec in ta.methods().items() if spec.trims])
+@pytest.mark.parametrize("method", [m for m, spec in ta.methods().items() if spec.trim])
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 @pytest.mark.parametrize("many", [False, True], ids=["large", "many-small"])
 def test_trims_name_a_nan_found_by_their_selection(method, scope, many):
@@ -124,30 +125,29 @@ def test_trims_name_a_nan_found_by_their_selection(method, scope, many):
         ta.merge(vectors, method, density=0.3, scope=scope)
 
 
-def test_method_run_applies_the_policy_to_row_blocks_as_streaming_calls_it():
-    """The out-of-core driver merges one-tensor blocks through Method.run: same policy, same names."""
+def test_the_engine_applies_the_policy_to_row_blocks_as_out_of_core_calls_it():
+    """The out-of-core driver merges row blocks through the engine's call: same policy, same names."""
     blocks = [torch.randn(4, 8), torch.randn(4, 8)]
     blocks[0][2, 3] = math.nan
     for method in METHODS:
         spec = ta.methods()[method]
         options = {k: o.default for k, o in spec.options.items()} | required(method)
-        vectors = [ta.TaskVector._wrap("layer.w", b) for b in blocks]
         with pytest.raises(ta.NonFiniteError, match=r"vector #0 'layer.w'"):
-            spec.run(vectors, [1.0, 1.0], **options)
+            _engine.call(spec, "layer.w", blocks, [1.0, 1.0], options, shape=(8, 8), start=8)
 
 
 def test_registered_methods_have_their_inputs_checked_unless_they_propagate_nan():
     calls = []
 
-    def hides(vectors, weights):
+    def hides(block):
         "Zeros: hides any NaN of its inputs."
         calls.append(1)
-        return {n: torch.zeros_like(vectors[0][n]) for n in vectors[0]}
+        return torch.zeros_like(block.deltas[0])
 
-    def honest(vectors, weights):
+    def honest(block):
         "The first vector: keeps its NaN."
         calls.append(1)
-        return vectors[0]
+        return block.deltas[0]
 
     nan = ta.TaskVector({"w": torch.tensor([1.0, math.nan])})
     ta.merging.register("hides_demo", hides, paper="n/a")
@@ -365,10 +365,10 @@ def test_merges_check_scalars_against_the_dtype_they_compute_in():
 def test_scalars_are_validated_before_a_method_runs():
     calls = []
 
-    def spy(vectors, weights, *, scale):
+    def spy(block, *, scale):
         "Spy: records that it ran."
         calls.append(1)
-        return vectors[0]
+        return block.deltas[0]
 
     ta.merging.register("scale_spy_demo", spy, paper="n/a", options={"scale": merging.SCALE})
     try:

@@ -1,0 +1,218 @@
+"""The merge engine: validate, plan, and call a method on blocks; :func:`merge` is its in-memory driver.
+
+Both drivers — :func:`merge` here and :func:`taskarith.merge_files` out of core — validate the
+same way, trim with the same plan, gather a method's statistic over the same fixed chunks and
+call the method through :func:`call`, which applies the NaN policy. So they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from .. import _extract
+from ..errors import NonFiniteError, TaskArithError
+from ..vector import TaskVector, _Info
+from ._checks import (
+    any_nan,
+    check_scalars,
+    compute_dtype,
+    compute_dtypes,
+    raise_nan,
+    refuse_nan,
+    validate_vectors,
+    validate_weights,
+)
+from ._registry import lookup
+from ._spec import Block, Method, promote
+from ._trim import trim_plans
+
+STAT_CHUNK = 1 << 20  # entries per chunk a statistic sees: fixed, so both drivers sum the same partials
+
+
+def merge(
+    vectors: Sequence[TaskVector],
+    method: str = "ties",
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: torch.dtype | None = None,
+    base: Mapping[str, torch.Tensor] | None = None,
+    **options,
+) -> TaskVector:
+    """Merge task vectors with a registered method.
+
+    Args:
+        vectors: task vectors with the same names and shapes.
+        method: a name from :func:`methods` (``"task_arithmetic"``, ``"ties"``, ``"dare"``, ...).
+        weights: one multiplier per vector (default 1.0 each).
+        dtype: dtype of the result (default: each tensor's input dtype).
+        base: the pretrained state dict, for methods that read it (``needs_base``).
+        **options: the method's options; see ``docs/merging.md``.
+
+    Example:
+        >>> import torch, taskarith as ta
+        >>> a = ta.TaskVector({"w": torch.tensor([1.0, -2.0, 0.5])})
+        >>> b = ta.TaskVector({"w": torch.tensor([3.0, 1.0, -0.1])})
+        >>> ta.merge([a, b], "ties", density=2 / 3)["w"]  # trim to 2 of 3, elect, disjoint mean
+        tensor([ 2., -2.,  0.])
+    """
+    return _merge(vectors, method, weights, dtype, base, options, by_tensor=False)
+
+
+def merge_by_tensor(vectors, method="ties", *, weights=None, dtype=None, base=None, **options) -> TaskVector:
+    """:func:`merge` calling the method tensor by tensor even where it has a whole-vector form
+    (what the conformance tests hold the whole-vector forms to)."""
+    return _merge(vectors, method, weights, dtype, base, options, by_tensor=True)
+
+
+def _merge(vectors, method, weights, dtype, base, options, *, by_tensor: bool) -> TaskVector:
+    spec, resolved = lookup(method, options)
+    vectors = validate_vectors(vectors, method)
+    weights = validate_weights(weights, len(vectors))
+    check_scalars(spec, resolved, weights, {d for v in vectors for d in compute_dtypes(v)})
+    _extract.check_float_dtype(dtype)
+    base = _check_base(spec, base, vectors[0])
+    # What the inputs know of their origin (the base fingerprint they share, if they all do): set
+    # here, once, on whatever the method returns.
+    info = functools.reduce(_Info.combine, (v._info for v in vectors))
+    vectors = _common_ties(vectors)
+    first = vectors[0]
+    # Slot dtypes, not tensor views: with thousands of small tensors, per-name views cost more
+    # than the merge itself.
+    out_dtypes = {n: dtype or promote([v._layout.slot(n).dtype for v in vectors]) for n in first._layout.slots}
+    compute = [v.to(dtype=compute_dtype(v)) for v in vectors]
+    if spec.fast is not None and not by_tensor:
+        merged = _run_fast(spec, compute, weights, resolved)
+    else:
+        merged = _run_by_tensor(spec, compute, weights, resolved, base)
+    fresh = isinstance(merged, TaskVector) and all(merged is not v for v in [*vectors, *compute])
+    if not (fresh and merged._layout == first._layout and all(
+        merged._layout.slots[n].dtype == out_dtypes[n] for n in first._layout.slots
+    )):  # else already packed in the right layout: skip a copy
+        result = {n: merged[n].to(out_dtypes[n]) for n in first._layout.slots}
+        merged = TaskVector({n: result[first._layout.canonical(n)] for n in first._layout.names})
+    merged._info = info  # ours alone: fresh, or just built
+    return merged
+
+
+def _run_fast(spec: Method, vectors: list[TaskVector], weights: list[float], options: dict):
+    """The method's whole-vector form under the NaN policy (see :func:`call`)."""
+    if not spec.propagates_nan or vectors[0].device.type != "cpu":
+        refuse_nan(vectors, spec.name)
+        return spec.fast(vectors, weights, **options)
+    try:
+        merged = spec.fast(vectors, weights, **options)
+    except NonFiniteError:  # a trim's selection met a NaN: say where it is
+        refuse_nan(vectors, spec.name)
+        raise
+    if any_nan(merged._buffers.values() if isinstance(merged, TaskVector) else merged.values()):
+        refuse_nan(vectors, spec.name)
+    return merged
+
+
+def _run_by_tensor(spec: Method, vectors: list[TaskVector], weights: list[float], options: dict,
+                   base: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    names = list(vectors[0]._layout.slots)
+    if spec.trim:
+        try:
+            plans = trim_plans(vectors, options["density"], options["scope"])
+        except NonFiniteError:
+            refuse_nan(vectors, spec.name)
+            raise
+        deltas_of = lambda name: [p.trimmed(name) for p in plans]
+    else:
+        deltas_of = lambda name: [v[name] for v in vectors]
+    base_of = (lambda name: base[name].to(vectors[0].device)) if base is not None else (lambda name: None)
+    stats = None
+    if spec.statistic is not None:
+        stats = statistic(spec, names, lambda name, lo, hi: [v[name].reshape(-1)[lo:hi] for v in vectors],
+                          lambda name, lo, hi: None if base is None else base_of(name).reshape(-1)[lo:hi],
+                          lambda name: tuple(vectors[0]._layout.slots[name].shape), weights, options)
+    return {name: call(spec, name, deltas_of(name), weights, options, base=base_of(name), stats=stats)
+            for name in names}
+
+
+def call(spec: Method, name: str, deltas: Sequence[torch.Tensor], weights: Sequence[float], options: Mapping,
+         *, base: torch.Tensor | None = None, shape: tuple[int, ...] | None = None, start: int = 0,
+         stats: object = None) -> torch.Tensor:
+    """``spec.fn`` on one block under the NaN policy: a NaN in any input raises
+    :class:`~taskarith.NonFiniteError` naming the input (position) and tensor.
+
+    Inputs are checked first, unless the method propagates NaN and runs on the CPU: then its result
+    is (a NaN there sends the check to the inputs, to name them; one made from infinities is IEEE's
+    and stays). On accelerators inputs are always checked: a reduction costs little there.
+    """
+    shape = tuple(deltas[0].shape) if shape is None else shape
+    block = Block(name, tuple(deltas), tuple(weights), base, shape, start, options.get("seed"), stats)
+    if not spec.propagates_nan or deltas[0].device.type != "cpu":
+        raise_nan([(i, name) for i, d in enumerate(deltas) if any_nan([d])], spec.name)
+        return _checked(spec, block, spec.fn(block, **options))
+    result = _checked(spec, block, spec.fn(block, **options))
+    if any_nan([result]):
+        raise_nan([(i, name) for i, d in enumerate(deltas) if any_nan([d])], spec.name)
+    return result
+
+
+def _checked(spec: Method, block: Block, result: object) -> torch.Tensor:
+    like = block.deltas[0]
+    if not isinstance(result, torch.Tensor) or tuple(result.shape) != tuple(like.shape) or not result.is_floating_point():
+        got = f"a {result.dtype} tensor of shape {tuple(result.shape)}" if isinstance(result, torch.Tensor) else type(result).__name__
+        raise TaskArithError(f"merge method {spec.name!r} returned {got} for {block.name!r}; it must return a "
+                             f"floating-point tensor of the block's shape {tuple(like.shape)}")
+    return result
+
+
+def statistic(spec: Method, names: Sequence[str], deltas: Callable, base: Callable, shape_of: Callable,
+              weights: Sequence[float], options: Mapping) -> object:
+    """The method's statistic summed over fixed chunks of every tensor, in name order.
+
+    ``deltas(name, lo, hi)`` and ``base(name, lo, hi)`` give the flat entries ``[lo, hi)``."""
+    acc = None
+    for name in names:
+        shape = shape_of(name)
+        for lo, hi in chunks(math.prod(shape)):
+            block = Block(name, tuple(deltas(name, lo, hi)), tuple(weights), base(name, lo, hi), shape, lo,
+                          options.get("seed"))
+            part = spec.statistic(block, **options)
+            acc = part if acc is None else acc + part
+    return acc
+
+
+def chunks(numel: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, numel, STAT_CHUNK):
+        yield lo, min(lo + STAT_CHUNK, numel)
+
+
+def _check_base(spec: Method, base, first: TaskVector) -> Mapping[str, torch.Tensor] | None:
+    if not spec.needs_base:
+        return None
+    if base is None:
+        raise TaskArithError(f"merge method {spec.name!r} reads the pretrained weights: pass base=<state dict> "
+                             f"(merge_files and the CLI pass the base model)")
+    if isinstance(base, torch.nn.Module):
+        base = base.state_dict()
+    problems = []
+    for name in first._layout.slots:
+        want = tuple(first._layout.slots[name].shape)
+        if name not in base:
+            problems.append(f"{name!r} missing")
+        elif tuple(base[name].shape) != want:
+            problems.append(f"{name!r}: shape {tuple(base[name].shape)} in base vs {want} in the vectors")
+    if problems:
+        raise TaskArithError(f"the base given to {spec.name!r} does not match the vectors: " + "; ".join(problems[:20])
+                             + ". Pass the pretrained state dict the vectors were extracted from.")
+    return base
+
+
+def _common_ties(vectors: list[TaskVector]) -> list[TaskVector]:
+    """Keep the tied names every vector shares; untie (copy) the others so each is merged on its own."""
+    shared = {a: c for a, c in vectors[0]._layout.aliases.items() if all(v._layout.aliases.get(a) == c for v in vectors)}
+    if all(v._layout.aliases == shared for v in vectors):
+        return vectors
+    return [
+        TaskVector({n: v[n].clone() if n in v._layout.aliases and n not in shared else v[n] for n in v._layout.names})
+        for v in vectors
+    ]
