@@ -28,7 +28,7 @@ from .errors import (
     TaskArithError,
 )
 from .merging import merge, methods, register
-from .streaming import merge_files
+from .outofcore import merge_files
 from .vector import TaskVector
 
 __version__ = "0.2.0"

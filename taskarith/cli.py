@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import _config, _extract, merging, metrics, runtime, streaming
+from . import _config, _extract, merging, metrics, outofcore, runtime
 from ._config import DTYPES
 from .errors import BaseMismatchError, TaskArithError
 from .io import Checkpoint, check_output, load_state_dict, scratch_folder, write_safetensors
@@ -347,19 +347,19 @@ def _merge_out_of_core(plan, out: Path, max_memory, shard_size, progress) -> Non
     runtime.hold_freed_memory()  # this process only merges: reuse freed memory, fewer page faults
     common = dict(weights=plan.weights, max_memory=max_memory, progress=progress, overwrite=True, **plan.options)
     if plan.kind == "models" and out.suffix != ".safetensors":
-        streaming.merge_files(plan.base, plan.sources, out, plan.method, dtype=plan.dtype,
+        outofcore.merge_files(plan.base, plan.sources, out, plan.method, dtype=plan.dtype,
                               shard_size=shard_size, **common)
         return
     if plan.base is None:
-        streaming.merge_files(None, plan.sources, out, plan.method, dtype=plan.dtype, **common)
+        outofcore.merge_files(None, plan.sources, out, plan.method, dtype=plan.dtype, **common)
         return
     with scratch_folder(out) as tmp:
         if plan.kind == "models":  # one file: merge into an unsharded folder, keep its weights
-            folder = streaming.merge_files(plan.base, plan.sources, tmp / "model", plan.method,
+            folder = outofcore.merge_files(plan.base, plan.sources, tmp / "model", plan.method,
                                            dtype=plan.dtype, shard_size=1 << 62, **common)
             os.replace(folder / "model.safetensors", out)
         else:  # vectors onto a base: merge the vectors out of core, then apply
-            merged = streaming.merge_files(None, plan.sources, tmp / "merged.safetensors", plan.method, **common)
+            merged = outofcore.merge_files(None, plan.sources, tmp / "merged.safetensors", plan.method, **common)
             vector = TaskVector.load(merged)
             save_model(applied(load_state_dict(plan.base), vector, plan.dtype), out, like=plan.base,
                        shard_size=shard_size)

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from conftest import DEVICES
 
 import taskarith as ta
-from taskarith import kernels, streaming
+from taskarith import io, kernels
+from taskarith.outofcore import _driver, _pieces, _select
 
 CASES = [
     ("task_arithmetic", {"scale": 0.7}),
@@ -111,7 +112,7 @@ def test_each_tensor_prefetches_the_next_and_the_bar_follows_the_writes(checkpoi
 
     real_write = ta.io.Lazy.__init__
     monkeypatch.setattr(ta.io.Checkpoint, "prefetch", recording_prefetch)
-    monkeypatch.setattr(streaming, "_progress", lambda *a, **k: Bar())
+    monkeypatch.setattr(_driver, "progress_bar", lambda *a, **k: Bar())
     monkeypatch.setattr(ta.io.Lazy, "__init__", lambda self, *a: (events.append(("plan", None)), real_write(self, *a))[1])
     ta.merge_files(root / "base", sources, tmp_path / "m", "task_arithmetic")
     names = ta.io.Checkpoint(root / "base").names()
@@ -173,7 +174,7 @@ def test_ties_at_the_threshold_resolve_as_in_memory(tmp_path, scope, max_memory,
     # Integer-valued deltas: many equal magnitudes at every threshold. A collect limit of 1
     # forces every radix pass; small budgets cut tensors into row blocks (one row each at 300
     # bytes), whose trims keep the first ties in stream order block after block.
-    monkeypatch.setattr(streaming, "_COLLECT", 1)
+    monkeypatch.setattr(_select, "_COLLECT", 1)
     g = torch.Generator().manual_seed(3)
     base = {f"t{i}": torch.zeros(5, 7) for i in range(4)}
     save_file(base, tmp_path / "base.safetensors")
@@ -196,12 +197,12 @@ def test_streaming_threshold_is_the_exact_kth_largest(values, fraction, pieces, 
     data = torch.tensor(values, dtype=torch.float32)
     k = max(1, math.ceil(fraction * len(values)))
     chunks = lambda: iter(data.tensor_split(pieces))
-    old = streaming._COLLECT
-    streaming._COLLECT = collect
+    old = _select._COLLECT
+    _select._COLLECT = collect
     try:
-        threshold, above = streaming.stream_threshold(chunks, k, wide=wide)
+        threshold, above = _select.stream_threshold(chunks, k, wide=wide)
     finally:
-        streaming._COLLECT = old
+        _select._COLLECT = old
     assert threshold == kernels.kth_largest(data, k).item()
     assert above == int((data > threshold).sum())
 
@@ -254,10 +255,10 @@ def test_bad_inputs_are_refused_before_any_work(checkpoints, tmp_path):
 
 
 def test_sizes_parse_in_decimal_and_binary_units():
-    assert streaming.parse_bytes("2GB") == 2_000_000_000
-    assert streaming.parse_bytes("512MiB") == 512 * 2**20
-    assert streaming.parse_bytes("1.5k") == 1500
-    assert streaming.parse_bytes(1234) == 1234
+    assert io.parse_bytes("2GB") == 2_000_000_000
+    assert io.parse_bytes("512MiB") == 512 * 2**20
+    assert io.parse_bytes("1.5k") == 1500
+    assert io.parse_bytes(1234) == 1234
 
 
 @given(rows=st.integers(1, 9), cols=st.integers(1, 6), cut=st.integers(0, 9), block=st.integers(1, 8))
@@ -320,7 +321,7 @@ def test_half_precision_merge_files_equals_in_memory_merge(half_checkpoints, tmp
     """Pieces smaller than a row block, row blocks smaller than a tensor, float64 fallbacks: same bits."""
     from taskarith import _extract
 
-    monkeypatch.setattr(streaming, "_PIECE", 7, raising=False)
+    monkeypatch.setattr(_pieces, "_PIECE", 7, raising=False)
     monkeypatch.setattr(_extract, "_BLOCK", 5, raising=False)
     monkeypatch.setattr(kernels, "RANDOM_CHUNK", 11)
     root, sources = half_checkpoints
@@ -339,7 +340,7 @@ def base_dtype(root):
 
 
 def test_piece_outputs_are_reused_only_once_let_go():
-    pieces = streaming._Pieces()
+    pieces = _pieces.Pieces()
     first = pieces.output(10, torch.float32)
     second = pieces.output(10, torch.float32)
     assert first.data_ptr() != second.data_ptr()  # the first is still referenced
@@ -348,13 +349,13 @@ def test_piece_outputs_are_reused_only_once_let_go():
     again = pieces.output(8, torch.float32)
     assert again.data_ptr() == address and again.numel() == 8
     other = pieces.output(4, torch.float64)  # no float32 buffer serves another dtype
-    assert other.dtype == torch.float64 and len(pieces.outputs) == streaming._KEPT_OUTPUTS
+    assert other.dtype == torch.float64 and len(pieces.outputs) == _pieces._KEPT_OUTPUTS
     del again, second, other
     large = pieces.output(100, torch.float32)  # the smallest free buffer makes room
     assert [(b.numel(), b.dtype) for b in pieces.outputs] == [(10, torch.float32), (10, torch.float32),
                                                              (100, torch.float32)]
     held = [pieces.output(100, torch.float32) for _ in range(3)]  # all kept ones busy: new, not kept
-    assert len({t.data_ptr() for t in [large, *held]}) == 4 and len(pieces.outputs) == streaming._KEPT_OUTPUTS
+    assert len({t.data_ptr() for t in [large, *held]}) == 4 and len(pieces.outputs) == _pieces._KEPT_OUTPUTS
 
 
 def test_slow_writes_never_see_a_reused_output(half_checkpoints, tmp_path, monkeypatch):
@@ -371,8 +372,8 @@ def test_slow_writes_never_see_a_reused_output(half_checkpoints, tmp_path, monke
         self.pool.submit(time.sleep, 0.01)  # the next write waits for this one too
 
     monkeypatch.setattr(io._writer._Pipeline, "write", slow_write)
-    monkeypatch.setattr(streaming, "_PIECE", 16, raising=False)
-    monkeypatch.setattr(streaming, "_KEPT_OUTPUTS", 2, raising=False)
+    monkeypatch.setattr(_pieces, "_PIECE", 16, raising=False)
+    monkeypatch.setattr(_pieces, "_KEPT_OUTPUTS", 2, raising=False)
     root, sources = half_checkpoints
     out = ta.merge_files(root / "base", sources, tmp_path / "m", "task_arithmetic", scale=0.7, max_memory=1500)
     got = ta.io.load_state_dict(out)
