@@ -150,7 +150,7 @@ class Checkpoint:
             # alive): a memmap slice runs Python code, ~80 us per tensor.
             maps[file] = np.memmap(file, dtype=np.uint8, mode="c").view(np.ndarray)
         raw = torch.from_numpy(maps[file][begin:end])
-        if begin % raw.new_empty((), dtype=dtype).element_size():
+        if begin % dtype.itemsize:
             raw = raw.clone()
         return raw.view(dtype).view(shape)
 

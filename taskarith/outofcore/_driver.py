@@ -27,7 +27,7 @@ from ..errors import NonFiniteError, ShapeMismatchError, TaskArithError, check_s
 from ..io import Checkpoint, Lazy, check_output, parse_bytes, write_model, write_safetensors
 from ..merging import _checks, _engine, _registry, linear
 from ..merging._spec import promote
-from ..merging._trim import trim_plan
+from ..merging._trim import trim_plans
 from ..vector import TaskVector, file_metadata
 from ._memory import progress_bar, return_freed_memory, trimming
 from ._pieces import Pieces
@@ -102,11 +102,11 @@ def merge_files(
     def input_rows(i: int, name: str, rows: slice) -> torch.Tensor:
         return _to_device(inputs[i].tensor(name)[rows] if inputs[i].shape(name) else inputs[i].tensor(name), device)
 
-    def delta(i: int, name: str, rows: slice = slice(None)) -> torch.Tensor:
+    def delta(i: int, name: str, rows: slice = slice(None), base: torch.Tensor | None = None) -> torch.Tensor:
         t = input_rows(i, name, rows)
         if pre is None:
             return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-        return _extract.delta_of(base_rows(name, rows), t, delta_dtypes(name)[i])
+        return _extract.delta_of(base_rows(name, rows) if base is None else base, t, delta_dtypes(name)[i])
 
     def delta_dtypes(name: str, decide: bool = False) -> list[torch.dtype | None]:
         """Per input, the delta dtype of a half-precision tensor that some pass reads in several row
@@ -152,12 +152,13 @@ def merge_files(
     # Unweighted task arithmetic: the sum of the deltas, which a compiled kernel can do in one pass.
     plain_sum = spec.fast is linear.task_arithmetic and all(w * resolved["scale"] == 1.0 for w in weights)
 
-    def block_deltas(name: str, rows: slice) -> list[torch.Tensor]:
-        parts = [delta(i, name, rows).contiguous() for i in range(len(inputs))]
+    def block_deltas(name: str, rows: slice, base: torch.Tensor | None) -> list[torch.Tensor]:
+        parts = [delta(i, name, rows, base).contiguous() for i in range(len(inputs))]
         if not spec.trim:
             return parts
         if trims.get((0, name)) is None:  # merged whole: trimmed in memory by the one trim plan
-            return [trim_plan(TaskVector._wrap(name, p), resolved["density"], "tensor").trimmed(name) for p in parts]
+            plans = trim_plans([TaskVector._wrap(name, p) for p in parts], resolved["density"], "tensor")
+            return [plan.trimmed(name) for plan in plans]
         return [trims[(i, name)](p) for i, p in enumerate(parts)]
 
     def run_method(name: str, deltas: list[torch.Tensor], base: torch.Tensor | None, start: int) -> torch.Tensor:
@@ -175,12 +176,12 @@ def merge_files(
                                start, checked=None in dtypes, plain_sum=plain_sum)
             if out is not None:
                 return out
-        parts = block_deltas(name, rows)
-        result = run_method(name, parts, base_rows(name, rows) if pre is not None else None, start)
+        b = base_rows(name, rows) if pre is not None else None
+        parts = block_deltas(name, rows, b)
+        result = run_method(name, parts, b, start)
         del parts
         if pre is None:
             return result.to(dtype or _promote_inputs(inputs, name))
-        b = base_rows(name, rows)
         return _extract.apply_entry(b, result, 1.0, torch.empty(b.shape, dtype=dtype or b.dtype, device=b.device))
 
     names = [n for n in reference.names() if n not in aliases]
@@ -201,13 +202,17 @@ def merge_files(
     bar = progress_bar(progress, total=len(names), desc=f"merge ({method})")
 
     following = dict(itertools.pairwise(names))
+
+    def _bytes(name: str) -> int:
+        return math.prod(reference.shape(name)) * reference.dtype(name).itemsize
+
     checkpoints = [*inputs, *([pre] if pre is not None else [])]
 
     def blocks(name: str) -> Iterator[torch.Tensor]:
         # The next tensor's inputs, where they are not in the page cache yet, are read from disk by
         # another thread while this tensor is merged. (On the 2-core VM of benchmarks/, whose virtual
         # disk reads 3 GB in ~3 s, the gain was within the noise; it counts where reads wait on a device.)
-        if name in following:
+        if name in following and _bytes(following[name]) >= _PREFETCH_FROM:
             reader.submit(lambda: [c.prefetch(following[name], limit=budget) for c in checkpoints])
         if name in floats:
             for rows in row_blocks(name, None):
@@ -241,6 +246,9 @@ def merge_files(
         finally:
             bar.close()
     return out
+
+
+_PREFETCH_FROM = 1 << 20  # bytes: smaller tensors are left to the kernel's readahead (a hint costs ~50 us)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

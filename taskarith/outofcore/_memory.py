@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,6 +24,11 @@ def return_freed_memory() -> None:
     limit = _trim_above.get()
     if not _libc.available() or limit is None:
         return
+    # Reading /proc costs ~0.1 ms: at most once per interval (work that frees much takes longer).
+    now = time.monotonic()
+    if now - _last_check.get() < _CHECK_INTERVAL:
+        return
+    _last_check.set(now)
     if _private_bytes() > limit:
         _libc.malloc_trim()
 
@@ -36,6 +42,8 @@ def _private_bytes() -> int:
         return 1 << 62  # unknown: always trim
 
 
+_CHECK_INTERVAL = 0.01  # seconds
+_last_check: contextvars.ContextVar[float] = contextvars.ContextVar("taskarith_last_trim_check", default=0.0)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # Per merge (a context variable, not a global), so that merges running in several threads each keep
 # their own budget.

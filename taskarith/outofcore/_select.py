@@ -113,8 +113,13 @@ def plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_bloc
     for i in range(count):
         if scope == "global":
             total = sum(math.prod(reference.shape(n)) for n in floats)
+            k = math.floor(density * total)
             chunks = lambda i=i: (delta(i, n, rows).abs() for n in floats for rows in row_blocks(n, _SELECT_BYTES))
-            shared = _make_trim(chunks, math.floor(density * total), total, budget, wide_keys(floats))
+            wide = wide_keys(floats)
+            if 0 < k < total and total * (8 if wide else 4) <= budget // 2:
+                shared = _select_in_memory(chunks, k, total, torch.float64 if wide else torch.float32)
+            else:
+                shared = _make_trim(lambda c=chunks: _batched(c(), _batch_entries(budget)), k, total, budget, wide)
             trims.update({(i, n): shared for n in floats})
             continue
         for n in floats:
@@ -147,6 +152,29 @@ def _select_in_memory(chunks, k: int, numel: int, dtype: torch.dtype) -> Trim:
     del magnitudes
     return_freed_memory()
     return Trim(threshold, above, k)
+
+
+def _batch_entries(budget: int) -> int:
+    """Entries per histogram pass: many small tensors are gathered into one call (a 2^16-bin
+    histogram per small tensor cost more than the counting), within the budget."""
+    return min(1 << 20, max(1024, budget // _SELECT_BYTES))
+
+
+def _batched(chunks: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """``chunks`` flattened and joined into pieces of at least ``size`` entries (the last may be smaller)."""
+    pending, count = [], 0
+    for chunk in chunks:
+        flat = chunk.reshape(-1)
+        if not pending and flat.numel() >= size:
+            yield flat
+            continue
+        pending.append(flat)
+        count += flat.numel()
+        if count >= size:
+            yield torch.cat(pending)
+            pending, count = [], 0
+    if pending:
+        yield torch.cat(pending)
 
 
 def _make_trim(chunks, k: int, n: int, budget: int, wide: bool) -> Trim:
