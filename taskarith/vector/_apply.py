@@ -1,0 +1,148 @@
+"""Applying a task vector to a base model: ``base + scale · τ``, validated first."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+
+from .. import _extract
+from ..errors import BaseMismatchError, KeyMismatchError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
+from ..io import Source, load_state_dict
+from ._scalars import _checked_scalar
+
+
+class Applying:
+    """Mixin of :class:`~taskarith.TaskVector`: :meth:`apply_to` and its checks."""
+
+    __slots__ = ()
+
+    def apply_to(
+        self,
+        base: Source,
+        scale: float | torch.Tensor = 1.0,
+        *,
+        strict: bool = True,
+        on_base_mismatch: str = "warn",
+        check_finite: bool = False,
+        allow_pickle: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """A new full state_dict: ``base + scale * τ`` on every entry of the vector.
+
+        Entries outside the vector (integer buffers, and with ``strict=False``
+        float entries the vector does not cover) are copied from the base.
+        Applying to a different pretrained model of the same architecture (task
+        transfer) is the same call; keys and shapes are validated either way.
+
+        Args:
+            base: ``nn.Module``, state_dict, ``.safetensors`` file or model directory.
+            scale: λ, a Python number or 0-d tensor; NaN, inf and values beyond the deltas'
+                dtype's range are refused (:class:`~taskarith.NonFiniteError`).
+            strict: require the base's floating-point entries to be exactly the
+                vector's names (a vector covering part of a model needs ``False``).
+            on_base_mismatch: ``"warn"`` (default), ``"raise"`` or ``"ignore"``
+                when the vector records a base fingerprint that differs from
+                ``base`` (deliberate task transfer: pass ``"ignore"``).
+            check_finite: raise :class:`~taskarith.NonFiniteError` naming every
+                result tensor holding NaN or inf.
+            allow_pickle: permit ``.pt``/``.bin`` checkpoints.
+
+        Returns:
+            ``dict[str, Tensor]`` in the base's order, dtypes and devices; tied
+            names in the base stay tied.
+        """
+        if on_base_mismatch not in ("warn", "raise", "ignore"):
+            raise TaskArithError(f"on_base_mismatch must be 'warn', 'raise' or 'ignore', got {on_base_mismatch!r}")
+        alpha = float(_checked_scalar(scale, "scale", self._layout.sizes))
+        state = load_state_dict(base, allow_pickle=allow_pickle)
+        covered = self._validate_base(state, strict)
+        self._check_fingerprint(state, covered, on_base_mismatch)
+        out: dict[str, torch.Tensor] = {}
+        made: dict[tuple, torch.Tensor] = {}  # (canonical, base storage) -> result, so ties stay tied
+        edited: dict[tuple, torch.Tensor] = {}  # base storage -> result, for names tied to a covered one
+        deltas = self._views()
+        # Entries whose delta has the base's dtype and device go through one multi-tensor add (no
+        # per-tensor Python work: with thousands of small tensors that work dominated); the others
+        # (e.g. float32 deltas of bfloat16 weights) are computed wide and rounded once, one by one.
+        keys, bases, same = [], [], []
+        for name, b in state.items():
+            if name in covered:
+                key = (self._layout.canonical(name), b.data_ptr(), b.stride())
+                if key in made:
+                    continue
+                delta = deltas[key[0]]
+                if delta.dtype == b.dtype and delta.device == b.device:
+                    made[key] = None  # filled below
+                    keys.append(key)
+                    bases.append(b)  # load_state_dict returned detached tensors
+                    same.append(delta)
+                else:
+                    made[key] = _extract.apply_entry(b, delta, alpha, torch.empty_like(b))
+        if bases:
+            made.update(zip(keys, torch._foreach_add(bases, same, alpha=alpha)))
+        uncovered = len(covered) < len(state)
+        for name, b in state.items():
+            if name in covered:
+                result = made[(self._layout.canonical(name), b.data_ptr(), b.stride())]
+                out[name] = result
+                if uncovered:
+                    edited[_storage_key(b)] = result
+        for name, b in state.items():
+            if name not in covered:
+                # A name the vector does not cover but that shares memory with one it does (a tied
+                # weight under another name) takes the edited tensor, so the tie survives.
+                tied = edited.get(_storage_key(b)) if b.is_floating_point() else None
+                out[name] = tied if tied is not None else b.detach().clone()
+        out = {name: out[name] for name in state}
+        if check_finite:
+            bad = [f"{n!r}" for n in covered if not bool(torch.isfinite(out[n]).all())]
+            raise_if_any(bad, error=_extract.NonFiniteError, header="non-finite values after apply_to",
+                         fix="Lower the scale or check the vector with check_finite=True.")
+        return out
+
+    def _validate_base(self, state: Mapping[str, torch.Tensor], strict: bool) -> set[str]:
+        """Names of ``state`` the vector applies to; raises listing every mismatch."""
+        present = [n for n in self._layout.names if n in state]
+        groups_present = {self._layout.canonical(n) for n in present}
+        missing = [n for n in self._layout.names if n not in state and self._layout.canonical(n) not in groups_present]
+        extra = [n for n, t in state.items() if t.is_floating_point() and n not in self] if strict else []
+        if missing or extra:
+            raise KeyMismatchError(
+                "key mismatch (task vector vs base model): "
+                + (f"missing from the base {len(missing)}: {format_names(missing)}; " if missing else "")
+                + (f"base entries the vector does not cover {len(extra)}: {format_names(extra)}; " if extra else "")
+                + "apply the vector to a model of the architecture it was extracted from"
+                + (" (or pass strict=False to copy uncovered entries unchanged)." if extra else "."),
+                missing=missing, extra=extra,
+            )
+        problems = []
+        for n in present:
+            b, shape = state[n], self._layout.shape(n)
+            if tuple(b.shape) != shape:
+                problems.append(f"{n!r}: vector {shape} vs base {tuple(b.shape)}")
+            elif not b.is_floating_point():
+                problems.append(f"{n!r}: base entry is {b.dtype}, the vector holds a float delta")
+        raise_if_any(problems, error=ShapeMismatchError, header="the base does not match the vector",
+                     fix="Apply the vector to a model of the architecture it was extracted from.")
+        return set(present)
+
+    def _check_fingerprint(self, state: Mapping[str, torch.Tensor], covered: set[str], policy: str) -> None:
+        if policy == "ignore" or self.base_fingerprint is None:
+            return
+        probe: dict[str, torch.Tensor] = {}
+        for name in covered:  # one tensor per tied group, whichever of its names the base has
+            probe.setdefault(self._layout.canonical(name), state[name])
+        if _extract.fingerprint(probe, list(probe)) != self.base_fingerprint:
+            message = (
+                "this task vector was extracted from a different base model than the one it is applied to. "
+                "That is fine for deliberate task transfer (pass on_base_mismatch='ignore'); "
+                "otherwise check that you load the right pretrained weights."
+            )
+            if policy == "raise":
+                raise BaseMismatchError(message)
+            warnings.warn(message, stacklevel=3)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.data_ptr(), t.stride(), tuple(t.shape), t.dtype)
