@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import taskarith as ta
 from taskarith import cli
+from taskarith.cli._vectors import apply_scales
 from taskarith.metrics import cosine_matrix, sign_conflict_rate, sparsity
 
 
@@ -96,12 +97,12 @@ def test_apply_scales_to_file_and_folder(models, tmp_path):
 
 
 def test_apply_scale_forms():
-    assert cli.apply_scales(["a:0.3", "b"], None) == [("a", 0.3), ("b", 1.0)]
-    assert cli.apply_scales(["a", "b:-1"], [2.0]) == [("a", 2.0), ("b", -1.0)]
+    assert apply_scales(["a:0.3", "b"], None) == [("a", 0.3), ("b", 1.0)]
+    assert apply_scales(["a", "b:-1"], [2.0]) == [("a", 2.0), ("b", -1.0)]
     with pytest.raises(ta.TaskArithError, match="one per vector"):
-        cli.apply_scales(["a", "b", "c"], [1.0, 2.0])
+        apply_scales(["a", "b", "c"], [1.0, 2.0])
     with pytest.raises(ta.TaskArithError, match="one form"):
-        cli.apply_scales(["a:1", "b"], [1.0, 2.0])
+        apply_scales(["a:1", "b"], [1.0, 2.0])
 
 
 # ------------------------------------------------------------------- merge

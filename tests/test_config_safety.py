@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from taskarith import _config, _yaml, cli
+from taskarith import cli
+from taskarith.cli import _config, _yaml
 from taskarith.errors import TaskArithError
 
 MAX_DEPTH, MAX_NODES, MAX_BYTES = _yaml.MAX_DEPTH, _yaml.MAX_NODES, _yaml.MAX_BYTES

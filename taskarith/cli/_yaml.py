@@ -13,7 +13,7 @@ import codecs
 import json
 from pathlib import Path
 
-from .errors import TaskArithError
+from ..errors import TaskArithError
 
 try:
     import yaml

@@ -1,0 +1,126 @@
+"""``taskarith merge``: run the merge a config describes, out of core (default) or in memory (``--device``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .. import _extract, merging, outofcore, runtime
+from ..errors import BaseMismatchError, TaskArithError
+from ..io import Checkpoint, load_state_dict, scratch_folder
+from ..vector import TaskVector
+from . import _config
+from ._output import check_output, log, save_model
+
+__all__ = ["applied", "merge"]
+
+
+def merge(args, parser) -> None:
+    if args.device is not None and args.max_memory is not None:
+        parser.error("merge: --max-memory limits the out-of-core merge; --device merges in memory. Pick one.")
+    out = Path(args.output)
+    plan = _config.load(args.config, seed=args.seed, output=out)
+    check_output(args, args.config, plan.base, *plan.sources, folder=out.suffix != ".safetensors")
+    if plan.kind == "vectors" and plan.base is not None:
+        _check_vector_bases(plan, strict=args.strict)
+    if args.dry_run:
+        print(json.dumps(plan.describe(), indent=2))
+        return
+    if args.device is not None:
+        _merge_in_memory(plan, out, _extract.device_of(args.device), args.shard_size)
+    else:
+        _merge_out_of_core(plan, out, args.max_memory or "2GB", args.shard_size, args.progress)
+    log(f"wrote {out} ({plan.method} of {len(plan.sources)} {plan.kind})")
+
+
+def _check_vector_bases(plan, *, strict: bool) -> None:
+    """Vectors merged onto a base were extracted from it: their recorded fingerprints must match it,
+    as ``apply`` checks (a warning by default, an error with ``--strict``)."""
+    base = Checkpoint(plan.base)
+    others = []
+    for source in plan.sources:
+        vector = Checkpoint(source)
+        recorded = vector.metadata.get("taskarith.base_fingerprint")
+        if recorded is None:
+            continue
+        probe = _base_probe(base, vector)
+        if probe is not None and _extract.fingerprint(probe, list(probe)) != recorded:
+            others.append(str(source))
+    if others:
+        message = (f"{len(others)} vector file(s) were extracted from a different base model than "
+                   f"{str(plan.base)!r}: {', '.join(map(repr, others))}. That is fine for deliberate task transfer; "
+                   "otherwise check the config's base")
+        if strict:
+            raise BaseMismatchError(message + " (or drop --strict to merge anyway).")
+        warnings.warn(message + " (--strict refuses such a merge).", stacklevel=2)
+
+
+def _base_probe(base: Checkpoint, vector: Checkpoint) -> dict[str, torch.Tensor] | None:
+    """The base's tensor for each name the vector stores (under a tied name of it where the base keeps
+    only that one), as its fingerprint was taken; None where the base lacks one (apply reports that)."""
+    aliases = json.loads(vector.metadata.get("taskarith.aliases", "{}"))
+    probe = {}
+    for name in vector.names():
+        found = next((n for n in (name, *(a for a, c in aliases.items() if c == name)) if n in base), None)
+        if found is None:
+            return None
+        probe[name] = base.tensor(found)
+    return probe
+
+
+def _merge_out_of_core(plan, out: Path, max_memory, shard_size, progress) -> None:
+    runtime.hold_freed_memory()  # this process only merges: reuse freed memory, fewer page faults
+    common = dict(weights=plan.weights, max_memory=max_memory, progress=progress, overwrite=True, **plan.options)
+    if plan.kind == "models" and out.suffix != ".safetensors":
+        outofcore.merge_files(plan.base, plan.sources, out, plan.method, dtype=plan.dtype,
+                              shard_size=shard_size, **common)
+        return
+    if plan.base is None:
+        outofcore.merge_files(None, plan.sources, out, plan.method, dtype=plan.dtype, **common)
+        return
+    with scratch_folder(out) as tmp:
+        if plan.kind == "models":  # one file: merge into an unsharded folder, keep its weights
+            folder = outofcore.merge_files(plan.base, plan.sources, tmp / "model", plan.method,
+                                           dtype=plan.dtype, shard_size=1 << 62, **common)
+            os.replace(folder / "model.safetensors", out)
+        else:  # vectors onto a base: merge the vectors out of core, then apply
+            merged = outofcore.merge_files(None, plan.sources, tmp / "merged.safetensors", plan.method, **common)
+            vector = TaskVector.load(merged)
+            save_model(applied(load_state_dict(plan.base), vector, plan.dtype), out, like=plan.base,
+                       shard_size=shard_size)
+
+
+def _merge_in_memory(plan, out: Path, device: torch.device, shard_size) -> None:
+    base = load_state_dict(plan.base) if plan.base is not None else None
+    if plan.kind == "models":
+        vectors = [TaskVector.from_models(base, s).to(device) for s in plan.sources]
+    else:
+        vectors = [TaskVector.load(s, device=device) for s in plan.sources]
+    merged = merging.merge(vectors, plan.method, weights=plan.weights,
+                           dtype=plan.dtype if base is None else None, **plan.options).to("cpu")
+    del vectors
+    if base is None:
+        merged.save(out, overwrite=True)  # the output was checked before the merge
+        return
+    save_model(applied(base, merged, plan.dtype), out, like=plan.base, shard_size=shard_size)
+
+
+def applied(base: Mapping[str, torch.Tensor], vector: TaskVector, dtype: torch.dtype | None) -> dict:
+    """``base + vector`` rounded once into ``dtype`` (default: each base entry's), as out-of-core merges do."""
+    if dtype is None:
+        return vector.apply_to(base, on_base_mismatch="ignore")
+    missing = [n for n in vector if n not in base]
+    if missing:
+        raise TaskArithError(f"the base lacks {len(missing)} tensor(s) of the merged vector: {missing[:10]}")
+    out = {}
+    for name, b in base.items():
+        if name in vector and b.is_floating_point():
+            out[name] = _extract.apply_entry(b, vector[name], 1.0, torch.empty(b.shape, dtype=dtype))
+        else:
+            out[name] = b
+    return out
