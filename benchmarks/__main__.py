@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-# The scripts in this directory import each other as top-level modules (``from _machine import ...``).
+# The scripts in this directory import each other as top-level modules (``import _common as bench``).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import main  # sibling file, importable once on sys.path

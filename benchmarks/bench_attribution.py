@@ -26,48 +26,32 @@ Timings are measurements, not tests: nothing here asserts on them.
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import gc
 import gzip
-import json
-import re
-import socket
 import statistics
 import sys
-import time
 from pathlib import Path
 
+import _common as bench  # sibling file: the scaffolding
 import numpy as np
 import torch
-from _machine import describe, machine_info  # sibling file
 from torch import nn
 
 import taskarith as ta
 
-HERE = Path(__file__).resolve().parent
-MNIST = HERE.parent.parent / "shared" / "data" / "mnist-t10k" / "t10k-images-idx3-ubyte.gz"
+MNIST = bench.ROOT.parent / "shared" / "data" / "mnist-t10k" / "t10k-images-idx3-ubyte.gz"
 STEPS = (1, 8, 32)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Time and peak memory of integrated gradients vs a fine-tuning epoch.")
+def parse_args(argv=None):
+    p = bench.Parser(__doc__, out="attribution-{host}-{device}", repeats=(3,), device=True,
+                     quick="only the small model, 512 examples, 1 repeat")
     p.add_argument("--widths", type=int, nargs="+", default=[128, 1024],
                    help="hidden width of each model: 128 is the study's 784-128-64-10, W>128 is 784-W-W-10")
     p.add_argument("--examples", type=int, default=2048, help="examples in the data (default 2048)")
     p.add_argument("--batch", type=int, default=256, help="batch size of the epoch and of the attribution")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
-    p.add_argument("--quick", action="store_true", help="only the small model, 512 examples, 1 repeat")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default benchmarks/results/attribution-<hostname>-<device>.json)")
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     if args.quick:
         args.widths, args.examples, args.repeats = [128], 512, 1
-    if args.out is None:
-        host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
-        args.out = HERE / "results" / f"attribution-{host}-{args.device}.json"
     return args
 
 
@@ -96,52 +80,29 @@ def load_data(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor, str]:
 # ------------------------------------------------------------------------------------ memory
 
 
-def _status(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak(device: str) -> int | None:
-    """Reset the peak counter; returns the memory in use now (bytes) or None if unknown."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")  # resets VmHWM to the current VmRSS
-    except OSError:
-        return None
-    return _status("VmRSS")
-
-
-def _peak(device: str) -> int | None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return _status("VmHWM")
-
-
 def measure(fn, repeats: int, device: str) -> dict:
-    fn()  # warm-up: lazy initialisation, allocator growth, vmap tracing
-    times, peaks = [], []
-    for _ in range(repeats):
-        before = _reset_peak(device)
-        start = time.perf_counter()
-        fn()
+    """One warm-up call (lazy initialisation, allocator growth, vmap tracing), then ``repeats`` timed calls,
+    each with the peak memory above the memory in use before it (CUDA: the allocator's peak; CPU: VmHWM,
+    reset through /proc/self/clear_refs)."""
+    peaks, before = [], {}
+
+    def reset() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        peak = _peak(device)
-        if before is not None and peak is not None:
-            peaks.append(max(0, peak - before))
+            torch.cuda.reset_peak_memory_stats()
+            before["bytes"] = torch.cuda.memory_allocated()
+        else:
+            before["bytes"] = bench.reset_peak_rss()
+
+    def peak(_) -> None:
+        if "bytes" not in before:  # the warm-up call
+            return
+        start = before.pop("bytes")
+        top = torch.cuda.max_memory_allocated() if device == "cuda" else bench.proc_bytes("VmHWM")
+        if start is not None and top is not None:
+            peaks.append(max(0, top - start))
+
+    _, _, times = bench.Timer(repeats, device).run(fn, before=reset, after=peak)
     return {"median_s": statistics.median(times), "best_s": min(times), "times_s": times,
             "peak_extra_bytes": max(peaks) if peaks else None}
 
@@ -201,12 +162,9 @@ HEADER = ("| model (params) | what | n_steps | mode | median ms | vs epoch | pea
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import captum  # noqa: F401  (imported up front so that its import time is not measured)
 
-    info = machine_info()
-    print(describe(info))
+    machine, started = bench.begin()
     x, y, source = load_data(args.examples, args.device)
     print(f"data: {args.examples} examples ({source}), batches of {args.batch}; {args.repeats} repeats\n")
     print(HEADER)
@@ -218,18 +176,10 @@ def main(argv=None) -> dict:
     print("\n" + HEADER)
     for r in rows:
         print(format_row(r))
-    out = {
-        "benchmark": "attribution",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv[1:] if argv is None else argv,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "data": source,
-        "machine": info,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {args.out}")
+    out = bench.result("attribution", machine, started, argv=sys.argv[1:] if argv is None else argv,
+                       args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                       data=source, rows=rows)
+    bench.save(args.out, out)
     return out
 
 

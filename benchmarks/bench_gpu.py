@@ -19,23 +19,19 @@ Timings are measurements, not tests: nothing here asserts on them.
 
 from __future__ import annotations
 
-import argparse
 import json
-import socket
+import statistics
 import sys
-import time
-from pathlib import Path
 
+import _common as bench  # sibling file: the scaffolding
 import torch
-from _machine import machine_info  # sibling file
-from bench_vector_ops import transformer_shapes  # sibling file
 
 import taskarith as ta
 
 
 def small_vector(seed: int, params: int) -> ta.TaskVector:
     g = torch.Generator().manual_seed(seed)
-    tensors = {k: torch.randn(s, generator=g) for k, s in transformer_shapes(params, 60).items()}
+    tensors = {k: torch.randn(s, generator=g) for k, s in bench.transformer_shapes(params, 60).items()}
     tensors["ties"] = torch.randint(-3, 4, (30000,), generator=g).float()  # many equal magnitudes
     return ta.TaskVector(tensors)
 
@@ -61,33 +57,24 @@ def cross_device_check(device: str) -> dict:
 
 
 def median_time(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    """The median (upper, for an even count) of ``repeats`` timed calls after one warm-up, in seconds."""
+    return statistics.median_high(bench.Timer(repeats, "cuda", keep=False).run(fn)[2])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--params", type=int, default=100_000_000, help="entries per vector (default 100M)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/gpu-<host>.json)")
-    args = p.parse_args(argv)
+    args = bench.Parser(__doc__, out="gpu-{host}", params=(100 * bench.M,), params_help="entries per vector",
+                        repeats=(5,), threads=False).parse(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure", file=sys.stderr)
         return 1
     device = "cuda"
-    result = {"benchmark": "gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "taskarith": ta.__version__, "machine": machine_info(), "params": args.params}
+    machine, started = bench.begin()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "taskarith": ta.__version__,
+              "params": args.params}
     result.update(cross_device_check(device))
     print(json.dumps({k: result[k] for k in ("device", "cpu_vs_cuda_ties_bitwise_mismatches", "sum_max_abs_diff")}))
 
-    shapes = transformer_shapes(args.params, 300)
+    shapes = bench.transformer_shapes(args.params, 300)
 
     def vector(seed: int) -> ta.TaskVector:
         g = torch.Generator(device=device).manual_seed(seed)
@@ -124,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         result["peft_error"] = "peft is not installed"
     else:
-        names = list(vs[0]._layout.slots)
+        names = list(vs[0])
         ones = torch.ones(3, device=device)
 
         def peft_ties():
@@ -135,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         result["peft_ties_entries_differing"] = sum(int((theirs[k] != ours[k]).sum()) for k in names)
         result["ties_tensor_speedup_vs_peft"] = result["peft_ties_s"] / timings["ties-tensor"]
     print(json.dumps(result, indent=1, default=str))
-    out = args.out or Path(__file__).parent / "results" / f"gpu-{socket.gethostname()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {out}")
+    bench.save(args.out, bench.result("gpu", machine, started, **result))
     return 0
 
 

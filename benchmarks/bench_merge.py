@@ -30,38 +30,26 @@ Timings are measurements, not tests: nothing here asserts on them.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import gc
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import math
 import os
-import re
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import _common as bench  # sibling file: the scaffolding
 import numpy as np
 import torch
-from _machine import describe, machine_info  # sibling file
-from bench_vector_ops import SHAPES, model_shapes  # sibling file: the same model shapes as that benchmark
 
 import taskarith as ta
 
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
-
-HERE = Path(__file__).resolve().parent
 VECTORS = 3
 DENSITY = 0.2  # TIES: fraction of entries each vector keeps
 DROP = 0.9  # DARE: probability of dropping an entry
@@ -116,57 +104,28 @@ def implementations(op: str, with_peft: bool) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Time taskarith's TIES, DARE and task arithmetic against PEFT's merge functions "
-                    "and a plain torch dict-of-tensors loop.",
-    )
-    p.add_argument("--params", type=int, default=None,
-                   help="parameters per vector (default 100_000_000; 10M with --quick)")
-    p.add_argument("--tensors", type=int, default=300, help="approximate number of tensors per vector (default 300)")
-    p.add_argument("--shapes", choices=SHAPES, default="transformer",
-                   help="transformer: ~--tensors tensors shaped like a decoder transformer's; lora: pairs of "
-                        "rank-16 LoRA A/B matrices, thousands of small tensors at 10M (default transformer)")
+    p = bench.Parser(__doc__, out="merge-{host}-cpu", params=(100 * bench.M, 10 * bench.M), repeats=(3,),
+                     quick="a short run: 10M parameters (explicit --params wins)", seed=True, shapes=True)
     p.add_argument("--vectors", type=int, default=VECTORS, help=f"task vectors to merge (default {VECTORS})")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every measurement this many times, in alternating order, and pool the timed calls "
                         "(default 1; more evens out a machine whose load changes)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(N) in every measurement (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random deltas (default 0)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON results path (default benchmarks/results/merge-<hostname>-cpu.json)")
-    p.add_argument("--quick", action="store_true", help="a short run: 10M parameters (explicit --params wins)")
     p.add_argument("--skip-peft", action="store_true", help="do not time PEFT's merge functions")
-    p.add_argument("--ops", default=",".join(OPS),
-                   help=f"comma-separated subset of {', '.join(OPS)} (default: all)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {', '.join(OPS)} (default: all)")
     p.add_argument("--keep-outputs", type=Path, default=None,
                    help="write the merged outputs (raw float32) into this directory and keep them")
     # internal: run one (op, implementation) measurement and write its result into a directory
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.params is None:
-        args.params = 10_000_000 if args.quick else 100_000_000
-    if args.params < 1000:
-        p.error("--params must be at least 1000")
-    if args.tensors < 1:
-        p.error("--tensors must be positive")
+    args = p.parse(argv)
     if args.vectors < 2:
         p.error("--vectors must be at least 2")
-    if args.repeats < 1:
-        p.error("--repeats must be positive")
     if args.rounds < 1:
         p.error("--rounds must be positive")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be positive")
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in args.ops if o not in OPS]
     if unknown or not args.ops:
         p.error(f"--ops: unknown {unknown}; choose from {', '.join(OPS)}")
-    if args.out is None:
-        host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "unknown"
-        args.out = HERE / "results" / f"merge-{host}-cpu.json"
     return args
 
 
@@ -330,25 +289,10 @@ def load_peft_merge_utils():
 # ---------------------------------------------------------------------------------------------
 
 
-def current_rss() -> int | None:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def peak_rss() -> int | None:
-    if resource is None:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
 def build_call(op: str, impl: str, args: argparse.Namespace,
                names: list[str]) -> tuple[Callable[[], Mapping], list[Mapping[str, torch.Tensor]]]:
     """Build the inputs the implementation takes; return the call to time and the inputs."""
-    shapes = model_shapes(args.shapes, args.params, args.tensors)
+    shapes = bench.model_shapes(args.shapes, args.params, args.tensors)
     if impl.startswith("taskarith"):
         vectors = []
         for i in range(args.vectors):  # one dict at a time, so setup does not set the peak
@@ -394,28 +338,16 @@ def build_call(op: str, impl: str, args: argparse.Namespace,
 
 def child_main(args: argparse.Namespace) -> int:
     op, impl = args.child.split(":")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    shapes = model_shapes(args.shapes, args.params, args.tensors)
+    shapes = bench.model_shapes(args.shapes, args.params, args.tensors)
     names = list(shapes)
     t0 = time.perf_counter()
     call, inputs = build_call(op, impl, args, names)
     setup_s = time.perf_counter() - t0
     inputs = [digest(v, names) for v in inputs]  # proves every process merged the same bits
-    gc.collect()
-    rss_inputs = current_rss()
-
-    times, digests = [], []
-    t0 = time.perf_counter()
-    result = call()
-    warmup = time.perf_counter() - t0
-    digests.append(digest(result, names))
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        result = call()  # the previous result lives until this assignment, as in a user's loop
-        times.append(time.perf_counter() - t0)
-        digests.append(digest(result, names))
-    peak = peak_rss()
+    rss_inputs = bench.proc_bytes("VmRSS")
+    digests: list[str] = []
+    result, warmup, times = bench.Timer(args.repeats).run(call, after=lambda r: digests.append(digest(r, names)))
+    peak = bench.peak_rss()
 
     problems = [f"{n!r}: {tuple(result[n].shape)} {result[n].dtype}, expected {shape} torch.float32"
                 for n, shape in shapes.items()
@@ -437,7 +369,7 @@ def child_main(args: argparse.Namespace) -> int:
         "deterministic": len(set(digests)) == 1,
         "output_problems": problems,
     }
-    (args.workdir / f"{op}-{impl}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report))  # one JSON line for the parent (bench.json_child)
     return 0
 
 
@@ -743,19 +675,12 @@ def pool(reports: list[dict], min_bytes: int) -> dict:
     }
 
 
-def gib(n: int | None) -> str:
-    return f"{n / 2**30:.2f}" if n is not None else "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    machine = machine_info()
-    started = dt.datetime.now(dt.timezone.utc)
-    shapes = model_shapes(args.shapes, args.params, args.tensors)
+    machine, started = bench.begin()
+    shapes = bench.model_shapes(args.shapes, args.params, args.tensors)
     numel = sum(math.prod(s) for s in shapes.values())
     nbytes = numel * 4
     min_bytes = (args.vectors + 1) * nbytes  # read every vector once, write the result once
@@ -772,15 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         peft_note = "--skip-peft: PEFT's rows are skipped"
 
-    print(f"machine: {describe(machine)}")
-    print(f"vectors: {args.vectors} x {numel:,} float32 entries in {len(shapes)} {args.shapes}-like tensors = {nbytes / 1e6:,.0f} MB "
-          f"each; {args.repeats} repeats (median and best after one warm-up) x {args.rounds} round(s); "
-          "one process per measurement; "
-          f"load average at start {machine['load_average']}")
+    print(f"vectors: {args.vectors} x {numel:,} float32 entries in {len(shapes)} {args.shapes}-like tensors = "
+          f"{nbytes / 1e6:,.0f} MB each; {args.repeats} repeats (median and best after one warm-up) x {args.rounds} "
+          "round(s); one process per measurement")
     print(f"PEFT: {peft or 'not installed'}" + (f" ({peft_note})" if peft_note else ""))
-    if machine["load_average"] is not None and machine["load_average"][0] > 0.25 * (machine["usable_cores"] or 1):
-        print("note: the machine is not idle (1-minute load average above a quarter of its cores); "
-              "timings will be noisy")
 
     impls_of = {op: implementations(op, with_peft) for op in args.ops}
     rows: list[dict] = []
@@ -797,21 +717,18 @@ def main(argv: list[str] | None = None) -> int:
             for op, impl in order if round_ % 2 == 0 else order[::-1]:
                 if (op, impl) in errors:
                     continue
-                report_path = workdir / f"{op}-{impl}.json"
-                report_path.unlink(missing_ok=True)
                 t0 = time.perf_counter()
-                proc = subprocess.run(child_command(args, op, impl, workdir), check=False)
-                wall = time.perf_counter() - t0
-                if proc.returncode != 0 or not report_path.exists():
-                    errors[(op, impl)] = f"{op} [{impl}]: measurement process failed with status {proc.returncode}"
+                try:
+                    report = bench.json_child(child_command(args, op, impl, workdir))
+                except RuntimeError as exc:
+                    errors[(op, impl)] = f"{op} [{impl}]: measurement process failed ({str(exc)[:300]})"
                     print(f"!!! {errors[(op, impl)]}", file=sys.stderr, flush=True)
                     continue
-                report = json.loads(report_path.read_text(encoding="utf-8"))
-                report["process_wall_s"] = wall
+                report["process_wall_s"] = time.perf_counter() - t0
                 reports[(op, impl)].append(report)
                 times = report["times_ms"]
                 print(f"  {OP_LABELS[op]:<12} {IMPLS[impl]:<26} median {statistics.median(times):10.1f} ms  "
-                      f"best {min(times):10.1f} ms  peak RSS {gib(report['peak_rss_bytes'])} GiB"
+                      f"best {min(times):10.1f} ms  peak RSS {bench.gib(report['peak_rss_bytes'], '?')} GiB"
                       + (f"  (round {round_ + 1})" if args.rounds > 1 else ""), flush=True)
 
         for op, impl in order:
@@ -850,23 +767,16 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     # -------------------------------------------------------------------------------- summary
-    print()
-    header = (f"{'op':<12} {'implementation':<26} {'median ms':>10} {'best ms':>10} {'GB/s':>7} "
-              f"{'x PEFT':>7} {'x plain':>8} {'peak RSS GiB':>13} {'inputs GiB':>11}")
-    print(header)
-    print("-" * len(header))
-    previous = None
-    for r in rows:
-        if previous is not None and r["op"] != previous:
-            print()
-        previous = r["op"]
+    def cells(r: dict) -> list[str]:
         if "error" in r:
-            print(f"{OP_LABELS[r['op']]:<12} {IMPLS[r['impl']]:<26} {'failed':>10}")
-            continue
-        vs_peft = f"{r['speedup_vs_peft']:7.2f}" if r["speedup_vs_peft"] is not None else f"{'-':>7}"
-        vs_plain = f"{r['speedup_vs_plain']:8.2f}" if r["speedup_vs_plain"] is not None else f"{'-':>8}"
-        print(f"{OP_LABELS[r['op']]:<12} {IMPLS[r['impl']]:<26} {r['median_ms']:10.1f} {r['best_ms']:10.1f} "
-              f"{r['gbps']:7.2f} {vs_peft} {vs_plain} {gib(r['peak_rss_bytes']):>13} {gib(r['rss_inputs_bytes']):>11}")
+            return [OP_LABELS[r["op"]], IMPLS[r["impl"]], "failed"] + [""] * 6
+        x = [f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("speedup_vs_peft", "speedup_vs_plain")]
+        return [OP_LABELS[r["op"]], IMPLS[r["impl"]], f"{r['median_ms']:.1f}", f"{r['best_ms']:.1f}",
+                f"{r['gbps']:.2f}", *x, bench.gib(r["peak_rss_bytes"], "?"), bench.gib(r["rss_inputs_bytes"], "?")]
+
+    print()
+    print(bench.table(["op", "implementation", "median ms", "best ms", "GB/s", "x PEFT", "x plain", "peak RSS GiB",
+                       "inputs GiB"], [cells(r) for r in rows], "llrrrrrrr", group=0))
     print()
     print(f"GB/s = {args.vectors + 1} x one vector's bytes (read each input, write the result) / median time; "
           "x PEFT, x plain = that implementation's median / this one's; peak RSS = high-water mark of the "
@@ -940,40 +850,14 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         print(f"!!! {len(failures)} problem(s): " + "; ".join(failures), file=sys.stderr)
 
-    by_dim: dict[str, int] = {}
-    for shape in shapes.values():
-        by_dim[f"{len(shape)}-D"] = by_dim.get(f"{len(shape)}-D", 0) + 1
-    report = {
-        "benchmark": "merge",
-        "timestamp_utc": started.isoformat(timespec="seconds"),
-        "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine,
-        "torch_version": torch.__version__,
-        "taskarith_version": ta.__version__,
-        "peft_version": peft,
-        "peft_note": peft_note,
-        "config": {
-            "params_requested": args.params,
-            "params": numel,
-            "tensors_requested": args.tensors,
-            "shapes": args.shapes,
-            "tensors": len(shapes),
-            "tensors_by_rank": by_dim,
-            "largest_tensor": max(math.prod(s) for s in shapes.values()),
-            "vectors": args.vectors,
-            "dtype": "float32",
-            "bytes_per_vector": nbytes,
-            "min_bytes": min_bytes,
-            "repeats": args.repeats,
-            "rounds": args.rounds,
-            "warmup_calls": 1,
-            "device": "cpu",
-            "threads_requested": args.threads,
-            "seed": args.seed,
-            "quick": args.quick,
-            "density": DENSITY,
-            "drop": DROP,
-            "dare_seed": DARE_SEED,
+    bench.save(args.out, bench.result(
+        "merge", machine, started, peft_version=peft, peft_note=peft_note,
+        config={
+            "params_requested": args.params, "params": numel, "tensors_requested": args.tensors,
+            "shapes": args.shapes, **bench.shapes_config(shapes), "vectors": args.vectors, "dtype": "float32",
+            "bytes_per_vector": nbytes, "min_bytes": min_bytes, "repeats": args.repeats, "rounds": args.rounds,
+            "warmup_calls": 1, "device": "cpu", "threads_requested": args.threads, "seed": args.seed,
+            "quick": args.quick, "density": DENSITY, "drop": DROP, "dare_seed": DARE_SEED,
             "weights": [1.0] * args.vectors,
             "inputs": f"{DELTA_STD} * s_tensor * r_row * (0.6 z_shared + 0.8 z_own), log-normal s and r",
             "ops": {op: OPS[op] for op in args.ops},
@@ -982,19 +866,10 @@ def main(argv: list[str] | None = None) -> int:
             "peft_loading": "peft/utils/merge_utils.py loaded on its own (needs only torch)",
             "taskarith_cache_bytes_env": os.environ.get("TASKARITH_CACHE_BYTES"),
         },
-        "results": rows,
-        "headline": headline,
-        "checks": {"outputs_agree": not failed_checks, "inputs_agree": inputs_agree, "seconds": checks_s,
-                   "details": checks},
-        "failures": failures,
-        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+        results=rows, headline=headline,
+        checks={"outputs_agree": not failed_checks, "inputs_agree": inputs_agree, "seconds": checks_s,
+                "details": checks},
+        failures=failures))
     return 1 if failures else 0
 
 

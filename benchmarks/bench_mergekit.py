@@ -82,12 +82,9 @@ for TIES, outputs equal to the float32 reference) are evaluated from the measure
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -95,14 +92,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common as bench  # sibling file: the scaffolding
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from _machine import describe, machine_info
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DENSITY = 0.2
@@ -112,32 +104,13 @@ LABELS = {"mergekit": "mergekit-yaml (CLI)", "taskarith_api": "taskarith merge_f
 # mergekit's options: everything on the CPU, its defaults otherwise. --no-copy-tokenizer because the
 # synthetic model has no tokenizer to copy; --lazy-unpickle only affects pickled (.bin) inputs.
 MERGEKIT_OPTIONS = ["--no-copy-tokenizer", "--out-shard-size", "5B", "--lazy-unpickle"]
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ------------------------------------------------------------------ the model
 
 
-def llama_shapes(layers: int, hidden: int, intermediate: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a Llama model as Hugging Face names them (untied output head)."""
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q", "k", "v", "o"):
-            shapes[f"{p}self_attn.{proj}_proj.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (intermediate, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (intermediate, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, intermediate)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
-
-
 def layers_for(params: int, hidden: int, intermediate: int, vocab: int) -> int:
-    per_layer = 4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden
-    return max(1, round((params - 2 * vocab * hidden - hidden) / per_layer))
+    return max(1, round((params - 2 * vocab * hidden - hidden) / bench.llama_layer_params(hidden, intermediate)))
 
 
 def llama_config(layers: int, hidden: int, intermediate: int, vocab: int, dtype: str) -> dict:
@@ -175,43 +148,18 @@ def finetune_tensor(seed: int, source: int, index: int, base: torch.Tensor) -> t
     return delta.add_(base.float()).to(base.dtype)
 
 
-def write_checkpoint(directory: Path, shapes: dict, make, config: dict, shard_bytes: int, itemsize: int) -> None:
-    """A sharded Hugging Face folder whose tensors come from ``make(index, name, shape)``, one shard at a time."""
-    directory.mkdir(parents=True)
-    groups, current, size = [], [], 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * itemsize
-        if current and size + nbytes > shard_bytes:
-            groups.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    groups.append(current)
-    index_of = {name: i for i, name in enumerate(shapes)}
-    weight_map, total = {}, 0
-    for number, group in enumerate(groups, 1):
-        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        state = {name: make(index_of[name], name, shapes[name]) for name in group}
-        total += sum(t.numel() * t.element_size() for t in state.values())
-        save_file(state, directory / file, metadata={"format": "pt"})
-        weight_map.update({name: file for name in group})
-        del state
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-
-
 def write_models(workdir: Path, shapes: dict, dtype: torch.dtype, config: dict, sources: int, seed: int,
                  shard_bytes: int) -> list[Path]:
     itemsize = torch.empty((), dtype=dtype).element_size()
     base_dir = workdir / "base"
-    write_checkpoint(base_dir, shapes, lambda i, n, s: base_tensor(seed, i, s, dtype), config, shard_bytes, itemsize)
+    bench.write_checkpoint(base_dir, shapes, lambda i, n, s: base_tensor(seed, i, s, dtype), shard_bytes=shard_bytes,
+                           itemsize=itemsize, config=config)
     base = Model(base_dir)
     dirs = []
     for source in range(sources):
         d = workdir / f"ft{source}"
-        write_checkpoint(d, shapes, lambda i, n, s, source=source: finetune_tensor(seed, source, i, base.tensor(n)),
-                         config, shard_bytes, itemsize)
+        bench.write_checkpoint(d, shapes, lambda i, n, s, source=source: finetune_tensor(seed, source, i, base.tensor(n)),
+                               shard_bytes=shard_bytes, itemsize=itemsize, config=config)
         dirs.append(d)
     base.close()
     return dirs
@@ -266,100 +214,6 @@ def taskarith_options(method: str) -> dict:
 # ------------------------------------------------------------------ measuring
 
 
-# Linux starts a process's ru_maxrss at the RSS of the process that spawned it (the high-water mark of
-# the forked image survives exec). The parent holds torch and whatever the checks touched, so it starts
-# every tool through this small launcher (standard library only): the tool's peak is its own.
-LAUNCHER = r"""
-import json, os, subprocess, sys, threading, time
-spec = json.loads(sys.argv[1])
-
-def status(pid):
-    fields = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-def cpu_times():
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    hz = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq) / hz, steal / hz
-
-os.sync()
-load = os.getloadavg()[0]
-busy0, steal0 = cpu_times()
-with open(spec["log"], "w") as out:
-    start = time.perf_counter()
-    proc = subprocess.Popen(spec["cmd"], stdout=out, stderr=subprocess.STDOUT, env=spec["env"], cwd=spec["cwd"])
-    peak = {"RssAnon": 0, "VmRSS": 0}
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            try:
-                for key, value in status(proc.pid).items():
-                    peak[key] = max(peak[key], value)
-            except (OSError, ValueError, IndexError):
-                pass
-            done.wait(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    timed_out = False
-    while True:  # wait4 with a deadline: a hung tool cannot hang the benchmark
-        pid, status_, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() - start > spec["timeout"]:
-            proc.kill()
-            pid, status_, usage = os.wait4(proc.pid, 0)
-            timed_out = True
-            break
-        time.sleep(0.01)
-    wall = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status_)
-busy1, steal1 = cpu_times()
-cpu = usage.ru_utime + usage.ru_stime
-synced = time.perf_counter()
-os.sync()
-print(json.dumps({"wall_seconds": wall, "sync_after_seconds": time.perf_counter() - synced,
-                  "returncode": proc.returncode, "timed_out": timed_out,
-                  "cpu_seconds": cpu, "other_cpu_seconds": max(0.0, busy1 - busy0 - cpu), "steal_seconds": steal1 - steal0,
-                  "maxrss_bytes": usage.ru_maxrss * 1024,
-                  "peak_rss_anon_bytes": peak["RssAnon"], "peak_vmrss_sampled_bytes": peak["VmRSS"],
-                  "load_average_before": load}))
-"""
-
-
-def run_measured(cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
-    """Run ``cmd`` to completion through the launcher: wall and CPU time, ru_maxrss (wait4), sampled
-    peak RssAnon / VmRSS, the 1-minute load average just before, and the CPU time the rest of the
-    machine used meanwhile (all busy CPU time in /proc/stat minus the tool's: other programs competing
-    for the cores; the launcher's sampling is a small part of it) and the VM's steal time.
-
-    ``sync`` runs first (untimed), so that the run does not pay for writing back data another
-    process left dirty, and again after it (timed apart): what the tool left unwritten."""
-    spec = {"cmd": cmd, "env": env, "cwd": str(ROOT), "log": str(log), "timeout": timeout}
-    launched = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(spec)], check=False,
-                              capture_output=True, text=True)
-    if launched.returncode:
-        raise RuntimeError(f"the launcher failed: {launched.stderr[-2000:]}")
-    result = json.loads(launched.stdout.strip().splitlines()[-1])
-    text = log.read_text(errors="replace")
-    result["in_process_seconds"] = None
-    for line in reversed(text.splitlines()):
-        if line.startswith("{") and '"seconds"' in line:
-            result["in_process_seconds"] = json.loads(line)["seconds"]
-            break
-    result["log_tail"] = text[-2000:] if result["returncode"] else None
-    return result
-
-
 def child_api(args) -> None:
     """The taskarith API measurement: one merge_files call; prints a JSON line with its time."""
     import taskarith as ta
@@ -398,25 +252,8 @@ def mergekit_versions(python: str | None) -> dict:
             "    try: out[p] = m.version(p)\n"
             "    except m.PackageNotFoundError: out[p] = None\n"
             "print(json.dumps(out))")
-    done = subprocess.run([python, "-c", code], check=False, capture_output=True, text=True, env=_mergekit_env(None))
+    done = subprocess.run([python, "-c", code], check=False, capture_output=True, text=True, env=bench.child_env(offline=True, isolated=True))
     return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-500:]}
-
-
-def _mergekit_env(threads: int | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(OFFLINE)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
-
-
-def _taskarith_env(threads: int | None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(OFFLINE)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
 
 
 # ------------------------------------------------------------------ reference
@@ -546,34 +383,24 @@ def _median(runs: list[dict], key: str) -> float | None:
     return statistics.median(values) if values and None not in values else None
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
-def _gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f}"
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench.Parser(__doc__, out="mergekit-{host}", repeats=(2,), seed=True, threads=False, dtypes=DTYPES,
+                     dtype="bfloat16", full_doc=True)
     p.add_argument("--mergekit-python", default=None, help="python of mergekit's virtualenv (mergekit-yaml beside it)")
-    p.add_argument("--params", type=int, default=None, help="about this many parameters (sets the layer count; default 24 layers, ~374M)")
+    p.add_argument("--params", type=int, default=None,
+                   help="about this many parameters (sets the layer count; default 24 layers, ~374M)")
     p.add_argument("--layers", type=int, default=24, help="decoder layers (default 24; ignored with --params)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="model dtype (default bfloat16)")
     p.add_argument("--sources", type=int, default=3, help="fine-tuned models to merge (default 3)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: task_arithmetic,ties")
-    p.add_argument("--repeats", type=int, default=2, help="runs per tool and method (default 2; median reported)")
     p.add_argument("--max-memory", default="2GB", help="taskarith's max_memory (default 2GB, the CLI's default)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every tool (default: each tool's own)")
     p.add_argument("--skip-cli", action="store_true", help="leave out taskarith's CLI")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic models")
     p.add_argument("--shard-mb", type=int, default=512, help="input shard size in MB (default 512)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed (default 3600)")
     p.add_argument("--workdir", default=None, help="where to write models and outputs (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (models, configs, outputs, logs)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/mergekit-<host>.json)")
     p.add_argument("--child-api", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     if args.child_api:
         child_api(args)
         return 0
@@ -582,7 +409,7 @@ def main(argv=None) -> int:
 
     hidden, intermediate, vocab = 1024, 2816, 32000
     layers = layers_for(args.params, hidden, intermediate, vocab) if args.params else args.layers
-    shapes = llama_shapes(layers, hidden, intermediate, vocab)
+    shapes = bench.llama_shapes(layers, hidden, intermediate, vocab)
     params = sum(math.prod(s) for s in shapes.values())
     dtype = DTYPES[args.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -592,17 +419,13 @@ def main(argv=None) -> int:
         p.error(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
     mk_python, mk_script, mk_note = find_mergekit(args.mergekit_python)
     tools = [t for t in TOOLS if (t != "mergekit" or mk_script) and (t != "taskarith_cli" or not args.skip_cli)]
-    info = machine_info()
-    print(describe(info))
+    info, started = bench.begin()
     if mk_note:
         print(f"note: {mk_note}; measuring taskarith only")
     mk_versions = mergekit_versions(mk_python)
     if mk_script:
         print(f"mergekit {mk_versions.get('mergekit')} (torch {mk_versions.get('torch')}, transformers "
               f"{mk_versions.get('transformers')}) from {mk_script}")
-    load = info.get("load_average")
-    if load and load[0] > 0.25 * (info.get("usable_cores") or 1):
-        print(f"note: the machine is not idle (1-minute load average {load[0]:.2f}); timings will be noisy")
 
     created = args.workdir is None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="taskarith-mergekit-"))
@@ -622,11 +445,13 @@ def main(argv=None) -> int:
     (workdir / "configs").mkdir()
     (workdir / "logs").mkdir()
 
-    env_ta, env_mk = _taskarith_env(args.threads), _mergekit_env(args.threads)
+    env_ta = bench.child_env(args.threads, offline=True)
+    env_mk = bench.child_env(args.threads, offline=True, isolated=True)
     startup = {}
     if mk_script:
-        startup["mergekit"] = run_measured([mk_script, "--help"], env_mk, workdir / "logs" / "mergekit-help.log", 300)["wall_seconds"]
-    startup["taskarith_cli"] = run_measured([sys.executable, "-m", "taskarith", "merge", "--help"], env_ta,
+        startup["mergekit"] = bench.run_measured([mk_script, "--help"], env_mk, workdir / "logs" / "mergekit-help.log",
+                                                 300)["wall_seconds"]
+    startup["taskarith_cli"] = bench.run_measured([sys.executable, "-m", "taskarith", "merge", "--help"], env_ta,
                                             workdir / "logs" / "taskarith-help.log", 300)["wall_seconds"]
 
     def command(tool: str, method: str, cfg: Path, out: Path) -> tuple[list[str], dict]:
@@ -643,8 +468,6 @@ def main(argv=None) -> int:
         return cmd, env_ta
 
     rows, checks, failures = [], {}, []
-    header = (f"{'method':<17}{'tool':<24}{'median s':>10}{'runs s':>20}{'in-proc s':>11}{'CPU s':>8}{'sync s':>8}"
-              f"{'peak RSS GiB':>14}{'private GiB':>13}")
     for method in methods:
         cfg = workdir / "configs" / f"{method}.yml"
         cfg.write_text(mergekit_yaml(method, base_dir, source_dirs, args.dtype))
@@ -657,11 +480,11 @@ def main(argv=None) -> int:
                     shutil.rmtree(out)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 cmd, env = command(tool, method, cfg, out)
-                result = run_measured(cmd, env, workdir / "logs" / f"{method}-{tool}-{r}.log", args.timeout)
+                result = bench.run_measured(cmd, env, workdir / "logs" / f"{method}-{tool}-{r}.log", args.timeout)
                 runs[tool].append(result)
                 status = "" if result["returncode"] == 0 else f"  FAILED (exit {result['returncode']})"
                 print(f"  {tool:<15} run {r + 1}: {result['wall_seconds']:8.2f} s  CPU {result['cpu_seconds']:7.1f} s  "
-                      f"others' CPU {result['other_cpu_seconds']:6.1f} s  peak RSS {_gib(result['maxrss_bytes'])} GiB{status}",
+                      f"others' CPU {result['other_cpu_seconds']:6.1f} s  peak RSS {bench.gib(result['maxrss_bytes'], '-')} GiB{status}",
                       flush=True)
                 if result["returncode"]:
                     failures.append(f"{method} {tool} run {r + 1}: exit {result['returncode']}")
@@ -686,17 +509,16 @@ def main(argv=None) -> int:
     # ---- table, speedups, goals
     print(f"\n{params / 1e6:.0f}M parameters ({args.dtype}), base + {args.sources} fine-tunes; wall time of the whole "
           f"process, median of {args.repeats}")
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        times = " ".join(f"{x['wall_seconds']:.1f}" for x in row["runs"])
-        in_proc = row["median_in_process_seconds"]
-        wall = row["median_wall_seconds"]
-        synced = row["median_sync_after_seconds"]
-        print(f"{row['method']:<17}{LABELS[row['tool']]:<24}{(f'{wall:.2f}' if wall else 'failed'):>10}{times:>20}"
-              f"{(f'{in_proc:.2f}' if in_proc else '-'):>11}{_num(row['median_cpu_seconds']):>8}"
-              f"{(f'{synced:.2f}' if synced is not None else '-'):>8}"
-              f"{_gib(row['median_maxrss_bytes']):>14}{_gib(row['median_peak_rss_anon_bytes']):>13}")
+    def fmt(x, spec=".2f"):
+        return "-" if x is None else format(x, spec)
+
+    print(bench.table(["method", "tool", "median s", "runs s", "in-proc s", "CPU s", "sync s", "peak RSS GiB",
+                       "private GiB"],
+                      [[r["method"], LABELS[r["tool"]], fmt(r["median_wall_seconds"]) if r["median_wall_seconds"]
+                        else "failed", " ".join(f"{x['wall_seconds']:.1f}" for x in r["runs"]),
+                        fmt(r["median_in_process_seconds"]), fmt(r["median_cpu_seconds"], ".1f"),
+                        fmt(r["median_sync_after_seconds"]), bench.gib(r["median_maxrss_bytes"], "-"),
+                        bench.gib(r["median_peak_rss_anon_bytes"], "-")] for r in rows], "llrrrrrrr"))
     busy = [f"{r['method']} {r['tool']} run {i + 1} ({x['other_cpu_seconds']:.0f} s)" for r in rows
             for i, x in enumerate(r["runs"]) if x["other_cpu_seconds"] > 0.1 * x["wall_seconds"]]
     if busy:
@@ -718,15 +540,19 @@ def main(argv=None) -> int:
             print(f"  {key:<32}{value:6.2f}x")
 
     print("\nagreement with the float32 reference (every entry of every tensor):")
-    print(f"{'method':<17}{'tool':<24}{'differing':>14}{'fraction':>12}{'max |diff|':>12}{'max ulps':>10}{'> 1 ulp':>12}")
+    agreement = []
     for method, check in checks.items():
         for tool, row in check["tools"].items():
             if "error" in row:
-                print(f"{method:<17}{LABELS[tool]:<24}  {row['error']}")
+                agreement.append([method, LABELS[tool], row["error"], "", "", "", ""])
                 continue
-            print(f"{method:<17}{LABELS[tool]:<24}{row['differing']:>14,}{row['fraction_differing']:>12.2e}"
-                  f"{row['max_abs']:>12.3g}{row['max_ulps']:>10.3g}{row['over_1ulp']:>12,}"
-                  + ("" if not (row["missing"] or row["dtype_mismatches"]) else "  (missing tensors or other dtypes)"))
+            agreement.append([method, LABELS[tool], f"{row['differing']:,}", f"{row['fraction_differing']:.2e}",
+                              f"{row['max_abs']:.3g}", f"{row['max_ulps']:.3g}", f"{row['over_1ulp']:,}"
+                              + ("" if not (row["missing"] or row["dtype_mismatches"])
+                                 else "  (missing tensors or other dtypes)")])
+    print(bench.table(["method", "tool", "differing", "fraction", "max |diff|", "max ulps", "> 1 ulp"], agreement,
+                      "llrrrrr"))
+    for method, check in checks.items():
         if check["reference_trim_ties_left_out"] is not None:
             print(f"  ({method}: {check['reference_trim_ties_left_out']:,} entries equal to a trim threshold were left out "
                   f"by the lowest-index rule; a tool breaking those ties otherwise keeps others)")
@@ -755,26 +581,21 @@ def main(argv=None) -> int:
         shown = "" if value is None else (f" ({value:.2f}x)" if "faster" in g["goal"] else f" (fraction differing {value:.2e})")
         print(f"  {g['status']:<13}{g['goal']}{shown}")
 
-    out = Path(args.out or HERE / "results" / f"mergekit-{socket.gethostname()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info_end = machine_info()
-    out.write_text(json.dumps({
-        "benchmark": "mergekit", "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "machine": info, "load_average_end": info_end.get("load_average"),
-        "versions": {"taskarith": ta.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
-                     "mergekit_env": mk_versions},
-        "mergekit": {"script": mk_script, "python": mk_python, "options": MERGEKIT_OPTIONS, "note": mk_note or None},
-        "config": {"params": params, "layers": layers, "hidden": hidden, "intermediate": intermediate, "vocab": vocab,
-                   "dtype": args.dtype, "sources": args.sources, "checkpoint_bytes": ckpt_bytes, "density": DENSITY,
-                   "methods": methods, "repeats": args.repeats, "taskarith_max_memory": args.max_memory,
-                   "threads": args.threads, "input_shard_bytes": args.shard_mb * 10**6, "seed": args.seed,
-                   "mergekit_configs": {m: mergekit_yaml(m, Path("BASE"), [Path(f"FT{i}") for i in range(args.sources)], args.dtype)
-                                        for m in methods},
-                   "taskarith_options": {m: taskarith_options(m) for m in methods}},
-        "setup_seconds": setup_seconds, "startup_seconds": startup,
-        "rows": rows, "speedups": speedups, "agreement": checks, "goals": goals, "failures": failures,
-    }, indent=2))
-    print(f"\nwrote {out}")
+    yamls = {m: mergekit_yaml(m, Path("BASE"), [Path(f"FT{i}") for i in range(args.sources)], args.dtype)
+             for m in methods}
+    print()
+    bench.save(args.out, bench.result(
+        "mergekit", info, started,
+        versions={"taskarith": ta.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+                  "mergekit_env": mk_versions},
+        mergekit={"script": mk_script, "python": mk_python, "options": MERGEKIT_OPTIONS, "note": mk_note or None},
+        config={"params": params, "layers": layers, "hidden": hidden, "intermediate": intermediate, "vocab": vocab,
+                "dtype": args.dtype, "sources": args.sources, "checkpoint_bytes": ckpt_bytes, "density": DENSITY,
+                "methods": methods, "repeats": args.repeats, "taskarith_max_memory": args.max_memory,
+                "threads": args.threads, "input_shard_bytes": args.shard_mb * 10**6, "seed": args.seed,
+                "mergekit_configs": yamls, "taskarith_options": {m: taskarith_options(m) for m in methods}},
+        setup_seconds=setup_seconds, startup_seconds=startup, rows=rows, speedups=speedups, agreement=checks,
+        goals=goals, failures=failures))
     if args.keep:
         print(f"kept {workdir}")
     elif created:

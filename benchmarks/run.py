@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The benchmark suite: one entry point that runs a matrix of the benchmark scripts and writes RESULTS.md.
 
-Each measurement is one of the existing scripts (``bench_vector_ops.py``, ``bench_merge.py``) started as
+Each measurement is one of the scripts (``bench_vector_ops.py``, ``bench_merge.py``, ``bench_goals.py``) started as
 its own process, so that every run has its own peak RSS; their JSON files are collected into
 ``benchmarks/results/suite-<host>-<device>/`` together with ``suite.json`` (what ran, how long, what was
 skipped and why), then ``benchmarks/RESULTS.md`` and the plots in ``benchmarks/figures/`` are written
@@ -21,9 +21,11 @@ The matrix:
   and bfloat16 x transformer-like shapes (a few large tensors) and LoRA-like shapes (thousands of small
   A/B matrices);
 * merges (``bench_merge.py``, float32, PEFT included when importable): 10M and 100M transformer-like,
-  10M LoRA-like.
+  10M LoRA-like;
+* the speed goals (``bench_goals.py``): one run, at 100M parameters per vector (``--quick``: its tiny sizes).
 
-RESULTS.md holds the tables, the issue's goals evaluated from the measured numbers, a GPU section from
+RESULTS.md holds the tables, the issue's goals evaluated from the measured numbers, the goals table of
+``bench_goals.py``, a GPU section from
 the GPU result files found in ``benchmarks/results/`` (``vector_ops-*.json`` measured with ``--device
 cuda``, and ``bench_gpu.py``'s ``gpu-*.json`` or any file with ``timings_s`` and ``copy_GBps``), and links
 to the plots.
@@ -32,26 +34,22 @@ to the plots.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
 import re
 import shlex
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 if str(HERE) not in sys.path:  # `python -m benchmarks` runs with the repository root as sys.path[0]
     sys.path.insert(0, str(HERE))
 
-from _machine import describe  # sibling file, importable once HERE is on sys.path
+import _common as bench  # sibling file: the scaffolding, importable once HERE is on sys.path
+from _common import ROOT, fmt_duration, fmt_ms, fmt_x, gib, md_table, now_utc, size_label
 
-M = 1_000_000
+M = bench.M
 VECTOR_SIZES = (1 * M, 10 * M, 100 * M, 300 * M)
 QUICK_VECTOR_SIZES = (1 * M, 10 * M)
 VECTOR_DTYPES = ("float32", "bfloat16")
@@ -63,6 +61,13 @@ VECTOR_PEAK_VECTORS = 15  # bench_vector_ops holds about fifteen vectors at its 
 MERGE_PEAK_VECTORS = 12  # bench_merge: the largest child (inputs + TIES temporaries) or the checking parent
 PROCESS_OVERHEAD = 600 * 2**20  # Python + torch + taskarith in one process
 MEMORY_HEADROOM = 0.85  # use at most this fraction of the available memory
+GOALS_PARAMS, GOALS_QUICK_PARAMS = 100 * M, 200_000  # bench_goals.py's goal 1 size (its own default) and --quick's
+# bench_goals: a, b, c, base, a's copy, two results, the probe's buffers (2.7) and taskarith's buffer cache;
+# 7.1 GiB peak RSS at 100M float32 (2026-12-07)
+GOALS_PEAK_VECTORS = 17
+# 100M on the 2-core VM: goal 1 ~160 s, goal 2 ~25 s, goal 3 at 2,000 tensors ~15 s (3.5 min in all), so
+# ~100 s at its default 10,000 (extrapolated); --quick: 15-60 s
+GOALS_QUICK_SECONDS, GOALS_FIXED_SECONDS, GOALS_SECONDS_PER_M = 40, 125, 1.6
 
 # Goals of the issue, evaluated from the measured numbers (never from these constants alone)
 GOAL_ALGEBRA_RATIO = 0.8  # add, scale, sum, task arithmetic: >= 0.8 x the copy probe's GB/s
@@ -108,7 +113,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="device of the vector ops (default cpu); merges run on the CPU only and are skipped "
                         "with --device cuda")
-    p.add_argument("--only", choices=["vector_ops", "merge"], default=None, help="run one part of the matrix")
+    p.add_argument("--only", choices=["vector_ops", "merge", "goals"], default=None, help="run one part of the matrix")
     p.add_argument("--max-params", type=int, default=300 * M,
                    help="largest parameters per vector to run (default 300M; 300M also needs the free memory)")
     p.add_argument("--repeats", type=int, default=None,
@@ -134,8 +139,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     if args.repeats is None and args.quick:
         args.repeats = 1
     if args.out is None:
-        host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "unknown"
-        args.out = HERE / "results" / f"suite-{host}-{args.device}"
+        args.out = bench.RESULTS / f"suite-{bench.host()}-{args.device}"
     return args
 
 
@@ -148,28 +152,6 @@ def command_line(argv: list[str] | None, prog: str | None) -> str:
 # ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------
-
-
-def size_label(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, div in (("B", 10**9), ("M", M), ("k", 1000)):
-        if n >= div:
-            value = n / div
-            return f"{value:.0f}{unit}" if value == int(value) or value >= 100 else f"{value:.3g}{unit}"
-    return str(n)
-
-
-def available_memory() -> int | None:
-    """Bytes of RAM available to a new process (MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def cuda_free_memory() -> int | None:
@@ -188,8 +170,11 @@ def estimate_seconds(kind: str, params: int, dtype: str, shapes: str, repeats: i
 
     Vector ops: start-up, building three vectors, ~16 timed measurements of (1 + repeats) calls.
     Merges: ~12 child processes (each builds the inputs, then 1 + repeats calls), then the checks.
+    Goals: goals 2 and 3 take about the same at any size; goal 1 grows with the parameters.
     """
     mparams = params / M
+    if kind == "goals":  # goal 1 over 4 blocks of 17 ops, then TIES (8 x 20M) and 4 x 10,000 small tensors
+        return GOALS_QUICK_SECONDS if params <= GOALS_QUICK_PARAMS else GOALS_FIXED_SECONDS + GOALS_SECONDS_PER_M * mparams
     if kind == "vector_ops":
         reps = 7 if repeats is None else repeats
         per_call = 0.0006 * mparams * ITEMSIZE[dtype] / 4 * (1.6 if dtype == "bfloat16" else 1.0)
@@ -210,46 +195,34 @@ def build_plan(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """The runs to make and the runs left out (with the reason)."""
     runs: list[dict] = []
     skipped: list[dict] = []
-    out: Path = args.out
-    repeats = args.repeats
-    ram = available_memory()
-    gpu_free = cuda_free_memory() if args.device == "cuda" else None
+    free = {"cpu": bench.available_memory(), "cuda": cuda_free_memory() if args.device == "cuda" else None}
 
-    def fits(peak: int, where: str, free: int | None) -> str | None:
-        if free is None:
-            return None
-        if peak > MEMORY_HEADROOM * free:
-            return (f"estimated peak {peak / 2**30:.1f} GiB exceeds {MEMORY_HEADROOM:.0%} of the "
-                    f"{free / 2**30:.1f} GiB of {where} available now")
-        return None
+    def add(kind: str, name: str, script: str, options: list[str], params: int, dtype: str, shapes: str,
+            device: str, peak_vectors: float, quick: bool = False) -> None:
+        if params > args.max_params and not quick:
+            skipped.append({"name": name, "reason": f"above --max-params {size_label(args.max_params)}"})
+            return
+        peak = int(peak_vectors * params * ITEMSIZE[dtype]) + PROCESS_OVERHEAD
+        room = free[device]
+        if room is not None and peak > MEMORY_HEADROOM * room:
+            where = "GPU memory" if device == "cuda" else "RAM"
+            skipped.append({"name": name, "reason": f"estimated peak {peak / 2**30:.1f} GiB exceeds "
+                            f"{MEMORY_HEADROOM:.0%} of the {room / 2**30:.1f} GiB of {where} available now"})
+            return
+        cmd = [sys.executable, str(HERE / script), *options, "--out", str(args.out / f"{name}.json")]
+        cmd += ["--repeats", str(args.repeats)] if args.repeats is not None else []
+        cmd += ["--threads", str(args.threads)] if args.threads is not None else []
+        runs.append({"name": name, "kind": kind, "params": params, "dtype": dtype, "shapes": shapes, "device": device,
+                     "cmd": cmd, "json": f"{name}.json", "estimated_peak_bytes": peak,
+                     "estimated_s": estimate_seconds(kind, params, dtype, shapes, args.repeats, device)})
 
     if args.only in (None, "vector_ops"):
-        sizes = QUICK_VECTOR_SIZES if args.quick else VECTOR_SIZES
         for shapes in SHAPES:
             for dtype in VECTOR_DTYPES:
-                for params in sizes:
-                    name = f"vector_ops-{shapes}-{dtype}-{size_label(params)}"
-                    if params > args.max_params:
-                        skipped.append({"name": name, "reason": f"above --max-params {size_label(args.max_params)}"})
-                        continue
-                    peak = VECTOR_PEAK_VECTORS * params * ITEMSIZE[dtype] + PROCESS_OVERHEAD
-                    reason = (fits(peak, "GPU memory", gpu_free) if args.device == "cuda"
-                              else fits(peak, "RAM", ram))
-                    if reason:
-                        skipped.append({"name": name, "reason": reason})
-                        continue
-                    cmd = [sys.executable, str(HERE / "bench_vector_ops.py"), "--params", str(params),
-                           "--dtype", dtype, "--shapes", shapes, "--device", args.device,
-                           "--out", str(out / f"{name}.json")]
-                    if repeats is not None:
-                        cmd += ["--repeats", str(repeats)]
-                    if args.threads is not None:
-                        cmd += ["--threads", str(args.threads)]
-                    runs.append({"name": name, "kind": "vector_ops", "params": params, "dtype": dtype,
-                                 "shapes": shapes, "device": args.device, "cmd": cmd, "json": f"{name}.json",
-                                 "estimated_peak_bytes": peak,
-                                 "estimated_s": estimate_seconds("vector_ops", params, dtype, shapes, repeats,
-                                                                 args.device)})
+                for params in QUICK_VECTOR_SIZES if args.quick else VECTOR_SIZES:
+                    add("vector_ops", f"vector_ops-{shapes}-{dtype}-{size_label(params)}", "bench_vector_ops.py",
+                        ["--params", str(params), "--dtype", dtype, "--shapes", shapes, "--device", args.device],
+                        params, dtype, shapes, args.device, VECTOR_PEAK_VECTORS)
 
     if args.only in (None, "merge"):
         for params, shapes in QUICK_MERGE_RUNS if args.quick else MERGE_RUNS:
@@ -258,69 +231,15 @@ def build_plan(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 skipped.append({"name": name, "reason": "bench_merge.py measures on the CPU only; run the suite "
                                                         "without --device cuda for the merges"})
                 continue
-            if params > args.max_params:
-                skipped.append({"name": name, "reason": f"above --max-params {size_label(args.max_params)}"})
-                continue
-            peak = MERGE_PEAK_VECTORS * params * 4 + PROCESS_OVERHEAD
-            reason = fits(peak, "RAM", ram)
-            if reason:
-                skipped.append({"name": name, "reason": reason})
-                continue
-            cmd = [sys.executable, str(HERE / "bench_merge.py"), "--params", str(params), "--shapes", shapes,
-                   "--out", str(out / f"{name}.json")]
-            if repeats is not None:
-                cmd += ["--repeats", str(repeats)]
-            if args.threads is not None:
-                cmd += ["--threads", str(args.threads)]
-            if args.skip_peft:
-                cmd.append("--skip-peft")
-            runs.append({"name": name, "kind": "merge", "params": params, "dtype": "float32", "shapes": shapes,
-                         "device": "cpu", "cmd": cmd, "json": f"{name}.json", "estimated_peak_bytes": peak,
-                         "estimated_s": estimate_seconds("merge", params, "float32", shapes, repeats, "cpu")})
+            add("merge", name, "bench_merge.py", ["--params", str(params), "--shapes", shapes]
+                + (["--skip-peft"] if args.skip_peft else []), params, "float32", shapes, "cpu", MERGE_PEAK_VECTORS)
+
+    if args.only in (None, "goals"):  # one run: goal 1 at 100M (tiny with --quick), goals 2 and 3 at their sizes
+        params = GOALS_QUICK_PARAMS if args.quick else GOALS_PARAMS
+        add("goals", f"goals-{'quick' if args.quick else size_label(params)}", "bench_goals.py",
+            (["--quick"] if args.quick else ["--params", str(params)]) + ["--device", args.device],
+            params, "float32", "both", args.device, GOALS_PEAK_VECTORS, quick=args.quick)
     return runs, skipped
-
-
-def child_env() -> dict[str, str]:
-    """The environment of the scripts: the repository root importable, so a plain checkout works."""
-    env = dict(os.environ)
-    parts = [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
-    return env
-
-
-def run_one(run: dict, log_path: Path) -> tuple[int, float]:
-    """Run one script, echoing its output and keeping a copy in ``log_path``; returns (status, seconds)."""
-    t0 = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        log.write("$ " + shlex.join(run["cmd"]) + "\n")
-        proc = subprocess.Popen(run["cmd"], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write("    " + line)
-            sys.stdout.flush()
-            log.write(line)
-        status = proc.wait()
-    return status, time.perf_counter() - t0
-
-
-def fmt_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def write_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def now_utc() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def measure(args: argparse.Namespace, command: str) -> tuple[int, dict]:
@@ -355,7 +274,7 @@ def measure(args: argparse.Namespace, command: str) -> tuple[int, dict]:
     for i, r in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {r['name']}: {shlex.join(r['cmd'][1:])}", flush=True)
         (args.out / r["json"]).unlink(missing_ok=True)
-        code, wall = run_one(r, args.out / f"{r['name']}.log")
+        code, wall = bench.tee(r["cmd"], args.out / f"{r['name']}.log")
         ok = code == 0 and (args.out / r["json"]).exists()
         if not ok:
             status = 1
@@ -365,9 +284,9 @@ def measure(args: argparse.Namespace, command: str) -> tuple[int, dict]:
                                                            for c in r["cmd"][1:]]]),
                       "returncode": code, "wall_s": wall, "log": f"{r['name']}.log"})
         manifest["runs"].append(entry)
-        write_json(args.out / "suite.json", manifest)
+        bench.write_json(args.out / "suite.json", manifest)
     manifest["finished_utc"] = now_utc()
-    write_json(args.out / "suite.json", manifest)
+    bench.write_json(args.out / "suite.json", manifest)
     return status, manifest
 
 
@@ -382,7 +301,8 @@ def is_gpu_probe(data: object) -> bool:
 
 def load_results(paths: list[Path], gpu_dir: Path | None) -> dict:
     """Every result JSON under ``paths`` (directories: their *.json files; or files), classified."""
-    found: dict = {"vector_ops": [], "merge": [], "gpu_probe": [], "suites": [], "other": [], "unreadable": []}
+    found: dict = {"vector_ops": [], "merge": [], "goals": [], "gpu_probe": [], "suites": [], "other": [],
+                   "unreadable": []}
     seen: set[Path] = set()
 
     def add(path: Path, gpu_only: bool = False) -> None:
@@ -406,7 +326,7 @@ def load_results(paths: list[Path], gpu_dir: Path | None) -> dict:
         data["_path"] = str(path)
         if path.name == "suite.json" and data.get("suite"):
             found["suites"].append(data)
-        elif kind in ("vector_ops", "merge"):
+        elif kind in ("vector_ops", "merge", "goals"):
             found[kind].append(data)
         elif is_gpu_probe(data):
             found["gpu_probe"].append(data)
@@ -473,26 +393,6 @@ def show_path(path: str | Path) -> str:
         return str(path)
 
 
-def gib(n: int | None) -> str:
-    return f"{n / 2**30:.2f}" if n is not None else "–"
-
-
-def fmt_ms(ms: float | None) -> str:
-    if ms is None:
-        return "–"
-    if ms >= 1000:
-        return f"{ms / 1000:.2f} s"
-    if ms >= 10:
-        return f"{ms:.0f} ms"
-    return f"{ms:.2f} ms"
-
-
-def fmt_x(x: float | None) -> str:
-    if x is None:
-        return "–"
-    return f"{x:.2f}x" if x >= 0.1 else f"{x:.3f}x"
-
-
 def vector_check(data: dict, op: str, impl: str) -> str:
     details = data.get("checks", {}).get("details", [])
     c = next((c for c in details if c.get("op") == op and c.get("impl") == impl), None)
@@ -530,14 +430,6 @@ def merge_check(data: dict, op: str, impl: str) -> str:
             parts.append(f"{flag}masks ok (z {', '.join(f'{z:+.1f}' for z in c.get('kept_fraction_z', []))})"
                          if c.get("ok") else f"{flag}mask statistics")
     return "; ".join(parts) if parts else "–"
-
-
-def md_table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
-    align = align or "l" * len(header)
-    seps = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(seps) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines
 
 
 def vector_sort_key(v: dict) -> tuple:
@@ -685,6 +577,19 @@ def ties_goals(merge_runs: list[dict], vector_runs: list[dict]) -> list[str]:
     return lines
 
 
+def goals_section(data: dict) -> list[str]:
+    """The table of a ``bench_goals.py`` file: every goal with its measured value, ratio and verdict."""
+    c, summary = data.get("config", {}), data.get("summary", {})
+    lines = [f"## Speed goals (`bench_goals.py`, {c.get('device', 'cpu').upper()}, `{show_path(data['_path'])}`)", "",
+             (f"Goal 1 at {size_label(c.get('params_requested'))} parameters per vector: each op's bytes/s (the bytes "
+              "it must read and write / median time) over the best `x.add_(y)` probe of the run moving the same "
+              "bytes; goal 2: TIES time per vector at k = 8 over k = 3; goal 3: `merge_files` wall time over the "
+              f"same merge in memory. {summary.get('met', '?')} of {summary.get('goals', '?')} goals met."), ""]
+    rows = [[g["name"], g["measured"], f"{g['value']:.2f}x", f"{g['comparison']} {g['target']}x",
+             "met" if g["passed"] else "**not met**"] for g in data.get("goals", [])]
+    return lines + md_table(["goal", "measured", "ratio", "target", "verdict"], rows, "llrrl") + [""]
+
+
 def gpu_probe_section(p: dict) -> list[str]:
     params = int(p.get("params", GPU_PROBE_PARAMS))
     nbytes = params * 4
@@ -777,7 +682,7 @@ def write_report(paths: list[Path], report: Path, figures: Path, gpu_dir: Path |
     cpu_vectors = [v for v in vectors if device_of(v) == "cpu"]
     gpu_vectors = [v for v in vectors if device_of(v) == "cuda"]
     merges = found["merge"]
-    measured = vectors + merges
+    measured = vectors + merges + found["goals"]
 
     def rel(path: Path) -> str:  # links relative to the report
         return os.path.relpath(path, report.parent)
@@ -792,7 +697,7 @@ def write_report(paths: list[Path], report: Path, figures: Path, gpu_dir: Path |
         mach = d.get("machine") or {}
         machines.setdefault(mach.get("hostname"), mach)
     for host, mach in machines.items():
-        lines.append(f"- **Machine** `{host}`: {describe(mach)}")
+        lines.append(f"- **Machine** `{host}`: {bench.describe(mach)}")
     # taskarith's Numba kernels, as the result files that record it saw them (merges use them; the
     # vector ops measured here never do).
     numba = sorted({(d.get("machine") or {}).get("numba") or "off"
@@ -852,6 +757,10 @@ def write_report(paths: list[Path], report: Path, figures: Path, gpu_dir: Path |
         lines += [""] + [f"Note: {n}." for n in notes] + ([""] if notes else [])
     else:
         lines += ["No merge results.", ""]
+
+    # bench_goals.py ------------------------------------------------------------------------------
+    for g in found["goals"]:
+        lines += goals_section(g)
 
     # GPU -----------------------------------------------------------------------------------------
     if gpu_vectors or found["gpu_probe"]:
@@ -913,11 +822,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.report_only:
         result = write_report(args.report_only, args.report, args.figures, args.gpu_results, command)
         found = result["found"]
-        print(f"wrote {args.report} from {len(found['vector_ops'])} vector-ops, {len(found['merge'])} merge and "
-              f"{len(found['gpu_probe'])} GPU probe file(s); {len(result['figures'])} plot(s) in {args.figures}")
+        print(f"wrote {args.report} from {len(found['vector_ops'])} vector-ops, {len(found['merge'])} merge, "
+              f"{len(found['goals'])} goals and {len(found['gpu_probe'])} GPU probe file(s); "
+              f"{len(result['figures'])} plot(s) in {args.figures}")
         for line in result["goals"]:
             print(line)
-        return 0 if found["vector_ops"] or found["merge"] or found["gpu_probe"] else 1
+        return 0 if found["vector_ops"] or found["merge"] or found["goals"] or found["gpu_probe"] else 1
     if args.device == "cuda" and not args.dry_run and args.only != "merge":
         import torch
 

@@ -1,7 +1,8 @@
 """The benchmark suite's runner (benchmarks/run.py): plan, report and goals, on tiny real measurements.
 
 The scripts run at 200k parameters (a few seconds each); the report is then regenerated with
-``--report-only`` and checked against numbers computed here from the same JSON files.
+``--report-only`` and checked against numbers computed here from the same JSON files. The speed-goal
+probe (benchmarks/bench_goals.py) runs once with ``--quick``: its JSON fields are checked, not its timings.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def row(data: dict, op: str, impl: str) -> dict:
 def test_lora_shapes_are_many_small_pairs():
     sys.path.insert(0, str(BENCH))
     try:
-        from bench_vector_ops import lora_shapes
+        from _common import lora_shapes
     finally:
         sys.path.remove(str(BENCH))
     shapes = lora_shapes(10_000_000)
@@ -196,5 +197,70 @@ def test_entry_points_plan(tmp_path):
         assert "skipped vector_ops-transformer-float32-10M: above --max-params 1M" in proc.stdout
     assert not (tmp_path / "x").exists()
     proc = run("-m", "benchmarks", "--dry-run", "--device", "cpu", "--out", str(tmp_path / "y"))
-    for name in ("vector_ops-transformer-float32-100M", "merge-transformer-float32-100M", "merge-lora-float32-10M"):
+    for name in ("vector_ops-transformer-float32-100M", "merge-transformer-float32-100M", "merge-lora-float32-10M",
+                 "goals-100M"):
         assert name in proc.stdout
+    assert "goals-quick" in run("-m", "benchmarks", "--dry-run", "--quick", "--only", "goals").stdout
+
+
+GOAL_OPS = {"a + b", "a - b", "-a", "s * a", "a / s", "sum([a, b, c])", "TaskVector.sum([a, b, c])",
+            "ta.merge([a, b, c], 'task_arithmetic')", "a.add_(b)", "a.sub_(b)", "a.mul_(s)", "a.div_(s)", "a.neg_()",
+            "a.apply_to(base)", "a.dot(b)", "a.norm()", "a.cosine(b)"}
+
+
+@pytest.fixture(scope="module")
+def goals(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("goals") / "goals.json"
+    run(str(BENCH / "bench_goals.py"), "--quick", "--out", str(out))
+    return out
+
+
+def test_goals_quick_writes_its_fields(goals):
+    data = load(goals)
+    assert data["benchmark"] == "goals" and data["config"]["quick"] and data["timestamp_utc"]
+    for key in ("hostname", "cpu_model", "usable_cores", "ram_bytes", "torch", "numba", "load_average"):
+        assert key in data["machine"]
+
+    # goal 1: every op x both shapes x both dtypes, each against the best probe of its byte count
+    rows = data["vector_ops"]
+    assert {(r["op"], r["shapes"], r["dtype"]) for r in rows} == {
+        (op, s, d) for op in GOAL_OPS for s in ("transformer", "lora") for d in ("float32", "bfloat16")}
+    probes = data["probe"]["by_bytes"]
+    assert data["probe"]["op"] == "x.add_(y)"
+    for r in rows:
+        assert r["min_bytes"] == r["vectors_moved"] * r["bytes_per_vector"]
+        assert r["gbps"] == pytest.approx(r["min_bytes"] / (r["median_ms"] / 1e3) / 1e9)
+        probe = probes[str(r["min_bytes"])]  # measured at the start and the end of every block moving those bytes
+        blocks = {(s["shapes"], s["dtype"]) for s in rows if s["min_bytes"] == r["min_bytes"]}
+        assert len(probe["measurements"]) == 2 * len(blocks)
+        assert r["probe_gbps"] == probe["best_gbps"] == max(m["gbps"] for m in probe["measurements"])
+        assert r["ratio"] == pytest.approx(r["gbps"] / r["probe_gbps"])
+    assert {r["vectors_moved"] for r in rows if r["op"] in ("a + b", "a.add_(b)", "a.apply_to(base)")} == {3}
+    assert {r["vectors_moved"] for r in rows if r["op"] in ("TaskVector.sum([a, b, c])", "sum([a, b, c])")} == {4}
+
+    # goal 2: TIES per vector at k = 8 over k = 3
+    ties = data["ties"]
+    for k in (3, 8):
+        assert ties[f"k{k}"]["per_vector_ms"] == pytest.approx(ties[f"k{k}"]["median_ms"] / k)
+    assert ties["ratio"] == pytest.approx(ties["k8"]["per_vector_ms"] / ties["k3"]["per_vector_ms"])
+
+    # goal 3: merge_files against the same merge in memory, which wrote the same tensors
+    files = data["files"]
+    assert files["outputs_equal"] and files["tensors"] == 200
+    assert files["ratio"] == pytest.approx(files["median_s"]["merge_files"] / files["median_s"]["in_memory"])
+
+    # the goals table: one line per measured ratio, each verdict from its value
+    assert [g["group"] for g in data["goals"]] == ["vector_ops"] * len(rows) + ["ties", "files"]
+    for g in data["goals"]:
+        assert g["passed"] == (g["value"] >= g["target"] if g["comparison"] == ">=" else g["value"] <= g["target"])
+    assert {g["target"] for g in data["goals"]} == {0.8, 1.2, 3.0}
+    assert data["summary"]["met"] == sum(g["passed"] for g in data["goals"]) and not data["problems"]
+
+
+def test_report_shows_the_goals_file(goals, tmp_path):
+    text = report([goals], tmp_path)
+    part = text.split("## Speed goals (`bench_goals.py`, CPU", 1)[1]
+    data = load(goals)
+    assert f"{data['summary']['met']} of {data['summary']['goals']} goals met" in part
+    tie = next(g for g in data["goals"] if g["group"] == "ties")
+    assert f"| {tie['name']} | {tie['measured']} | {tie['value']:.2f}x | <= 1.2x |" in part
