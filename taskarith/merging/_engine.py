@@ -83,8 +83,9 @@ def _merge(vectors, method, weights, dtype, base, options, *, by_tensor: bool) -
     # Slot dtypes, not tensor views: with thousands of small tensors, per-name views cost more
     # than the merge itself.
     out_dtypes = {n: dtype or promote([v._layout.slot(n).dtype for v in vectors]) for n in first._layout.slots}
-    compute = [v.to(dtype=compute_dtype(v)) for v in vectors]
-    if spec.fast is not None and not by_tensor:
+    fast = spec.fast is not None and not by_tensor
+    compute = vectors if fast and spec.fast_widens else [v.to(dtype=compute_dtype(v)) for v in vectors]
+    if fast:
         merged = _run_fast(spec, compute, weights, resolved)
     else:
         merged = _run_by_tensor(spec, compute, weights, resolved, base)

@@ -115,6 +115,7 @@ class Method:
     symmetric: bool = False
     identity: Mapping[str, object] | None = None
     fast: Callable[..., Mapping[str, torch.Tensor]] | None = None
+    fast_widens: bool = False  # ``fast`` takes half-precision vectors and widens them itself
 
     @property
     def doc(self) -> str:

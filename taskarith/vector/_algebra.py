@@ -190,33 +190,8 @@ class Algebra:
         for v in vectors[1:]:
             info = info.combine(v._info)
         out = {dt: _flat.allocate(buf.numel(), dt, buf.device) for dt, buf in first._buffers.items()}
-        # A weight below float32's smallest normal number is flushed to zero when it travels as a
-        # kernel's float32 ``alpha``; multiplying by it as a Python scalar keeps it.
-        subnormal = any(w != 0 and abs(w) < torch.finfo(torch.float32).tiny for w in weights)
         for dt, dst in out.items():
-            srcs = [v._buffers[dt] for v in vectors]
-            if not subnormal and _triton.usable([dst, *srcs], _triton.SUM_DTYPES):  # one pass on a GPU
-                _triton.weighted_sum(dst, srcs, weights)
-                continue
-            # An unweighted sum in one compiled pass on the CPU (only there: with weights, torch's
-            # result depends on whether its build fuses the multiply-add).
-            if len(srcs) > 1 and all(w == 1.0 for w in weights) and _numba.running_sum(dst, srcs[:_numba.MAX_INPUTS]):
-                for src in srcs[_numba.MAX_INPUTS:]:
-                    dst.add_(src)
-                continue
-            # Whole-buffer kernels: blocking these passes to stay in cache measured slower here
-            # (per-block thread start-up outweighs the saved memory traffic).
-            if len(srcs) > 1 and _is_one(weights[0]) and not subnormal:
-                torch.add(srcs[0], srcs[1], alpha=weights[1], out=dst)
-                rest = zip(srcs[2:], weights[2:])
-            else:
-                torch.mul(srcs[0], weights[0], out=dst)
-                rest = zip(srcs[1:], weights[1:])
-            for src, w in rest:
-                if subnormal:
-                    dst.add_(torch.mul(src, w))
-                else:
-                    dst.add_(src, alpha=w)
+            sum_into(dst, [v._buffers[dt] for v in vectors], weights)
         return type(first)._make(first._layout, out, info)
 
     # ------------------------------------------------------------ reductions
@@ -262,3 +237,33 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
         y = x if b is a else b[start:start + _DOT_CHUNK].double()
         total += torch.dot(x, y)
     return float(total)
+
+
+def sum_into(dst: torch.Tensor, srcs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
+    """``dst = Σ weights[i] · srcs[i]`` over flat tensors of ``dst``'s dtype and device, with the
+    same operations, in the same order, whatever the path (so results never depend on it)."""
+    # A weight below float32's smallest normal number is flushed to zero when it travels as a
+    # kernel's float32 ``alpha``; multiplying by it as a Python scalar keeps it.
+    subnormal = any(w != 0 and abs(w) < torch.finfo(torch.float32).tiny for w in weights)
+    if not subnormal and _triton.usable([dst, *srcs], _triton.SUM_DTYPES):  # one pass on a GPU
+        _triton.weighted_sum(dst, srcs, weights)
+        return
+    # An unweighted sum in one compiled pass on the CPU (only there: with weights, torch's
+    # result depends on whether its build fuses the multiply-add).
+    if len(srcs) > 1 and all(w == 1.0 for w in weights) and _numba.running_sum(dst, srcs[:_numba.MAX_INPUTS]):
+        for src in srcs[_numba.MAX_INPUTS:]:
+            dst.add_(src)
+        return
+    # Whole-buffer kernels: blocking these passes to stay in cache measured slower here
+    # (per-block thread start-up outweighs the saved memory traffic).
+    if len(srcs) > 1 and _is_one(weights[0]) and not subnormal:
+        torch.add(srcs[0], srcs[1], alpha=weights[1], out=dst)
+        rest = zip(srcs[2:], weights[2:])
+    else:
+        torch.mul(srcs[0], weights[0], out=dst)
+        rest = zip(srcs[1:], weights[1:])
+    for src, w in rest:
+        if subnormal:
+            dst.add_(torch.mul(src, w))
+        else:
+            dst.add_(src, alpha=w)
