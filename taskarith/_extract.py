@@ -58,10 +58,9 @@ def delta_dtype(weight_dtype: torch.dtype, requested: torch.dtype | None) -> tor
     return torch.float32 if weight_dtype in HALF else weight_dtype
 
 
-# Entries per block of the CPU paths that mix a half-precision tensor with a float32 one. Mixed-dtype
-# kernels run 10-20x slower than same-dtype ones on the CPU (a 32M-entry bfloat16 + float32 -> bfloat16
-# add: 203 ms, vs 18 ms widening into float32 scratch first), so the narrow operand is widened a block
-# at a time into scratch that stays in cache (4 MB of float32 per buffer).
+# Entries per block of the CPU paths that mix a half-precision tensor with a float32 one: mixed-dtype
+# kernels are many times slower than same-dtype ones on the CPU, so the narrow operand is widened a
+# block at a time into scratch that stays in cache (docs/design.md, "Measurements").
 _BLOCK = 1 << 20
 
 

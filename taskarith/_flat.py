@@ -7,8 +7,7 @@ the per-name tensors a user sees are views into the buffer.
 
 Result buffers come from :func:`allocate`. On this class of machine the page
 faults of a fresh multi-hundred-megabyte allocation cost more than the
-arithmetic itself (``a + b`` into a fresh tensor ran at ~10 GB/s, into a reused
-buffer at ~27 GB/s). So large CPU buffers are allocated through numpy, whose
+arithmetic itself. So large CPU buffers are allocated through numpy, whose
 allocator asks the kernel for transparent huge pages, and buffers of vectors
 that died are kept in a small cache and handed out again, much like PyTorch's
 CUDA caching allocator. A cached buffer is only reused when no view of it is
@@ -65,7 +64,7 @@ class Layout:
             sizes[slot.dtype] = max(sizes.get(slot.dtype, 0), slot.offset + slot.numel)
         self.sizes = sizes
         # Plain tuples of names, dtypes, ints and shapes: comparing layouts stays in C (Slot.__eq__
-        # is Python-level and made comparing 300-tensor layouts cost ~0.3 ms, more than a GPU kernel).
+        # is Python-level and cost more than a GPU kernel on a 300-tensor layout).
         self._key = (
             tuple((n, s.dtype, s.offset, s.shape) for n, s in slots.items()),
             tuple(sorted(aliases.items())),

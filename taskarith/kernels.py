@@ -94,8 +94,8 @@ def _select(flat: torch.Tensor, k: int, *, inplace: bool = False, magnitudes: bo
 
     ``inplace=True`` lets a CPU selection reorder ``flat`` instead of copying it.
     ``magnitudes=True`` promises values >= 0: their IEEE bit patterns then sort
-    like the values, and selecting on integers runs ~3x faster (on the CPU, a
-    NaN among them raises :class:`NonFiniteError`).
+    like the values, and selecting on integers is faster (on the CPU, a NaN
+    among them raises :class:`NonFiniteError`).
     """
     n = flat.numel()
     if flat.device.type == "cpu" and flat.dtype in _NUMPY_SELECT:
@@ -114,10 +114,8 @@ def _select(flat: torch.Tensor, k: int, *, inplace: bool = False, magnitudes: bo
 
 
 # numpy's selection (a SIMD quickselect on x86) degrades to a full scalar sort on some arrays with
-# few distinct values: on the deltas of bfloat16 fine-tunes (half zeros, ~15% distinct values in a
-# sample) 1 tensor in 5 took 32 ns per entry instead of 0.6. Sorting such arrays takes 0.8-2 ns per
-# entry (equal runs end its recursion early), while on distinct values sorting costs 2.5-5 ns and
-# selection 0.4-0.75. So a strided sample decides: few distinct values sort, others select.
+# few distinct values (deltas of bfloat16 fine-tunes), which sorting handles well; on distinct values
+# selecting is faster. So a strided sample decides (docs/design.md, "Measurements").
 _SAMPLE = 1024
 _SORT_BELOW_DISTINCT = 0.5
 _SORT_FROM = 1 << 16  # smaller arrays: either way is fast
@@ -147,7 +145,7 @@ def _numpy_select(array: np.ndarray, k: int, *, inplace: bool) -> tuple[np.gener
 
 def _few_distinct(array: np.ndarray) -> bool:
     sample = np.sort(array[:: max(1, array.size // _SAMPLE)][:_SAMPLE])
-    # Sorted, distinct values are where neighbours differ (np.unique took ~75 us here, this ~10).
+    # Sorted, distinct values are where neighbours differ (cheaper than np.unique).
     distinct = 1 + int(np.count_nonzero(sample[1:] != sample[:-1]))
     return distinct < _SORT_BELOW_DISTINCT * sample.size
 
@@ -188,9 +186,8 @@ def trim_threshold(
 
 # A float32 selection from this many entries on, with the compiled kernels, first packs the entries
 # that can be among the k largest: those at least a floor read off a sample, a little below the
-# sample's k-th largest. Partitioning about a quarter of the entries (density 0.2) instead of all
-# of them, and no separate pass for the magnitudes: tensor-scope TIES of 3 x 100M float32 planned
-# in 0.13 s instead of 0.21 s on two threads.
+# sample's k-th largest. Only about a quarter of the entries (density 0.2) are then partitioned, and
+# no separate pass forms the magnitudes.
 _PREFILTER_FROM = 1 << 16
 _PREFILTER_SAMPLE = 1024
 _PREFILTER_MARGIN = 16  # sample positions the floor lies below four standard deviations under the rank
@@ -324,9 +321,9 @@ def _tied_blocks(values: torch.Tensor, threshold: float, *, forward: bool = Fals
 
 
 # Bracketed selection over many float32 tensors at once (a global-scope trim): a sample of this many
-# magnitudes (at _spread_positions) brackets the k-th largest; one pass then counts the entries above the bracket and
-# gathers those inside it (about 1% of them), and only those are partitioned. On 3 x 100M float32 (2-core
-# VM) this replaced a 400 MB copy of each vector's magnitudes and a partition of all of them: 0.53 s -> 0.30 s.
+# magnitudes (at _spread_positions) brackets the k-th largest; one pass then counts the entries above
+# the bracket and gathers those inside it (about 1% of them), and only those are partitioned: no copy
+# of every magnitude, no partition of all of them.
 _BRACKET_SAMPLE = 1 << 16
 _BRACKET_CHUNK = 1 << 18  # entries per step of the pass: its temporaries stay in cache
 _BRACKET_MAX_FRACTION = 1 / 8  # a wider bracket (density near 0 or 1, a tiny vector): select as usual
@@ -494,8 +491,8 @@ def row_thresholds(rows: torch.Tensor, k: int) -> list[tuple[float, int]]:
         raise NonFiniteError(_NAN)
     thresholds = bits[:, n - k]
     lower = bits[:, : n - k]
-    # Ties below the k-th largest are rare in real deltas: a row's maximum settles it for most rows
-    # (a compare-and-count over every row took 54 ms of a 10M-entry LoRA selection).
+    # Ties below the k-th largest are rare in real deltas: a row's maximum settles it for most rows,
+    # far cheaper than a compare-and-count over every row.
     excess = np.zeros(count, np.int64)
     tied = np.flatnonzero(lower.max(axis=1) == thresholds)
     if tied.size:

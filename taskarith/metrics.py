@@ -21,7 +21,7 @@ from .vector import TaskVector, _dot64
 __all__ = ["cosine_matrix", "sign_conflict_rate", "sparsity", "weight_disentanglement"]
 
 _BLOCK_BYTES = 32 << 20  # float64 working set of one block over all vectors (accelerators)
-_COUNT_BYTES = 4 << 20  # working set of one block of sign counting (measured: 3x faster than 32 MB)
+_COUNT_BYTES = 4 << 20  # working set of one block of sign counting: in cache (faster than 32 MB blocks)
 _CACHE_BLOCK = 1 << 18  # entries per block of the CPU Gram matrix
 
 

@@ -36,8 +36,7 @@ def weighted_sum(vectors: list[TaskVector], coefficients: list[float]) -> TaskVe
 
     Half-precision buffers are summed a cache-sized block at a time: each block widened into
     float32 scratch, summed there as :meth:`TaskVector.sum` sums float32 buffers, and rounded into
-    the result. Converting whole vectors to float32 first moved three times the bytes and made
-    task arithmetic on bfloat16 run at a few percent of memory bandwidth.
+    the result: converting whole vectors to float32 first moves three times the bytes.
     """
     first = vectors[0]
     if (not any(dt in _HALF for dt in first.dtypes) or torch.float64 in first.dtypes

@@ -210,8 +210,7 @@ def merge_files(
 
     def blocks(name: str) -> Iterator[torch.Tensor]:
         # The next tensor's inputs, where they are not in the page cache yet, are read from disk by
-        # another thread while this tensor is merged. (On the 2-core VM of benchmarks/, whose virtual
-        # disk reads 3 GB in ~3 s, the gain was within the noise; it counts where reads wait on a device.)
+        # another thread while this tensor is merged: it counts where reads wait on a device.
         if name in following and _bytes(following[name]) >= _PREFETCH_FROM:
             reader.submit(lambda: [c.prefetch(following[name], limit=budget) for c in checkpoints])
         if name in floats:

@@ -16,10 +16,10 @@ def return_freed_memory() -> None:
     """Ask glibc to hand freed heap memory back to the OS once the process holds more than it needs.
 
     Blocks freed by PyTorch below glibc's (adaptive) mmap threshold otherwise
-    stay in the process and count as private memory of the merge: measured on a
-    32M-entry tensor, selection peaked at 172 MB without trimming and 36 MB with
-    it. Trimming costs page faults on the next allocations, so it only happens
-    when private memory has grown past half the budget.
+    stay in the process and count as private memory of the merge (several times
+    the working set of a selection). Trimming costs page faults on the next
+    allocations, so it only happens when private memory has grown past half
+    the budget.
     """
     limit = _trim_above.get()
     if not _libc.available() or limit is None:

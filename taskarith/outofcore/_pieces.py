@@ -7,9 +7,8 @@ import torch
 from .. import _extract, _flat, _numba
 from ..merging import _checks
 
-# Entries per piece of :meth:`_Pieces.merge`: its dozen float32 scratch rows (1 MB each) stay in
-# cache. Measured on a 374M-entry bfloat16 task-arithmetic merge (2 cores): 2^16 3.5 s, 2^18 2.3 s,
-# 2^20 2.4 s, against 4.7 s for the same work on whole tensors (fresh memory for every temporary).
+# Entries per piece of :meth:`Pieces.merge`: its dozen float32 scratch rows (1 MB each) stay in
+# cache (the piece sizes measured are in docs/design.md, "Measurements").
 _PIECE = 1 << 18
 _KEPT_OUTPUTS = 3  # output buffers a merge keeps for reuse: one written, one filled, one spare
 
@@ -18,9 +17,8 @@ class Pieces:
     """Element-wise merges of row blocks a cache-sized piece at a time, in buffers kept across the
     tensors of one merge.
 
-    Memory touched for the first time costs a page fault per page: on the
-    2-core VM of ``benchmarks/``, filling 1 GB of fresh memory took 0.25-0.8 s
-    against 0.06 s for memory already touched. So the scratch rows are
+    Memory touched for the first time costs a page fault per page, several
+    times the cost of filling memory already touched. So the scratch rows are
     allocated once per merge, and each output is written into a kept buffer
     that the writer no longer holds.
     """

@@ -254,8 +254,7 @@ def sum_into(dst: torch.Tensor, srcs: Sequence[torch.Tensor], weights: Sequence[
         for src in srcs[_numba.MAX_INPUTS:]:
             dst.add_(src)
         return
-    # Whole-buffer kernels: blocking these passes to stay in cache measured slower here
-    # (per-block thread start-up outweighs the saved memory traffic).
+    # Whole-buffer kernels: per-block thread start-up outweighs the memory traffic blocking saves.
     if len(srcs) > 1 and _is_one(weights[0]) and not subnormal:
         torch.add(srcs[0], srcs[1], alpha=weights[1], out=dst)
         rest = zip(srcs[2:], weights[2:])
