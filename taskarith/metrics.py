@@ -9,13 +9,14 @@ weights are counted once, as in :meth:`TaskVector.dot`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from .errors import TaskArithError, raise_if_any
 from .io import Source, load_state_dict
+from .merging._trim import trim_plans
 from .vector import TaskVector, _dot64
 
 __all__ = ["cosine_matrix", "sign_conflict_rate", "sparsity", "weight_disentanglement"]
@@ -118,19 +119,21 @@ def sign_conflict_rate(
     n = len(vectors)
     count_dtype = torch.int16 if n < 2**15 else torch.int32
     block = max(1 << 12, _COUNT_BYTES // (2 * n + 8))
-    trims = [_Keep.plan(v, density, scope) for v in vectors] if density is not None and density < 1 else None
+    if density is not None and density < 1:
+        # The one trim plan of the merges (TIES' trim), applied a tensor at a time.
+        plans = trim_plans(vectors, density, scope)
+        blocks = ((name, offset, parts) for name in vectors[0]._layout.slots
+                  for _, offset, parts in _named_blocks([TaskVector._wrap(name, p.trimmed(name).contiguous())
+                                                         for p in plans], block, by_name=False))
+    else:
+        blocks = _named_blocks(vectors, block, by_name=False)
     shared = conflicting = 0
-    for name, offset, parts in _named_blocks(vectors, block, by_name=trims is not None):
+    for _, _, parts in blocks:
         positive = torch.zeros(parts[0].shape, dtype=count_dtype, device=parts[0].device)
         negative = torch.zeros_like(positive)
-        for i, x in enumerate(parts):
-            if trims is None:
-                positive += x > 0
-                negative += x < 0
-            else:
-                keep = trims[i].mask(name, offset, x)
-                positive += (x > 0) & keep
-                negative += (x < 0) & keep
+        for x in parts:
+            positive += x > 0
+            negative += x < 0
         shared += int(torch.count_nonzero((positive + negative) >= 2))
         conflicting += int(torch.count_nonzero((positive > 0) & (negative > 0)))
     return conflicting / shared if shared else 0.0
@@ -315,54 +318,6 @@ def _named_blocks(vectors: list[TaskVector], block: int, *, by_name: bool) -> It
         flats = [v[name].reshape(-1) for v in vectors]
         for start in range(0, flats[0].numel(), block):
             yield name, start, [f[start:start + block] for f in flats]
-
-
-class _Keep:
-    """Which entries of one vector survive a TIES trim, decided block by block in storage order.
-
-    Mirrors :func:`taskarith.merging.trim`: keep every magnitude above the k-th
-    largest, then the first ties in the vector's name order.
-    """
-
-    def __init__(self, rules: Mapping[str | None, list]):
-        self.rules = rules  # name (None: global) -> [threshold, ties_left]
-
-    @classmethod
-    def plan(cls, vector: TaskVector, density: float, scope: str) -> _Keep:
-        from . import kernels
-
-        wide = torch.float64 if torch.float64 in vector.dtypes else torch.float32
-        names = list(vector._layout.slots)
-
-        def rule(magnitudes: torch.Tensor) -> list:
-            k = math.floor(density * magnitudes.numel())
-            if k <= 0:
-                return [math.inf, 0]
-            if bool(torch.isnan(magnitudes).any()):
-                raise TaskArithError("cannot select the largest entries of a vector containing NaN")
-            threshold = float(kernels.kth_largest(magnitudes, k))
-            return [threshold, k - int(torch.count_nonzero(magnitudes > threshold))]
-
-        if scope == "tensor":
-            return cls({n: rule(vector[n].abs().to(wide).reshape(-1)) for n in names})
-        if len(vector._buffers) == 1:  # one dtype: the buffer holds the tensors in name order
-            magnitudes = next(iter(vector._buffers.values())).abs().to(wide)
-        else:
-            magnitudes = torch.cat([vector[n].abs().to(wide).reshape(-1) for n in names]) if names else torch.zeros(0)
-        shared = rule(magnitudes)
-        del magnitudes
-        return cls({None: shared})
-
-    def mask(self, name: str, offset: int, x: torch.Tensor) -> torch.Tensor:
-        rule = self.rules.get(name) or self.rules[None]
-        threshold, ties_left = rule
-        magnitude = x.abs().to(torch.float64)
-        keep = magnitude > threshold
-        if ties_left > 0:
-            ties = torch.nonzero(magnitude == threshold).squeeze(1)[:ties_left]
-            keep[ties] = True
-            rule[1] -= ties.numel()
-        return keep
 
 
 def _disagreement(a, b) -> float:
