@@ -212,6 +212,7 @@ def test_one_step_is_midpoint_gradient_times_tau(mlp_case):
 # ----------------------------------------------------------- data handling
 
 
+@pytest.mark.slow
 def test_batches_add_up_and_sources_agree(mlp_case):
     pre, tv, x, y = mlp_case
     whole_pair = integrated_gradients(pre, pre, tv, (x, y), batch_size=20)
@@ -244,6 +245,7 @@ def test_custom_objective_and_tuple_inputs():
     assert ig.relative_gap < 1e-3
 
 
+@pytest.mark.slow
 def test_bfloat16_model_is_interpolated_in_float32():
     gen = torch.Generator().manual_seed(4)
     x, y = torch.randn(48, 6, generator=gen).to(torch.bfloat16), torch.randint(0, 3, (48,), generator=gen)
