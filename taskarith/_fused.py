@@ -182,7 +182,7 @@ def elect_and_merge(
                 _numba.ties_merge(flat, [inp.tensors[name].reshape(-1) for inp in inputs],
                                   [(0, flat.numel(), *trims(name))], weights, sign, scale)
             continue
-        if k <= _triton.MAX_INPUTS and _triton_ready(out, inputs, buffer, slots):
+        if _triton_ready(out, inputs, buffer, slots):
             for name, _ in slots:
                 # The kernel takes one λ per input: a tie cut is applied to a copy first.
                 tensors = [(inp.trimmed(name) if name in inp.cuts else inp.tensors[name]).reshape(-1) for inp in inputs]
@@ -218,13 +218,15 @@ def elect_and_merge(
 
 
 def _numba_ready(out, inputs, slots) -> bool:
-    if len(inputs) > _numba.MAX_INPUTS:
+    if len(inputs) > _numba.MAX_INPUTS:  # a large bound (compile time per count): see there
         return False
     names = [name for name, _ in slots]
     return _numba.usable([out[n] for n in names], [inp.tensors[n] for inp in inputs for n in names])
 
 
 def _triton_ready(out, inputs, buffer, slots) -> bool:
+    if len(inputs) > _triton.MAX_INPUTS:  # likewise
+        return False
     tensors = [buffer] + [inp.tensors[name] for inp in inputs for name, _ in slots]
     return _triton.usable(tensors)
 

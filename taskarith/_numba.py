@@ -7,7 +7,8 @@ costs its dispatch: merging 3 x 100M float32 entries took ~0.67 s on the
 entries ran in ~0.08 s. Likewise a file merge forms each bfloat16 delta and
 checks its float32 round trip in one pass, and sums the deltas of an
 unweighted task arithmetic in one pass, where torch needs several; an
-unweighted ``TaskVector.sum`` of up to four vectors is one pass too.
+unweighted ``TaskVector.sum`` is one pass too. Every kernel takes any number of
+inputs up to :data:`MAX_INPUTS`, at about the same cost per input.
 ``torch.compile`` generated a comparable TIES loop, but needs a C++ toolchain at
 run time and took ~20 s to compile in a fresh process; Numba brings its own
 compiler and caches what it compiles (a later process makes its first kernel call,
@@ -34,7 +35,13 @@ from . import _backend, _parallel
 
 # Inputs of one of these dtypes (all alike), outputs of one of these too.
 DTYPES = (torch.float32, torch.bfloat16)
-MAX_INPUTS = 4  # inputs of one kernel call (its four input slots)
+
+# Inputs of one kernel call. Each count compiles a kernel of its own (once per count and dtypes,
+# cached on disk), its per-input steps written out input by input, so compiling grows with the
+# count: TIES took ~1.2 s at 3 inputs, ~1.7 s at 16, ~8 s at 64 on the 2-core VM of
+# ``benchmarks/``. Per entry and input it ran at 0.25-0.28 ns up to 17 inputs and 0.57-0.65 ns at
+# 32-64 (the inputs' values outgrow the vector registers). Above this, callers use torch.
+MAX_INPUTS = 64
 
 
 def enabled() -> bool:
@@ -65,6 +72,14 @@ def _kernels():
     return _numba_kernels
 
 
+@functools.cache
+def _selection():
+    """The selection kernels (:mod:`taskarith._numba_select`); only once :func:`enabled`."""
+    from . import _numba_select
+
+    return _numba_select
+
+
 def _array(t: torch.Tensor) -> np.ndarray:
     """A flat numpy view of a CPU tensor (bfloat16 as its uint16 bits)."""
     flat = t.detach().reshape(-1)
@@ -73,9 +88,10 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return flat.numpy()
 
 
-def _pad(values: Sequence, fill) -> list:
-    """``values`` filled up to :data:`MAX_INPUTS` with ``fill`` (for the unused input slots)."""
-    return [*values, *[fill] * (MAX_INPUTS - len(values))]
+def _arrays(inputs: Sequence[torch.Tensor]) -> tuple[np.ndarray, ...]:
+    """The kernels' inputs: one tuple of flat arrays, built once per call (the kernel compiled for
+    its length and dtype)."""
+    return tuple(_array(x) for x in inputs)
 
 
 def ties_merge(out: torch.Tensor, inputs: Sequence[torch.Tensor],
@@ -85,25 +101,25 @@ def ties_merge(out: torch.Tensor, inputs: Sequence[torch.Tensor],
     ``slots`` lists ``(offset, numel, λs, cuts)`` in offset order, and input ``i``'s entries of
     that slot are trimmed by hardshrink ``λs[i]`` (None: untrimmed), or from ``cuts[i] = (index,
     λ_after)`` on (an index within the slot) by ``λ_after``. Entries outside every slot are left
-    alone. One kernel call per thread covers all slots."""
+    alone. One kernel call per thread covers all slots; any number of inputs up to :data:`MAX_INPUTS`."""
     k = len(weights)
     bounds, lam, cut, after, spans = [], [], [], [], []
     for offset, numel, lambdas, cuts in slots:
         lams = [-1.0 if x is None else x for x in lambdas]  # -1: hardshrink zeroes nothing
         cuts = [None if x is None else c for x, c in zip(lambdas, cuts)]  # untrimmed: no cut either
         bounds.append(offset)
-        lam.append(_pad(lams, -1.0))
-        cut.append(_pad([offset + (numel if c is None else c[0]) for c in cuts], 0))
-        after.append(_pad([lams[i] if c is None else c[1] for i, c in enumerate(cuts)], -1.0))
+        lam.append(lams)
+        cut.append([offset + (numel if c is None else c[0]) for c in cuts])
+        after.append([lams[i] if c is None else c[1] for i, c in enumerate(cuts)])
         spans.append((offset, offset + numel))
     if not spans:
         return
     bounds.append(spans[-1][1])
-    xs = [_array(x) for x in inputs]
-    arguments = (_array(out), *_pad(xs, xs[0]), np.array(bounds, np.int64), np.array(lam, np.float32),
-                 np.array(cut, np.int64), np.array(after, np.float32), np.array(_pad(weights, 1.0), np.float32),
-                 np.float32(scale))
-    kernel = _kernels().ties(k, sign == "count")
+    rows = (len(spans), k)  # one row per slot, one column per input
+    arguments = (_array(out), _arrays(inputs), np.array(bounds, np.int64), np.array(lam, np.float32).reshape(rows),
+                 np.array(cut, np.int64).reshape(rows), np.array(after, np.float32).reshape(rows),
+                 np.array(weights, np.float32), np.float32(scale))
+    kernel = _kernels().ties(sign == "count")
     # Between slots that do not touch (gaps hold other dtypes' or tied entries), a share runs per slot.
     gapless = all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     if gapless:
@@ -113,8 +129,9 @@ def ties_merge(out: torch.Tensor, inputs: Sequence[torch.Tensor],
 
 
 def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
-    """``out = ((x0 + x1) + x2) + x3``, rounded to the dtype after each addition, for 2-4 flat
-    ``inputs`` of ``out``'s dtype; False (nothing written) if the kernels do not take them."""
+    """``out = ((x0 + x1) + x2) + ...``, rounded to the dtype after each addition, for 2 to
+    :data:`MAX_INPUTS` flat ``inputs`` of ``out``'s dtype; False (nothing written) if the kernels
+    do not take them."""
     k = len(inputs)
     if not 2 <= k <= MAX_INPUTS or any(x.dtype != out.dtype or x.shape != out.shape for x in inputs):
         return False
@@ -123,7 +140,7 @@ def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
     # ELEMENTWISE_FROM entries torch's kernels, on all threads, are as fast as one pass of ours.
     if (k == 2 and not stream) or out.numel() < ELEMENTWISE_FROM or not usable([out], inputs):
         return False
-    _run_elementwise(_kernels().elementwise("sum", k, stream), out, inputs, np.float32(1.0))
+    _run_elementwise(_kernels().elementwise("sum", stream), out, inputs, np.float32(1.0))
     return True
 
 
@@ -135,15 +152,13 @@ def scale(out: torch.Tensor, x: torch.Tensor, s: float) -> bool:
         return False
     with np.errstate(over="ignore"):  # a factor beyond float32 becomes inf, as in torch
         factor = np.float32(s)
-    _run_elementwise(_kernels().elementwise("scale", 1, True), out, [x], factor)
+    _run_elementwise(_kernels().elementwise("scale", True), out, [x], factor)
     return True
 
 
 def _run_elementwise(kernel, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: np.float32) -> None:
-    target = _array(out)
-    arrays = [_array(x) for x in inputs]
-    arrays = _pad(arrays, arrays[0])  # unused slots: any array of the same type
-    _parallel.run([out.numel()], lambda job, lo, hi: kernel(target, *arrays, s, lo, hi))
+    target, xs = _array(out), _arrays(inputs)
+    _parallel.run([out.numel()], lambda job, lo, hi: kernel(target, xs, s, lo, hi))
 
 
 # 1M float32 entries: torch 27-42 GB/s on two threads, one pass of ours on one thread 22-23 GB/s.
@@ -164,7 +179,7 @@ def _streams(out: torch.Tensor) -> bool:
 def pack_magnitudes(x: np.ndarray, lo: int, out: np.ndarray) -> int:
     """Packs the magnitudes of float32 ``x`` that are at least the magnitude whose bits are ``lo``,
     as int32 bits and in order, into ``out[:m]``; returns ``m``. ``out``: int32, as long as ``x``."""
-    kernel = _kernels().pack_magnitudes(_wide_stores())
+    kernel = _selection().pack_magnitudes(_wide_stores())
     return int(kernel(x.view(np.int32), np.int32(lo), out))
 
 
@@ -172,7 +187,7 @@ def bracket_scan(x: np.ndarray, lo: int, hi: int, out: np.ndarray, start: int, s
     """Over float32 ``x[start:stop]``: how many magnitudes exceed the one whose bits are ``hi``, how
     many entries are NaN, and how many magnitudes in ``[lo, hi]`` (as bits) were packed in order into
     int32 ``out``, and whether all of them were (False: ``out`` ran out of room)."""
-    kernel = _kernels().bracket_scan(_wide_stores())
+    kernel = _selection().bracket_scan(_wide_stores())
     above, nan, packed, complete = kernel(x.view(np.int32), np.int32(lo), np.int32(hi), out, start, stop)
     return int(above), int(nan), int(packed), bool(complete)
 
@@ -185,7 +200,7 @@ def _wide_stores() -> bool:
     return bool(binding.get_host_cpu_features().get("avx512f"))
 
 
-def _failures(kernel, arrays: Sequence[np.ndarray], n: int) -> int:
+def _failures(kernel, arrays: Sequence, n: int) -> int:
     """``kernel(*arrays, lo, hi)`` over ``[0, n)`` on the threads, its returned counts summed."""
     counts: list[int] = []
     _parallel.run([n], lambda job, lo, hi: counts.append(kernel(*arrays, lo, hi)))
@@ -222,13 +237,12 @@ def add_deltas(out: torch.Tensor, base: torch.Tensor, finetuned: Sequence[torch.
     """``out = base + Σ (finetuned_i - base)`` (flat, same length): float32 deltas summed in order,
     rounded once into ``out``. With ``checked``, False when some half-precision delta's float32
     sum check fails (the caller's exact check then decides); None if the kernel does not take
-    these tensors (then ``out`` is untouched)."""
+    these tensors, or more than :data:`MAX_INPUTS` (then ``out`` is untouched)."""
     if not finetuned or len(finetuned) > MAX_INPUTS or not usable([out], [base, *finetuned]):
         return None
     checked = checked and base.dtype != torch.float32  # float32 deltas are never checked
-    tuned = [_array(f) for f in finetuned]
-    arrays = [_array(out), _array(base), *_pad(tuned, tuned[0])]
-    return not _failures(_kernels().add_deltas(len(finetuned), checked), arrays, out.numel())
+    arrays = [_array(out), _array(base), _arrays(finetuned)]
+    return not _failures(_kernels().add_deltas(checked), arrays, out.numel())
 
 
 def nth_tie(values: torch.Tensor, threshold: float, n: int, *, backward: bool) -> tuple[int | None, int] | None:
@@ -239,7 +253,7 @@ def nth_tie(values: torch.Tensor, threshold: float, n: int, *, backward: bool) -
         return None
     if float(np.float32(threshold)) != threshold:  # no float32 (or bfloat16) entry equals it
         return None, 0
-    index, count = _kernels().nth_tie(_array(values), np.float32(threshold), n, backward)
+    index, count = _selection().nth_tie(_array(values), np.float32(threshold), n, backward)
     return (None if index < 0 else int(index)), int(count)
 
 
@@ -247,4 +261,4 @@ def prime() -> None:
     """Load Numba and its compiler runtime now (about 30 MB of private memory, once per process), so
     that a budgeted merge counts its data against the budget from after that, not the runtime."""
     if enabled():
-        _kernels().nth_tie(np.zeros(1, np.float32), np.float32(1.0), 1, False)
+        _selection().nth_tie(np.zeros(1, np.float32), np.float32(1.0), 1, False)

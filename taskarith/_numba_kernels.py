@@ -1,14 +1,26 @@
 """The Numba kernels behind :mod:`taskarith._numba` (imported only when a kernel is needed).
 
 Each kernel is one loop over its entries doing every step of an operation per
-entry, written for a fixed number of inputs so that LLVM vectorises it.
-bfloat16 arrays arrive as their ``uint16`` bits: widening is a shift,
-narrowing a round to nearest even, both exact.
+entry, for every input at once. bfloat16 arrays arrive as their ``uint16``
+bits: widening is a shift, narrowing a round to nearest even, both exact.
 
-Loops run over slices ``x[start:stop]`` from index 0, never ``range(start,
-stop)`` over whole arrays: an index LLVM cannot prove non-negative keeps
-Numba's negative-index wraparound, and the vectorised loop then gathers and
-scatters (TIES 2.3 -> 1.3 ns per entry, bfloat16 task arithmetic 3.0 -> 1.4).
+The inputs of a kernel arrive as one tuple of arrays, and the steps per input
+are written out input by input (:func:`_unrolled`) for the tuple's length, which
+Numba knows when it compiles: each number of inputs compiles (and caches) a
+kernel of its own, whose loop LLVM vectorises like one written for that number
+by hand (TIES at 3 and 4 inputs ran as fast as the kernels of four fixed input
+slots before). A loop over the tuple (``for i in range(len(xs))``) vectorised
+only while LLVM chose to unroll it: TIES ran at 0.3 ns per entry and input up
+to 8 inputs, at 6 ns at 16. The written-out steps are helpers that LLVM must
+inline (``forceinline``): inlined by Numba instead, compiling took 4-6 s at 16
+inputs (~1.7 s so); left to LLVM's judgement, they were called at 16 inputs
+(~3 ns per entry and input).
+
+Loops index arrays with unsigned positions (``np.uint64``), or run over slices
+``x[start:stop]`` from index 0, never with a signed ``range(start, stop)``
+index into whole arrays: an index LLVM cannot prove non-negative keeps Numba's
+negative-index wraparound, and the vectorised loop then gathers and scatters
+(TIES 2.3 -> 1.3 ns per entry, bfloat16 task arithmetic 3.0 -> 1.4).
 """
 
 import functools
@@ -137,31 +149,132 @@ def _unaligned_head(out, start, stop):
     return min((-address % _LINE) // out.itemsize, stop - start)
 
 
+def _unrolled(parameters: str, lines: list[str], result: str):
+    """The function ``def unrolled(parameters): lines; return result`` (Python source): the body of
+    an overload below, whose lines repeat one step per input of a tuple, with constant indices."""
+    source = f"def unrolled({parameters}):\n" + "".join(f"    {line}\n" for line in lines) + f"    return {result}\n"
+    namespace: dict = {}
+    exec(source, globals(), namespace)  # noqa: S102  (our own source; the module's helpers are its globals)
+    return namespace["unrolled"]
+
+
+def _tuple(items: list[str]) -> str:
+    """The source of a tuple of ``items``, joined from displays of up to 16: Python builds longer
+    displays through a list, which Numba does not compile."""
+    parts = ["(" + "".join(f"{item}, " for item in items[i:i + 16]) + ")" for i in range(0, len(items), 16)]
+    return " + ".join(parts) or "()"
+
+
+# LLVM inlines these whatever their size, so that the loop calling them vectorises.
+_UNROLLED = {"jit_options": {"forceinline": True}}
+
+
+def _items(row, like):
+    """``(row[0], ..., row[k - 1])`` for a tuple ``like`` of ``k`` items."""
+
+
+@overload(_items, **_UNROLLED)
+def _items_impl(row, like):
+    return _unrolled("row, like", [], _tuple([f"row[{i}]" for i in range(len(like))]))
+
+
+def _running_sum(like, xs, at):
+    """``((x0 + x1) + x2) + ...`` at position ``at``, each partial sum rounded to ``like``'s dtype."""
+
+
+@overload(_running_sum, **_UNROLLED)
+def _running_sum_impl(like, xs, at):
+    lines = ["value = _load(xs[0], at)"]
+    for i in range(1, len(xs)):
+        lines.append(f"value = {'value' if i == 1 else '_rounded(like, value)'} + _load(xs[{i}], at)")
+    return _unrolled("like, xs, at", lines, "value")
+
+
+def _trims(xs, lams, ws, at):
+    """``(t_0, ..., t_k-1)``: entry ``at`` of each input trimmed by its λ and weighted."""
+
+
+@overload(_trims, **_UNROLLED)
+def _trims_impl(xs, lams, ws, at):
+    items = [f"_trimmed(_load(xs[{i}], at), lams[{i}], ws[{i}])" for i in range(len(xs))]
+    return _unrolled("xs, lams, ws, at", [], _tuple(items))
+
+
+def _sign_sum(ts):
+    """``Σ t_i`` in float64, in order."""
+
+
+@overload(_sign_sum, **_UNROLLED)
+def _sign_sum_impl(ts):
+    return _unrolled("ts", ["total = np.float64(ts[0])", *(f"total += np.float64(ts[{i}])" for i in range(1, len(ts)))],
+                     "total")
+
+
+def _sign_votes(ts):
+    """``#{t_i > 0} - #{t_i < 0}`` as a float32, counted in order."""
+
+
+@overload(_sign_votes, **_UNROLLED)
+def _sign_votes_impl(ts):
+    return _unrolled("ts", ["votes = _vote(ts[0])", *(f"votes += _vote(ts[{i}])" for i in range(1, len(ts)))], "votes")
+
+
+def _agreeing(ts, e):
+    """The sum of the ``t_i`` of sign ``e`` (as magnitudes) and how many there are, in order."""
+
+
+@overload(_agreeing, **_UNROLLED)
+def _agreeing_impl(ts, e):
+    lines = ["one, zero = np.float32(1.0), np.float32(0.0)"]
+    for i in range(len(ts)):
+        first = i == 0
+        lines += [f"a = _agree(ts[{i}], e)", "kept = a" if first else "kept += a",
+                  ("count = " if first else "count += ") + "one if a > 0 else zero"]
+    return _unrolled("ts, e", lines, "kept, count")
+
+
+def _lambdas(lam, cut, after, at, like):
+    """Each input's λ at position ``at``: ``lam[i]`` before its cut ``cut[i]``, ``after[i]`` from it on."""
+
+
+@overload(_lambdas, **_UNROLLED)
+def _lambdas_impl(lam, cut, after, at, like):
+    items = [f"lam[{i}] if at < cut[{i}] else after[{i}]" for i in range(len(like))]
+    return _unrolled("lam, cut, after, at, like", [], _tuple(items))
+
+
+def _delta_sum(fs, at, b):
+    """``Σ (f_i - b)`` at position ``at`` in float32, in order, and how many ``b + (f_i - b)`` miss ``f_i``."""
+
+
+@overload(_delta_sum, **_UNROLLED)
+def _delta_sum_impl(fs, at, b):
+    lines = ["total, bad = _delta(fs[0], at, b)"]
+    for i in range(1, len(fs)):
+        lines += [f"d, more = _delta(fs[{i}], at, b)", "total += d", "bad += more"]
+    return _unrolled("fs, at, b", lines, "total, bad")
+
+
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _elementwise_span(out, x0, x1, x2, x3, s, start, stop, k, scaling):
-    """The body of :func:`elementwise` over ``[start, stop)``."""
-    out, x0, x1, x2, x3 = out[start:stop], x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop]
-    for j in range(stop - start):
-        if scaling:
-            value = _load(x0, j) * s
-        else:
-            value = _load(x0, j) + _load(x1, j)
-            if k > 2:
-                value = _rounded(out, value) + _load(x2, j)
-            if k > 3:
-                value = _rounded(out, value) + _load(x3, j)
-        _put(out, j, value)
+def _elementwise_span(out, to, xs, at, n, s, scaling):
+    """The body of :func:`elementwise`: ``n`` results from the inputs' position ``at`` on, written
+    to ``out`` from position ``to`` on."""
+    for j in range(n):
+        source = np.uint64(at + j)
+        value = _load(xs[0], source) * s if scaling else _running_sum(out, xs, source)
+        _put(out, np.uint64(to + j), value)
 
 
 @functools.cache
-def elementwise(op: str, k: int, stream: bool):
-    """The kernel ``kernel(out, x0, x1, x2, x3, s, start, stop)`` of an element-wise op over ``[start,
-    stop)``, computed in float32 and rounded to ``out``'s dtype as torch computes it:
+def elementwise(op: str, stream: bool):
+    """The kernel ``kernel(out, xs, s, start, stop)`` of an element-wise op over ``[start, stop)``
+    of the tuple of arrays ``xs``, computed in float32 and rounded to ``out``'s dtype as torch
+    computes it:
 
-    - ``op="sum"``: ``((x0 + x1) + x2) + x3`` over the first ``k`` (2-4) inputs, each partial sum
-      rounded to the dtype, as ``torch.add`` then ``Tensor.add_`` compute it: one pass over memory
-      where torch makes ``k - 1`` (``s`` unused);
-    - ``op="scale"``: ``x0 * s`` with float32 ``s``, as ``torch.mul`` by a Python scalar (``k=1``).
+    - ``op="sum"``: ``((x0 + x1) + x2) + ...`` over all of ``xs``, each partial sum rounded to the
+      dtype, as ``torch.add`` then ``Tensor.add_`` compute it: one pass over memory where torch
+      makes ``len(xs) - 1`` (``s`` unused);
+    - ``op="scale"``: ``x0 * s`` with float32 ``s``, as ``torch.mul`` by a Python scalar.
 
     With ``stream``, entries up to the first cache-line boundary are written plainly, then each
     block of results is computed in cache and written out with non-temporal stores
@@ -170,23 +283,20 @@ def elementwise(op: str, k: int, stream: bool):
     scaling = op == "scale"
 
     @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(out, x0, x1, x2, x3, s, start, stop):
+    def kernel(out, xs, s, start, stop):
         if stream:
             head = start + _unaligned_head(out, start, stop)
-            _elementwise_span(out, x0, x1, x2, x3, s, start, head, k, scaling)
+            _elementwise_span(out, start, xs, start, head - start, s, scaling)
             block = np.empty(_STREAM_BLOCK, out.dtype)
             start = head
             for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
-                hi = lo + _STREAM_BLOCK
-                _elementwise_span(block, x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], s, 0, _STREAM_BLOCK, k, scaling)
+                _elementwise_span(block, 0, xs, lo, _STREAM_BLOCK, s, scaling)
                 _stream_out(block, out, lo)
-                start = hi
+                start = lo + _STREAM_BLOCK
             _store_fence()
-        _elementwise_span(out, x0, x1, x2, x3, s, start, stop, k, scaling)
+        _elementwise_span(out, start, xs, start, stop - start, s, scaling)
 
     return kernel
-
-
 
 
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
@@ -206,108 +316,60 @@ def _vote(t):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _ties_span(out, x0, x1, x2, x3, l0, l1, l2, l3, w0, w1, w2, w3, scale, start, stop, k, by_count):
+def _ties_span(out, xs, lams, ws, scale, start, stop, by_count):
     """TIES over ``[start, stop)`` with one λ per input (the body of :func:`ties`)."""
     one = np.float32(1.0)
-    out, x0, x1, x2, x3 = out[start:stop], x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop]
-    for j in range(stop - start):
-        t0 = _trimmed(_load(x0, j), l0, w0)
-        t1 = t2 = t3 = np.float32(0.0)
-        if k > 1:
-            t1 = _trimmed(_load(x1, j), l1, w1)
-        if k > 2:
-            t2 = _trimmed(_load(x2, j), l2, w2)
-        if k > 3:
-            t3 = _trimmed(_load(x3, j), l3, w3)
-        if by_count:
-            votes = _vote(t0)
-            if k > 1:
-                votes += _vote(t1)
-            if k > 2:
-                votes += _vote(t2)
-            if k > 3:
-                votes += _vote(t3)
-            positive = votes >= 0
-        else:
-            total = np.float64(t0)
-            if k > 1:
-                total += np.float64(t1)
-            if k > 2:
-                total += np.float64(t2)
-            if k > 3:
-                total += np.float64(t3)
-            positive = total >= 0
+    for j in range(start, stop):
+        at = np.uint64(j)
+        ts = _trims(xs, lams, ws, at)
+        positive = _sign_votes(ts) >= 0 if by_count else _sign_sum(ts) >= 0
         e = one if positive else -one
-        a = _agree(t0, e)
-        kept = a
-        count = one if a > 0 else np.float32(0.0)
-        if k > 1:
-            a = _agree(t1, e)
-            kept += a
-            count += one if a > 0 else np.float32(0.0)
-        if k > 2:
-            a = _agree(t2, e)
-            kept += a
-            count += one if a > 0 else np.float32(0.0)
-        if k > 3:
-            a = _agree(t3, e)
-            kept += a
-            count += one if a > 0 else np.float32(0.0)
-        _put(out, j, (kept * e) / max(count, one) * scale)
+        kept, count = _agreeing(ts, e)
+        _put(out, at, (kept * e) / max(count, one) * scale)
 
 
 @functools.cache
-def ties(k: int, by_count: bool):
-    """The kernel merging ``k`` inputs, sign elected by count or by sum: ``kernel(out, x0, x1, x2,
-    x3, bounds, lam, cut, after, weight, scale, start, stop)`` writes TIES' trim → elect → disjoint
-    mean of the first ``k`` of ``x0..x3`` into ``out[start:stop]``.
+def ties(by_count: bool):
+    """The kernel merging the tuple of arrays ``xs``, sign elected by count or by sum:
+    ``kernel(out, xs, bounds, lam, cut, after, weight, scale, start, stop)`` writes TIES' trim →
+    elect → disjoint mean of ``xs`` into ``out[start:stop]``.
 
     The arrays hold consecutive slots (tensors), slot ``s`` at ``[bounds[s], bounds[s + 1])`` with
-    its own row of ``lam``, ``cut`` and ``after`` (``[slots, 4]``): entry ``j`` of input ``i`` is
-    zeroed where ``-λ <= x <= λ`` (hardshrink), with ``λ = lam[s, i]`` before index ``cut[s, i]``
-    and ``after[s, i]`` from it on, then multiplied by ``weight[i]``. One call covers any number
-    of slots: thousands of small LoRA factors cost one call, not one each. Every step is the
-    float32 (float64 for the sign sum) operation of the torch path in :mod:`taskarith._fused`, in
-    the same order, so both give the same bits. Measured per 100M float32 entries of 3 inputs, one
-    thread: this loop 0.11 s. Slower designs, measured when the loop took 0.21 s: over a tuple of
-    inputs 0.78 s; blocked through cache-resident copies of the inputs 0.35 s; with ``k`` and
-    ``by_count`` as run-time arguments 0.48 s (constants of this closure, they compile away; Numba
-    caches each variant on its own).
+    its own row of ``lam``, ``cut`` and ``after`` (``[slots, len(xs)]``): entry ``j`` of input
+    ``i`` is zeroed where ``-λ <= x <= λ`` (hardshrink), with ``λ = lam[s, i]`` before index
+    ``cut[s, i]`` and ``after[s, i]`` from it on, then multiplied by ``weight[i]``. One call
+    covers any number of slots: thousands of small LoRA factors cost one call, not one each.
+    Every step is the float32 (float64 for the sign sum) operation of the torch path in
+    :mod:`taskarith._fused`, in the same order, so both give the same bits. Measured per 100M
+    float32 entries of 3 inputs, one thread: this loop 0.11 s. Slower designs, measured when
+    the loop took 0.21 s: blocked through cache-resident copies of the inputs 0.35 s; with
+    ``by_count`` as a run-time argument 0.48 s (a constant of this closure, it compiles away;
+    Numba caches each variant on its own). A loop over the inputs per block of entries, each
+    pass vectorised, ran 2-3x slower than this one at 3-16 inputs.
     """
 
     @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(out, x0, x1, x2, x3, bounds, lam, cut, after, weight, scale, start, stop):
-        w0, w1, w2, w3 = weight[0], weight[1], weight[2], weight[3]
+    def kernel(out, xs, bounds, lam, cut, after, weight, scale, start, stop):
+        # Parameters in locals (tuples): read from their arrays inside the loop, they would be
+        # reloaded per entry (out might alias them) and the loop would not vectorise (5x slower).
+        ws = _items(weight, xs)
         s = np.searchsorted(bounds, start, side="right") - 1
         while start < stop:
             end = min(bounds[s + 1], stop)
-            _ties_slot(out, x0, x1, x2, x3, lam[s], cut[s], after[s], w0, w1, w2, w3, scale, start, end,
-                       k, by_count)
+            # The slot runs in spans between the inputs' tie cuts, each span with one λ per input:
+            # choosing λ per entry by index cost ~25% of the loop.
+            lo = start
+            while lo < end:
+                hi = end
+                for c in cut[s]:
+                    if lo < c < hi:
+                        hi = c
+                _ties_span(out, xs, _lambdas(lam[s], cut[s], after[s], lo, xs), ws, scale, lo, hi, by_count)
+                lo = hi
             start = end
             s += 1
 
     return kernel
-
-
-@njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _ties_slot(out, x0, x1, x2, x3, lam, cut, after, w0, w1, w2, w3, scale, start, stop, k, by_count):
-    """:func:`ties` over ``[start, stop)`` within one slot, whose parameter rows these are."""
-    # Parameters in locals: read from their arrays inside the loop, they would be reloaded per
-    # entry (out might alias them) and the loop would not vectorise (5x slower).
-    c0, c1, c2, c3 = cut[0], cut[1], cut[2], cut[3]
-    # The range runs in spans between the inputs' tie cuts, each span with one λ per input:
-    # choosing λ per entry by index cost ~25% of the loop.
-    lo = start
-    while lo < stop:
-        hi = stop
-        for c in (c0, c1, c2, c3):
-            if lo < c < hi:
-                hi = c
-        _ties_span(out, x0, x1, x2, x3,
-                   lam[0] if lo < c0 else after[0], lam[1] if lo < c1 else after[1],
-                   lam[2] if lo < c2 else after[2], lam[3] if lo < c3 else after[3],
-                   w0, w1, w2, w3, scale, lo, hi, k, by_count)
-        lo = hi
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -337,36 +399,25 @@ def delta_fails(finetuned, base, start, stop):
     return failed
 
 
+
 @functools.cache
-def add_deltas(k: int, checked: bool):
-    """The kernel of an unweighted task-arithmetic merge of ``k`` models: ``kernel(out, base, f0, f1,
-    f2, f3, start, stop)`` writes ``base + Σ (f_i - base)`` over ``[start, stop)`` (float32
-    deltas summed in order, one rounding into ``out``), as the torch path computes it. With
-    ``checked``, returns how many (entry, input) pairs fail ``base + (f_i - base) == f_i`` in
-    float32, else 0."""
+def add_deltas(checked: bool):
+    """The kernel of an unweighted task-arithmetic merge of the models of the tuple ``fs``:
+    ``kernel(out, base, fs, start, stop)`` writes ``base + Σ (f_i - base)`` over ``[start, stop)``
+    (float32 deltas summed in order, one rounding into ``out``), as the torch path computes it.
+    With ``checked``, returns how many (entry, input) pairs fail ``base + (f_i - base) == f_i``
+    in float32, else 0."""
 
     @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(out, base, f0, f1, f2, f3, start, stop):
+    def kernel(out, base, fs, start, stop):
         failed = 0
-        out, base, f0, f1, f2, f3 = out[start:stop], base[start:stop], f0[start:stop], f1[start:stop], f2[start:stop], f3[start:stop]
-        for j in range(stop - start):
-            b = _load(base, j)
-            total, bad = _delta(f0, j, b)
-            if k > 1:
-                d, more = _delta(f1, j, b)
-                total += d
-                bad += more
-            if k > 2:
-                d, more = _delta(f2, j, b)
-                total += d
-                bad += more
-            if k > 3:
-                d, more = _delta(f3, j, b)
-                total += d
-                bad += more
+        for j in range(start, stop):
+            at = np.uint64(j)
+            b = _load(base, at)
+            total, bad = _delta_sum(fs, at, b)
             if checked:
                 failed += bad
-            _put(out, j, b + total)
+            _put(out, at, b + total)
         return failed
 
     return kernel
@@ -378,134 +429,3 @@ def _delta(finetuned, j, b):
     v = _load(finetuned, j)
     d = v - b
     return d, np.int64((b + d) != v)
-
-
-_TIE_BLOCK = 1024  # entries counted per vectorised step of a tie scan
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def _ties_in(x, threshold, lo, hi):
-    count = 0
-    x = x[lo:hi]
-    for j in range(hi - lo):
-        count += abs(_load(x, j)) == threshold
-    return count
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def nth_tie(x, threshold, n, backward):
-    """The index of the ``n``-th entry (from 1) with ``|x| == threshold``, counting from the end with
-    ``backward``, and ``n``; or ``(-1, count)`` when only ``count < n`` entries tie. Blocks are
-    counted first (a vectorised loop) and only the block holding the answer is walked."""
-    size = x.size
-    seen = 0
-    for b in range(0, size, _TIE_BLOCK):
-        lo, hi = (max(size - b - _TIE_BLOCK, 0), size - b) if backward else (b, min(b + _TIE_BLOCK, size))
-        count = _ties_in(x, threshold, lo, hi)
-        if seen + count >= n:
-            for i in range(hi - lo):
-                j = hi - 1 - i if backward else lo + i
-                if abs(_load(x, j)) == threshold:
-                    seen += 1
-                    if seen == n:
-                        return j, seen
-        seen += count
-    return -1, seen
-
-
-_LANES = 16  # int32 lanes of one AVX-512 register
-
-
-@intrinsic
-def _compress_magnitudes(typingctx, x, j, lo, hi, out, m):
-    """Stores the magnitude bits ``x & 0x7FFFFFFF`` of ``x[j:j + 16]`` (int32) that lie in ``[lo,
-    hi]`` contiguously at ``out[m:]`` (one AVX-512 compressing store) and returns how many."""
-    def codegen(context, builder, signature, args):
-        source, index, floor, ceiling, target, at = args
-        i32 = ir.IntType(32)
-        lanes = ir.VectorType(i32, _LANES)
-        x_data = context.make_array(signature.args[0])(context, builder, source).data
-        out_data = context.make_array(signature.args[4])(context, builder, target).data
-        values = builder.load(builder.bitcast(builder.gep(x_data, [index]), lanes.as_pointer()), align=4)
-        magnitudes = builder.and_(values, ir.Constant(lanes, [0x7FFFFFFF] * _LANES))
-
-        def splat(value):
-            one = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(lanes, ir.Undefined), ir.Constant(lanes, [0] * _LANES))
-
-        keep = builder.and_(builder.icmp_signed(">=", magnitudes, splat(floor)),
-                            builder.icmp_signed("<=", magnitudes, splat(ceiling)))
-        destination = builder.gep(out_data, [at])
-        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            ir.VoidType(), [lanes, destination.type, keep.type]), f"llvm.masked.compressstore.v{_LANES}i32")
-        builder.call(store, [magnitudes, destination, keep])
-        mask = ir.IntType(_LANES)
-        popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(mask, [mask]), f"llvm.ctpop.i{_LANES}")
-        return builder.zext(builder.call(popcount, [builder.bitcast(keep, mask)]), ir.IntType(64))
-    return types.int64(x, types.int64, types.int32, types.int32, out, types.int64), codegen
-
-
-@njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _pack_range(x, lo, hi, out, wide):
-    """``x``'s magnitude bits in ``[lo, hi]``, packed in order into ``out`` while it has room:
-    ``(packed, entries of x read)``."""
-    m = 0
-    j = 0
-    if wide:
-        while j + _LANES <= x.size and m + _LANES <= out.size:
-            m += _compress_magnitudes(x, j, lo, hi, out, m)
-            j += _LANES
-    while j < x.size and m < out.size:
-        b = x[j] & 0x7FFFFFFF
-        out[m] = b  # always stored, kept by advancing m: no branch
-        m += (b >= lo) & (b <= hi)
-        j += 1
-    return m, j
-
-
-@functools.cache
-def pack_magnitudes(wide: bool):
-    """The kernel ``kernel(x, lo, out) -> m``: the magnitude bits of the float32 entries of ``x``
-    (given as int32 bits) that are at least ``lo`` (int32), packed in order into ``out[:m]``
-    (``out`` at least as long as ``x``). With ``wide``, 16 entries per AVX-512 compressing store
-    (0.21 ns per entry in cache, against 0.41 for the branch-free scalar loop; a branch mispredicts on
-    a quarter of the entries, 2.7 ns); other CPUs take the scalar loop only, as LLVM would expand
-    the store into per-lane branches there."""
-
-    @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(x, lo, out):
-        return _pack_range(x, lo, np.int32(0x7FFFFFFF), out, wide)[0]
-
-    return kernel
-
-
-_SCAN_CHUNK = 1 << 16  # entries counted, then packed, while they are in cache
-
-
-@functools.cache
-def bracket_scan(wide: bool):
-    """The kernel ``kernel(x, lo, hi, out, start, stop) -> (above, nan, packed, complete)`` over the
-    float32 entries ``x[start:stop]`` (int32 bits): how many magnitudes exceed ``hi``, how many are
-    NaN, and the magnitude bits in ``[lo, hi]`` packed into ``out[:packed]``; ``complete`` is False
-    when ``out`` ran out of room (the counts are whole either way)."""
-
-    @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(x, lo, hi, out, start, stop):
-        x = x[start:stop]
-        above = 0
-        nan = 0
-        packed = 0
-        complete = True
-        for c in range(0, x.size, _SCAN_CHUNK):
-            chunk = x[c:c + _SCAN_CHUNK]
-            for i in range(chunk.size):
-                b = chunk[i] & 0x7FFFFFFF
-                above += b > hi
-                nan += b > 0x7F800000  # NaN's bit patterns exceed infinity's
-            if complete:
-                m, read = _pack_range(chunk, lo, hi, out[packed:], wide)
-                packed += m
-                complete = read == chunk.size
-        return above, nan, packed, complete
-
-    return kernel

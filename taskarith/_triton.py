@@ -9,9 +9,10 @@ kernel here reads every input once and writes the output once.
 They compute exactly what the torch code they replace computes, operation for
 operation and in the same order (float64 sign sums, a correctly rounded
 division), so results do not depend on which path ran; tests check this on the
-CPU through Triton's interpreter (``TRITON_INTERPRET=1``). Triton is optional:
-without it, or for dtypes other than float32, or more than :data:`MAX_INPUTS`
-inputs, callers use their torch path.
+CPU through Triton's interpreter (``TRITON_INTERPRET=1``). Each kernel takes any
+number of inputs, as a tuple. Triton is optional: without it (or with one older
+than 3.2, which takes no tuples), for dtypes other than float32, or for TIES of
+more than :data:`MAX_INPUTS` inputs, callers use their torch path.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import torch
 
 from . import _backend
 
-MAX_INPUTS = 4
+# Inputs of one kernel launch. Each count compiles a kernel of its own, its per-input steps written
+# out once per input, and the launch's arguments grow with it (CUDA passes at most 4 KB of them):
+# TIES of more inputs takes the torch path, and sums fold their running total into the next launch.
+MAX_INPUTS = 64
 _BLOCK = 1024
 
 
@@ -58,7 +62,8 @@ SUM_DTYPES = (torch.float32,)
 
 def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``out = Σ weights[i] · sources[i]`` (flat tensors of one of :data:`SUM_DTYPES`), one pass per
-    four sources."""
+    :data:`MAX_INPUTS` sources. The total is float32 throughout, so a running total folded into
+    the next pass as its first input (weight 1) gives the bits one pass would."""
     first = 0
     while first < len(sources):
         chunk = list(sources[first:first + MAX_INPUTS])
@@ -66,11 +71,9 @@ def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], weights: Se
         if first:  # fold the running total in as the first input
             chunk, ws = [out, *chunk[:MAX_INPUTS - 1]], [1.0, *ws[:MAX_INPUTS - 1]]
         taken = len(chunk) - (1 if first else 0)
-        padded = chunk + [chunk[0]] * (MAX_INPUTS - len(chunk))
-        ws = ws + [0.0] * (MAX_INPUTS - len(ws))
         for part in _aligned_parts(out.numel()):
             n = part.stop - part.start
-            _kernels()._sum_kernel[(-(-n // _BLOCK),)](out[part], *(t[part] for t in padded), n, *ws,
+            _kernels()._sum_kernel[(-(-n // _BLOCK),)](out[part], tuple(t[part] for t in chunk), tuple(ws), n,
                                                       K=len(chunk), BLOCK=_BLOCK)
         first += taken
     return out
@@ -85,17 +88,26 @@ def ties_merge(
     scale: float,
 ) -> None:
     """TIES' trim (``hardshrink`` by ``λ``; None keeps all), weighting, election and disjoint mean
-    of flat float32 ``inputs`` into ``out``, in one pass (see ``_fused.elect_and_merge``)."""
+    of up to :data:`MAX_INPUTS` flat float32 ``inputs`` into ``out``, in one pass (see
+    ``_fused.elect_and_merge``)."""
     k = len(inputs)
-    padded = list(inputs) + [inputs[0]] * (MAX_INPUTS - k)
-    lams = [-1.0 if lam is None else float(lam) for lam in lambdas] + [0.0] * (MAX_INPUTS - k)
-    ws = [float(w) for w in weights] + [0.0] * (MAX_INPUTS - k)
+    lams = tuple(-1.0 if lam is None else float(lam) for lam in lambdas)
+    ws = tuple(float(w) for w in weights)
+    block = _ties_block(k)
     for part in _aligned_parts(out.numel()):
         n = part.stop - part.start
-        _kernels()._ties_kernel[(-(-n // _BLOCK),)](
-            out[part], *(t[part] for t in padded), n, *lams, *ws, float(scale), K=k, COUNT=sign == "count",
-            BLOCK=_BLOCK, **_NO_FMA,
+        _kernels()._ties_kernel[(-(-n // block),)](
+            out[part], tuple(t[part] for t in inputs), lams, ws, n, float(scale), K=k, COUNT=sign == "count",
+            BLOCK=block, **_NO_FMA,
         )
+
+
+def _ties_block(k: int) -> int:
+    """Entries per program of a TIES launch over ``k`` inputs. The kernel holds all ``k`` trimmed
+    blocks in registers at once: compiled for sm_90 (ptxas, 4 warps), blocks of 1024 took 158
+    registers per thread at 16 inputs and spilled from 32 on; halving the block as ``k`` doubles
+    past 16 keeps them in registers (225 at 64 inputs, blocks of 256). Not timed on a GPU."""
+    return _BLOCK >> max(0, (k - 1).bit_length() - 4)
 
 
 def _aligned_parts(n: int) -> list[slice]:
