@@ -127,7 +127,7 @@ def numba_version() -> str | None:
     except ImportError:  # a peer's environment, without taskarith
         return None
     try:
-        from taskarith import _numba  # private: whether the kernels are on (installed, allowed)
+        from taskarith.backends import _numba  # private: whether the kernels are on (installed, allowed)
 
         on = bool(_numba.enabled())
     except Exception:  # noqa: BLE001 - moved or changed: ask the public switch

@@ -21,12 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from .backends.kernels import disjoint_mean, elect_sign, topk_mask
 from .errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 from .io import Source, load_state_dict
-from .kernels import disjoint_mean, elect_sign, topk_mask
 from .vector import TaskVector, _Info
 
-__all__ = ["consolidate", "tune_scale", "DEFAULT_GRID"]
+__all__ = ["DEFAULT_GRID", "consolidate", "tune_scale"]
 
 SCOPES = ("global", "tensor")
 SELECTS = ("positive", "abs")

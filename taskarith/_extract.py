@@ -21,7 +21,8 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from . import _flat, _numba
+from . import _flat
+from .backends import _numba
 from .errors import NonFiniteError, ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 
 HALF = (torch.float16, torch.bfloat16)

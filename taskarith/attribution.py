@@ -32,8 +32,15 @@ from .errors import KeyMismatchError, ShapeMismatchError, TaskArithError, format
 from .io import Source, load_state_dict
 from .vector import TaskVector, _Info
 
-__all__ = ["integrated_gradients", "Attribution", "CompletenessWarning", "METHODS", "consolidate", "tune_scale",
-           "DEFAULT_GRID"]
+__all__ = [
+    "DEFAULT_GRID",
+    "METHODS",
+    "Attribution",
+    "CompletenessWarning",
+    "consolidate",
+    "integrated_gradients",
+    "tune_scale",
+]
 
 #: Quadrature rules accepted by :func:`integrated_gradients`.
 METHODS = ("gausslegendre", "riemann_middle", "riemann_trapezoid", "riemann_left", "riemann_right")
@@ -57,7 +64,7 @@ class Attribution(TaskVector):
         method: the quadrature rule.
     """
 
-    __slots__ = ("gain", "delta", "n_steps", "method")
+    __slots__ = ("delta", "gain", "method", "n_steps")
 
     @property
     def relative_gap(self) -> float:

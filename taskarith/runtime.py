@@ -24,14 +24,15 @@ Example:
 
 from __future__ import annotations
 
-from . import _backend, _flat, _libc, _parallel
+from . import _flat, _libc, _parallel
+from .backends import _switch
 
 __all__ = ["backend", "cache_info", "empty_cache", "hold_freed_memory", "threads"]
 
 cache_info = _flat.cache_info
 empty_cache = _flat.empty_cache
 threads = _parallel.threads
-backend = _backend.selected
+backend = _switch.selected
 
 
 def hold_freed_memory() -> None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import taskarith as ta
-from taskarith import kernels
+from taskarith.backends import kernels
 from taskarith.merging import DENSITY, SCOPE, SEED, Option, _engine
 
 SHAPES = {"embed.weight": (41, 7), "layer.0.weight": (13, 11), "layer.0.bias": (11,), "conv.weight": (4, 3, 5),

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("numba", reason="the compiled kernels need Numba")
 
 import taskarith as ta
-from taskarith import _numba
+from taskarith.backends import _numba
 from taskarith.merging import _trim
 
 COUNTS = [1, 2, 3, 4, 5, 8, 16, 17]

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from strategies import scalars, vectors
 
 import taskarith as ta
-from taskarith import kernels
+from taskarith.backends import _fused, _numba, kernels
 from taskarith.merging import _trim
 
 DETERMINISTIC = ["task_arithmetic", "mean", "magnitude_prune", "ties", "breadcrumbs", "consensus", "iso_c"]
@@ -252,7 +252,7 @@ def test_hardshrink_thresholds_are_the_neighbours_of_t_in_the_compute_dtype(t, d
     largest value not above t (keeps |x| > t), in float32 or float64."""
     kind = np.float32 if dtype == torch.float32 else np.float64
     up = lambda x: float(np.nextafter(kind(x), kind(np.inf)))  # noqa: E731  (inf above the largest value)
-    below, floor = ta._fused.shrink_threshold(t, dtype), ta._fused.floor_threshold(t, dtype)
+    below, floor = _fused.shrink_threshold(t, dtype), _fused.floor_threshold(t, dtype)
     assert float(kind(below)) == below and float(kind(floor)) == floor, "not a value of the dtype"
     with np.errstate(over="ignore"):
         assert below < t <= up(below), f"shrink_threshold({t!r}) = {below!r}"
@@ -347,7 +347,7 @@ def test_ties_with_many_equal_magnitudes_equals_a_reference(data, sizes, density
     vs = [ta.TaskVector({f"t{i}": torch.from_numpy(a) for i, a in enumerate(arrs)}) for arrs in arrays]
     trimmed = [_reference_trim(arrs, density, scope) for arrs in arrays]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ta._fused, "BLOCK", block)
+        patch.setattr(_fused, "BLOCK", block)
         got = ta.merge(vs, "ties", density=density, scope=scope, sign=sign)
         pruned = ta.merge(vs, "magnitude_prune", density=density, scope=scope)
     for i in range(len(sizes)):
@@ -507,9 +507,9 @@ def test_bracketed_selection_equals_the_full_selection_or_declines(parts, fracti
         patch.setattr(ta._parallel, "MIN_SHARE", 1)  # several threads, ranges cut inside tensors
         patch.setenv("TASKARITH_BACKEND", "numba" if compiled else "torch")  # the Numba kernel, where installed
         patch.setattr(kernels, "_BRACKET_ROOM", room)
-        if compiled and ta._numba.enabled():  # the scalar packing loop too, as on CPUs without AVX-512
-            host = ta._numba._wide_stores()
-            patch.setattr(ta._numba, "_wide_stores", lambda: wide and host)
+        if compiled and _numba.enabled():  # the scalar packing loop too, as on CPUs without AVX-512
+            host = _numba._wide_stores()
+            patch.setattr(_numba, "_wide_stores", lambda: wide and host)
         if np.isnan(flat).any() and 0 < k < flat.size:
             with pytest.raises(ta.TaskArithError, match="NaN"):
                 kernels.bracket_select(tensors, k)

@@ -24,10 +24,10 @@ pytest.importorskip("numba", reason="the compiled kernels need Numba: pip instal
 from numba import njit
 
 import taskarith as ta
-from taskarith import _numba
-from taskarith import kernels as kernels_module
-from taskarith._numba import _kernels
-from taskarith._numba_kernels import _load, _put
+from taskarith.backends import _numba
+from taskarith.backends import kernels as kernels_module
+from taskarith.backends._numba import _kernels
+from taskarith.backends._numba_kernels import _load, _put
 from taskarith.merging import _trim
 
 

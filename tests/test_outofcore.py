@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from conftest import DEVICES
 
 import taskarith as ta
-from taskarith import io, kernels
+from taskarith import io
+from taskarith.backends import kernels
 from taskarith.outofcore import _driver, _pieces, _select
 
 CASES = [

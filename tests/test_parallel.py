@@ -59,7 +59,7 @@ def test_a_forked_child_runs_work_on_threads_of_its_own():
 
 
 def test_the_backend_switch_is_validated_and_honours_the_older_one(monkeypatch):
-    from taskarith import _backend
+    from taskarith.backends import _switch as _backend
 
     monkeypatch.delenv("TASKARITH_BACKEND", raising=False)
     monkeypatch.delenv("TASKARITH_NUMBA", raising=False)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, torch
 import taskarith as ta
-from taskarith import _triton
+from taskarith.backends import _triton
 
 def vector(seed):
     g = torch.Generator().manual_seed(seed)

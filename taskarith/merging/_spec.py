@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import kernels
+from ..backends import kernels
 from ..errors import TaskArithError
 
 SPLITS = ("elementwise", "rows", "tensor")

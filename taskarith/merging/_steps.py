@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .. import _fused, _parallel, kernels
+from .. import _parallel
+from ..backends import _fused, kernels
 from ..vector import TaskVector
 from ._spec import Block, promote
 

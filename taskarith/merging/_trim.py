@@ -2,7 +2,7 @@
 the whole vector, ties at the threshold broken by storage order.
 
 A plan is per tensor a ``hardshrink`` threshold and, where ties at the threshold must lose some
-entries, the index from which they are dropped (:class:`taskarith._fused.Trimmed`). Out of core,
+entries, the index from which they are dropped (:class:`taskarith.backends._fused.Trimmed`). Out of core,
 the same thresholds come from a streamed selection (:mod:`taskarith.outofcore._select`).
 """
 
@@ -13,7 +13,8 @@ import threading
 
 import torch
 
-from .. import _flat, _fused, _numba, _parallel, kernels
+from .. import _flat, _parallel
+from ..backends import _fused, _numba, kernels
 from ..vector import TaskVector
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import kernels
+from ..backends import kernels
 from ._spec import SCALE, Method, Option, finite, fraction, integer
 from ._steps import total, weighted
 

@@ -7,7 +7,7 @@ core; the whole-vector forms here fuse it into the merge.
 
 from __future__ import annotations
 
-from .. import _fused
+from ..backends import _fused
 from ._spec import DENSITY, DROP, SCALE, SCOPE, SEED, SIGN, Method
 from ._steps import dropped, elect_and_merge, region_of, total, weighted, wrap
 from ._trim import trim, trim_plans

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .. import _extract, _flat, _numba
+from .. import _extract, _flat
+from ..backends import _numba
 from ..errors import NonFiniteError, ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 from ..io import Checkpoint, Lazy, check_output, parse_bytes, write_model, write_safetensors
 from ..merging import _checks, _engine, _registry, linear

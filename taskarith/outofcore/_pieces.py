@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extract, _flat, _numba
+from .. import _extract, _flat
+from ..backends import _numba
 from ..merging import _checks
 
 # Entries per piece of :meth:`Pieces.merge`: its dozen float32 scratch rows (1 MB each) stay in

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .. import _fused, kernels
+from ..backends import _fused, kernels
 from ..errors import NonFiniteError, TaskArithError
 from ._memory import return_freed_memory
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .. import _flat, _numba, _triton
+from .. import _flat
+from ..backends import _numba, _triton
 from ..errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 from ._scalars import _checked_scalar, _exact_in_float32, _is_one, _scalar
 

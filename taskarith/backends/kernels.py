@@ -22,8 +22,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from . import _numba, _parallel
-from .errors import NonFiniteError, TaskArithError
+from .. import _parallel
+from ..errors import NonFiniteError, TaskArithError
+from . import _numba
 
 __all__ = [
     "dare_mask",

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _backend
+from . import _switch
 
 # Inputs of one kernel launch. Each count compiles a kernel of its own, its per-input steps written
 # out once per input, and the launch's arguments grow with it (CUDA passes at most 4 KB of them):
@@ -42,7 +42,7 @@ def usable(tensors: Sequence[torch.Tensor], dtypes: tuple[torch.dtype, ...] = (t
     )
     if not (on_device and all(t.dtype == tensors[0].dtype and t.is_contiguous() for t in tensors)):
         return False
-    return _backend.allows("triton") and _kernels() is not None
+    return _switch.allows("triton") and _kernels() is not None
 
 
 @functools.cache

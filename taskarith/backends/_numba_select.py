@@ -1,4 +1,4 @@
-"""The Numba kernels of the selections behind :mod:`taskarith.kernels` (through :mod:`taskarith._numba`,
+"""The Numba kernels of the selections behind :mod:`taskarith.backends.kernels` (through :mod:`taskarith.backends._numba`,
 imported only when one is needed): finding the n-th tie at a threshold, and packing the magnitudes
 of a range into a buffer for a selection to run over.
 

@@ -1,7 +1,7 @@
 """Compiled CPU kernels through Numba (a dependency of taskarith; the torch path serves where it is missing).
 
 TIES written with torch kernels, even blocked to stay in cache
-(:mod:`taskarith._fused`), runs a dozen kernels per block, and on the CPU each
+(:mod:`taskarith.backends._fused`), runs a dozen kernels per block, and on the CPU each
 costs its dispatch: merging 3 x 100M float32 entries took ~0.67 s on the
 2-core VM of ``benchmarks/``. The same steps as one compiled loop over the
 entries ran in ~0.08 s. Likewise a file merge forms each bfloat16 delta and
@@ -31,7 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from . import _backend, _parallel
+from .. import _parallel
+from . import _switch
 
 # Inputs of one of these dtypes (all alike), outputs of one of these too.
 DTYPES = (torch.float32, torch.bfloat16)
@@ -46,8 +47,8 @@ MAX_INPUTS = 64
 
 def enabled() -> bool:
     """Whether the Numba kernels are used: Numba imports and the backend switch allows them
-    (:mod:`taskarith._backend`)."""
-    return _backend.allows("numba") and _kernels() is not None
+    (:mod:`taskarith.backends`)."""
+    return _switch.allows("numba") and _kernels() is not None
 
 
 def usable(out: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
@@ -74,7 +75,7 @@ def _kernels():
 
 @functools.cache
 def _selection():
-    """The selection kernels (:mod:`taskarith._numba_select`); only once :func:`enabled`."""
+    """The selection kernels (:mod:`taskarith.backends._numba_select`); only once :func:`enabled`."""
     from . import _numba_select
 
     return _numba_select

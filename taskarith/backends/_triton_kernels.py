@@ -1,4 +1,4 @@
-"""The Triton kernels behind :mod:`taskarith._triton` (imported only when a kernel is needed).
+"""The Triton kernels behind :mod:`taskarith.backends._triton` (imported only when a kernel is needed).
 
 The inputs arrive as one tuple of pointers (with a tuple of per-input scalars), and the steps per
 input run in ``tl.static_range`` loops, which Triton writes out input by input: each number of

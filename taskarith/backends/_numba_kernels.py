@@ -1,4 +1,4 @@
-"""The Numba kernels behind :mod:`taskarith._numba` (imported only when a kernel is needed).
+"""The Numba kernels behind :mod:`taskarith.backends._numba` (imported only when a kernel is needed).
 
 Each kernel is one loop over its entries doing every step of an operation per
 entry, for every input at once. bfloat16 arrays arrive as their ``uint16``
@@ -340,7 +340,7 @@ def ties(by_count: bool):
     ``cut[s, i]`` and ``after[s, i]`` from it on, then multiplied by ``weight[i]``. One call
     covers any number of slots: thousands of small LoRA factors cost one call, not one each.
     Every step is the float32 (float64 for the sign sum) operation of the torch path in
-    :mod:`taskarith._fused`, in the same order, so both give the same bits. Measured per 100M
+    :mod:`taskarith.backends._fused`, in the same order, so both give the same bits. Measured per 100M
     float32 entries of 3 inputs, one thread: this loop 0.11 s. Slower designs, measured when
     the loop took 0.21 s: blocked through cache-resident copies of the inputs 0.35 s; with
     ``by_count`` as a run-time argument 0.48 s (a constant of this closure, it compiles away;

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import TaskArithError
+from ..errors import TaskArithError
 
 CHOICES = ("auto", "torch", "numba", "triton")
 
