@@ -129,28 +129,30 @@ def ties_merge(out: torch.Tensor, inputs: Sequence[torch.Tensor],
         _parallel.run([b - a for a, b in spans], lambda job, lo, hi: kernel(*arguments, spans[job][0] + lo, spans[job][0] + hi))
 
 
-def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool | None:
     """``out = ((x0 + x1) + x2) + ...``, rounded to the dtype after each addition, for 2 to
-    :data:`MAX_INPUTS` flat ``inputs`` of ``out``'s dtype; False (nothing written) if the kernels
+    :data:`MAX_INPUTS` flat ``inputs`` of ``out``'s dtype; None (nothing written) if the kernels
     do not take them."""
     k = len(inputs)
     if not 2 <= k <= MAX_INPUTS or any(x.dtype != out.dtype or x.shape != out.shape for x in inputs):
-        return False
+        return None
     stream = _streams(out)
-    # One torch kernel adds two arrays in one pass already: this one gains only by streaming. Below
-    # ELEMENTWISE_FROM entries torch's kernels, on all threads, are as fast as one pass of ours.
-    if (k == 2 and not stream) or out.numel() < ELEMENTWISE_FROM or not usable([out], inputs):
-        return False
+    # One torch kernel adds two float32 arrays in one pass already: this one gains only by streaming
+    # (torch's bfloat16 add converts in several steps). Below ELEMENTWISE_FROM entries torch's
+    # kernels, on all threads, are as fast as one pass of ours.
+    if ((k == 2 and not stream and out.dtype == torch.float32) or out.numel() < ELEMENTWISE_FROM
+            or not usable([out], inputs)):
+        return None
     _run_elementwise(_kernels().elementwise("sum", stream), out, inputs, np.float32(1.0))
     return True
 
 
-def scale(out: torch.Tensor, x: torch.Tensor, s: float) -> bool:
+def scale(out: torch.Tensor, x: torch.Tensor, s: float) -> bool | None:
     """``out = x * s`` (flat, one dtype) as ``torch.mul(x, s, out=out)`` computes it for a Python
-    number ``s``, with streaming stores; False (nothing written) if the kernels do not take them or
+    number ``s``, with streaming stores; None (nothing written) if the kernels do not take them or
     ``out`` is too small to stream (torch's own kernel is one pass too)."""
     if x.dtype != out.dtype or x.shape != out.shape or not _streams(out) or not usable([out], [x]):
-        return False
+        return None
     with np.errstate(over="ignore"):  # a factor beyond float32 becomes inf, as in torch
         factor = np.float32(s)
     _run_elementwise(_kernels().elementwise("scale", True), out, [x], factor)

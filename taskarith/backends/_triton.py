@@ -60,10 +60,13 @@ def _kernels():
 SUM_DTYPES = (torch.float32,)
 
 
-def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], weights: Sequence[float]) -> bool | None:
     """``out = Σ weights[i] · sources[i]`` (flat tensors of one of :data:`SUM_DTYPES`), one pass per
-    :data:`MAX_INPUTS` sources. The total is float32 throughout, so a running total folded into
-    the next pass as its first input (weight 1) gives the bits one pass would."""
+    :data:`MAX_INPUTS` sources; None (nothing written) where the kernels do not take them. The
+    total is float32 throughout, so a running total folded into the next pass as its first input
+    (weight 1) gives the bits one pass would."""
+    if not usable([out, *sources], SUM_DTYPES):
+        return None
     first = 0
     while first < len(sources):
         chunk = list(sources[first:first + MAX_INPUTS])
@@ -76,7 +79,7 @@ def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], weights: Se
             _kernels()._sum_kernel[(-(-n // _BLOCK),)](out[part], tuple(t[part] for t in chunk), tuple(ws), n,
                                                       K=len(chunk), BLOCK=_BLOCK)
         first += taken
-    return out
+    return True
 
 
 def ties_merge(

@@ -246,8 +246,7 @@ def sum_into(dst: torch.Tensor, srcs: Sequence[torch.Tensor], weights: Sequence[
     # A weight below float32's smallest normal number is flushed to zero when it travels as a
     # kernel's float32 ``alpha``; multiplying by it as a Python scalar keeps it.
     subnormal = any(w != 0 and abs(w) < torch.finfo(torch.float32).tiny for w in weights)
-    if not subnormal and _triton.usable([dst, *srcs], _triton.SUM_DTYPES):  # one pass on a GPU
-        _triton.weighted_sum(dst, srcs, weights)
+    if not subnormal and _triton.weighted_sum(dst, srcs, weights):  # one pass on a GPU
         return
     # An unweighted sum in one compiled pass on the CPU (only there: with weights, torch's
     # result depends on whether its build fuses the multiply-add).
