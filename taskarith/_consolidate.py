@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .backends.kernels import disjoint_mean, elect_sign, topk_mask
+from .backends.election import disjoint_mean, elect_sign
+from .backends.kernels import topk_mask
 from .errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 from .io import Source, load_state_dict
 from .vector import TaskVector, _Info

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import taskarith as ta
-from taskarith.backends import kernels
+from taskarith.backends import draws
 from taskarith.merging import DENSITY, SCOPE, SEED, Option, _engine
 
 SHAPES = {"embed.weight": (41, 7), "layer.0.weight": (13, 11), "layer.0.bias": (11,), "conv.weight": (4, 3, 5),
@@ -67,15 +67,15 @@ def trimmed_sum(block, *, density, scope):
 
 
 CUSTOM = {
-    "conf_keep_larger": dict(fn=keep_larger, split="elementwise", symmetric=False, identity={}),
-    "conf_random_keep": dict(fn=random_keep, split="elementwise", randomized=True,
-                             options={"seed": SEED, "keep": Option(0.5, lambda x: 0 < x <= 1, "(0, 1]")},
-                             identity={"keep": 1.0}),
-    "conf_relative": dict(fn=relative, split="rows", needs_base=True,
-                          options={"eps": Option(1.0, lambda x: x > 0, "> 0")}),
-    "conf_norm_balanced": dict(fn=norm_balanced, split="elementwise", statistic=squares),
-    "conf_trimmed_sum": dict(fn=trimmed_sum, split="elementwise", trim=True, symmetric=True,
-                             options={"density": DENSITY, "scope": SCOPE}, identity={"density": 1.0}),
+    "conf_keep_larger": {"fn": keep_larger, "split": "elementwise", "symmetric": False, "identity": {}},
+    "conf_random_keep": {"fn": random_keep, "split": "elementwise", "randomized": True,
+                             "options": {"seed": SEED, "keep": Option(0.5, lambda x: 0 < x <= 1, "(0, 1]")},
+                             "identity": {"keep": 1.0}},
+    "conf_relative": {"fn": relative, "split": "rows", "needs_base": True,
+                          "options": {"eps": Option(1.0, lambda x: x > 0, "> 0")}},
+    "conf_norm_balanced": {"fn": norm_balanced, "split": "elementwise", "statistic": squares},
+    "conf_trimmed_sum": {"fn": trimmed_sum, "split": "elementwise", "trim": True, "symmetric": True,
+                             "options": {"density": DENSITY, "scope": SCOPE}, "identity": {"density": 1.0}},
 }
 
 
@@ -177,7 +177,7 @@ def test_out_of_core_equals_in_memory(models, tmp_path, name, budget, threads):
 @pytest.mark.parametrize("name", _names())
 def test_small_random_and_statistic_chunks_still_agree(models, tmp_path, monkeypatch, name):
     """Chunks of 37 entries cut tensors and row blocks at odd places: draws and statistics still agree."""
-    monkeypatch.setattr(kernels, "RANDOM_CHUNK", 37)
+    monkeypatch.setattr(draws, "RANDOM_CHUNK", 37)
     monkeypatch.setattr(_engine, "STAT_CHUNK", 37)
     root, base, paths, vectors, _ = models
     options = _options(name, scope="global")
@@ -238,7 +238,7 @@ def test_every_builtin_declares_its_invariants_honestly():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", _names())
 def test_cuda_equals_cpu(models, name):
-    root, base, paths, vectors, _ = models
+    _root, base, _paths, vectors, _ = models
     spec = ta.methods()[name]
     if name in SVD_BASED:
         pytest.skip("SVDs differ between devices")

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from strategies import scalars, vectors
 
 import taskarith as ta
-from taskarith.backends import _fused, _numba, kernels
+from taskarith.backends import _fused, _numba, kernels, thresholds
 from taskarith.merging import _trim
 
 DETERMINISTIC = ["task_arithmetic", "mean", "magnitude_prune", "ties", "breadcrumbs", "consensus", "iso_c"]
@@ -217,11 +217,11 @@ def test_segment_thresholds_match_one_selection_per_segment(segments, fractions)
     sizes = [len(s) for s in segments]
     ks = [math.floor(f * n) for f, n in zip(fractions, sizes)]
     flat = torch.from_numpy(np.concatenate(segments)) if sum(sizes) else torch.zeros(0)
-    got = kernels.segment_thresholds(flat, sizes, ks)
+    got = thresholds.segment_thresholds(flat, sizes, ks)
     start = 0
     for i, (n, k) in enumerate(zip(sizes, ks)):
         values = flat[start:start + n]
-        threshold, cut = kernels.trim_threshold(values, k)
+        threshold, cut = thresholds.trim_threshold(values, k)
         excess = 0 if cut is None else int((values[cut:].abs() == threshold).sum())
         assert got[i][0] == threshold, f"segment {i} (n={n}, k={k}): threshold {got[i][0]} vs {threshold}"
         if threshold != 0 and not math.isinf(threshold):
@@ -251,7 +251,7 @@ def test_hardshrink_thresholds_are_the_neighbours_of_t_in_the_compute_dtype(t, d
     """shrink_threshold: the largest value below t (hardshrink keeps |x| >= t); floor_threshold: the
     largest value not above t (keeps |x| > t), in float32 or float64."""
     kind = np.float32 if dtype == torch.float32 else np.float64
-    up = lambda x: float(np.nextafter(kind(x), kind(np.inf)))  # noqa: E731  (inf above the largest value)
+    up = lambda x: float(np.nextafter(kind(x), kind(np.inf)))
     below, floor = _fused.shrink_threshold(t, dtype), _fused.floor_threshold(t, dtype)
     assert float(kind(below)) == below and float(kind(floor)) == floor, "not a value of the dtype"
     with np.errstate(over="ignore"):
@@ -293,9 +293,9 @@ def test_tie_cut_finds_where_the_last_ties_begin(parts, threshold, pick, block, 
     starts = np.cumsum([0] + [len(p) for p in parts])
     part = int(np.searchsorted(starts, first_dropped, side="right")) - 1
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "_TIE_BLOCK", block)  # cut points fall inside and between blocks
+        patch.setattr(thresholds, "_TIE_BLOCK", block)  # cut points fall inside and between blocks
         patch.setenv("TASKARITH_BACKEND", "numba" if compiled else "torch")  # the Numba kernel, where installed
-        got = kernels.tie_cut([torch.from_numpy(p).to(dtype) for p in parts], threshold, excess)
+        got = thresholds.tie_cut([torch.from_numpy(p).to(dtype) for p in parts], threshold, excess)
     assert got == (part, int(first_dropped - starts[part])), f"excess={excess}"
 
 
@@ -306,9 +306,9 @@ def test_tie_after_finds_the_first_tie_past_those_kept(values, threshold, kept, 
     ties = np.flatnonzero(np.abs(values) == threshold)
     want = (int(ties[kept]), kept) if kept < ties.size else (None, int(ties.size))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "_TIE_BLOCK", block)  # the tie falls inside and between blocks
+        patch.setattr(thresholds, "_TIE_BLOCK", block)  # the tie falls inside and between blocks
         patch.setenv("TASKARITH_BACKEND", "numba" if compiled else "torch")  # the Numba kernel, where installed
-        got = kernels.tie_after(torch.from_numpy(values).to(dtype), threshold, kept)
+        got = thresholds.tie_after(torch.from_numpy(values).to(dtype), threshold, kept)
     assert got == want
 
 
@@ -500,25 +500,25 @@ def test_bracketed_selection_equals_the_full_selection_or_declines(parts, fracti
     k = math.floor(fraction * flat.size)
     tensors = [torch.from_numpy(p.copy()) for p in parts]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "_BRACKET_SAMPLE", sample)
-        patch.setattr(kernels, "_BRACKET_CHUNK", chunk)
-        patch.setattr(kernels, "_BRACKET_MAX_FRACTION", 1.0)
-        patch.setattr(kernels, "_BRACKET_MARGIN", margin)
+        patch.setattr(thresholds, "_BRACKET_SAMPLE", sample)
+        patch.setattr(thresholds, "_BRACKET_CHUNK", chunk)
+        patch.setattr(thresholds, "_BRACKET_MAX_FRACTION", 1.0)
+        patch.setattr(thresholds, "_BRACKET_MARGIN", margin)
         patch.setattr(ta._parallel, "MIN_SHARE", 1)  # several threads, ranges cut inside tensors
         patch.setenv("TASKARITH_BACKEND", "numba" if compiled else "torch")  # the Numba kernel, where installed
-        patch.setattr(kernels, "_BRACKET_ROOM", room)
+        patch.setattr(thresholds, "_BRACKET_ROOM", room)
         if compiled and _numba.enabled():  # the scalar packing loop too, as on CPUs without AVX-512
             host = _numba._wide_stores()
             patch.setattr(_numba, "_wide_stores", lambda: wide and host)
         if np.isnan(flat).any() and 0 < k < flat.size:
             with pytest.raises(ta.TaskArithError, match="NaN"):
-                kernels.bracket_select(tensors, k)
+                thresholds.bracket_select(tensors, k)
             return
-        got = kernels.bracket_select(tensors, k)
+        got = thresholds.bracket_select(tensors, k)
     if got is None:
         return
     assert 0 < k < flat.size, "answered outside 0 < k < n"
-    want = kernels.select_magnitudes(torch.from_numpy(np.abs(flat)), k)
+    want = thresholds.select_magnitudes(torch.from_numpy(np.abs(flat)), k)
     assert got == want, f"k={k}: {got} vs {want}"
 
 
@@ -529,7 +529,7 @@ def test_row_thresholds_match_a_selection_per_row(rows, fraction):
     """Every row's threshold and tie count (small integers: ties at the threshold are common) as a
     selection of that row alone gives them."""
     k = math.floor(fraction * rows.shape[1])
-    got = kernels.row_thresholds(torch.from_numpy(rows.copy()), k)
+    got = thresholds.row_thresholds(torch.from_numpy(rows.copy()), k)
     for row, (threshold, excess) in zip(rows, got):
-        want = kernels.select_magnitudes(torch.from_numpy(np.abs(row)), k)
+        want = thresholds.select_magnitudes(torch.from_numpy(np.abs(row)), k)
         assert (threshold, excess) == want, f"row {row.tolist()}, k={k}"

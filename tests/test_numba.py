@@ -24,7 +24,7 @@ pytest.importorskip("numba", reason="the compiled kernels need Numba: pip instal
 from numba import njit
 
 import taskarith as ta
-from taskarith.backends import _numba
+from taskarith.backends import _numba, thresholds
 from taskarith.backends import kernels as kernels_module
 from taskarith.backends._numba import _kernels
 from taskarith.backends._numba_kernels import _load, _put
@@ -286,27 +286,27 @@ def prefilter_cases(draw):
 def test_prefiltered_trim_thresholds_equal_the_full_selection(case):
     values, k = case
     with kernels(False):
-        want = kernels_module.trim_threshold(values, k)
+        want = thresholds.trim_threshold(values, k)
     # Small enough that drawn arrays take the prefilter; with a sample of 24 and a floor raised by a
     # negative margin, it lies above the k-th largest often enough that the fallback runs too.
-    with kernels(True), mock.patch.object(kernels_module, "_PREFILTER_FROM", 32), \
-            mock.patch.object(kernels_module, "_PREFILTER_SAMPLE", 24), mock.patch.object(kernels_module, "_PREFILTER_MARGIN", -10):
-        got = kernels_module.trim_threshold(values, k, scratch=torch.empty(values.numel() + 3))
+    with kernels(True), mock.patch.object(thresholds, "_PREFILTER_FROM", 32), \
+            mock.patch.object(thresholds, "_PREFILTER_SAMPLE", 24), mock.patch.object(thresholds, "_PREFILTER_MARGIN", -10):
+        got = thresholds.trim_threshold(values, k, scratch=torch.empty(values.numel() + 3))
     assert got == want
 
 
 def test_a_prefilter_floor_above_the_kth_largest_falls_back_to_the_full_selection():
-    n = kernels_module._PREFILTER_FROM
+    n = thresholds._PREFILTER_FROM
     k = n // 5
     values = torch.full((n,), 1e-3)
     values[::7] = -2e-3
-    values[kernels_module._spread_positions(n, kernels_module._PREFILTER_SAMPLE)] = 1.0  # the sample sees only these
+    values[kernels_module._spread_positions(n, thresholds._PREFILTER_SAMPLE)] = 1.0  # the sample sees only these
     others = torch.nonzero(values != 1.0).squeeze(1)
     values[others[: k - 1 - int((values == 1.0).sum())]] = 1.0  # k - 1 entries pass the floor: one short
     with kernels(False):
-        want = kernels_module.trim_threshold(values, k)
+        want = thresholds.trim_threshold(values, k)
     with kernels(True), mock.patch.object(_numba, "pack_magnitudes", wraps=_numba.pack_magnitudes) as spy:
-        got = kernels_module.trim_threshold(values, k)
+        got = thresholds.trim_threshold(values, k)
     assert spy.called, "the premise: the prefilter ran"
     assert got == want
 
@@ -316,7 +316,7 @@ def test_prefiltered_selection_refuses_nan():
     values[12345] = math.nan
     with kernels(True), mock.patch.object(_numba, "pack_magnitudes", wraps=_numba.pack_magnitudes) as spy, \
             pytest.raises(ta.TaskArithError, match="NaN"):
-        kernels_module.trim_threshold(values, 1000)
+        thresholds.trim_threshold(values, 1000)
     assert spy.called
 
 

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from conftest import DEVICES
-
 import taskarith as ta
 from taskarith import io
-from taskarith.backends import kernels
+from taskarith.backends import draws, kernels
 from taskarith.outofcore import _driver, _pieces, _select
 
 CASES = [
@@ -266,20 +265,20 @@ def test_sizes_parse_in_decimal_and_binary_units():
 
 @given(rows=st.integers(1, 9), cols=st.integers(1, 6), cut=st.integers(0, 9), block=st.integers(1, 8))
 def test_dare_masks_do_not_depend_on_how_a_tensor_is_split(rows, cols, cut, block):
-    old = kernels.RANDOM_CHUNK
-    kernels.RANDOM_CHUNK = block
+    old = draws.RANDOM_CHUNK
+    draws.RANDOM_CHUNK = block
     try:
-        whole = kernels.dare_mask((rows, cols), 0.5, 3, 0, "w")
+        whole = draws.dare_mask((rows, cols), 0.5, 3, 0, "w")
         cut = min(cut, rows)
-        top = kernels.dare_mask((cut, cols), 0.5, 3, 0, "w", start=0, full=rows * cols)
-        bottom = kernels.dare_mask((rows - cut, cols), 0.5, 3, 0, "w", start=cut * cols, full=rows * cols)
+        top = draws.dare_mask((cut, cols), 0.5, 3, 0, "w", start=0, full=rows * cols)
+        bottom = draws.dare_mask((rows - cut, cols), 0.5, 3, 0, "w", start=cut * cols, full=rows * cols)
     finally:
-        kernels.RANDOM_CHUNK = old
+        draws.RANDOM_CHUNK = old
     assert torch.equal(torch.cat([top, bottom]), whole)
 
 
 def test_out_of_core_dare_with_small_mask_blocks_equals_in_memory(checkpoints, tmp_path, monkeypatch):
-    monkeypatch.setattr(kernels, "RANDOM_CHUNK", 37)  # blocks that straddle the merge's row blocks
+    monkeypatch.setattr(draws, "RANDOM_CHUNK", 37)  # blocks that straddle the merge's row blocks
     root, _, sources = checkpoints
     out = ta.merge_files(root / "base", sources, tmp_path / "m", "dare_ties", drop=0.3, seed=1, max_memory=3000)
     got = ta.io.load_state_dict(out)
@@ -326,7 +325,7 @@ def test_half_precision_merge_files_equals_in_memory_merge(half_checkpoints, tmp
 
     monkeypatch.setattr(_pieces, "_PIECE", 7, raising=False)
     monkeypatch.setattr(_extract, "_BLOCK", 5, raising=False)
-    monkeypatch.setattr(kernels, "RANDOM_CHUNK", 11)
+    monkeypatch.setattr(draws, "RANDOM_CHUNK", 11)
     root, sources = half_checkpoints
     out = ta.merge_files(root / "base", sources, tmp_path / "m", method, max_memory=max_memory, **options)
     got = ta.io.load_state_dict(out)

@@ -1,7 +1,8 @@
 """Backends: the torch reference maths and the accelerators that compute the same bits faster.
 
 * :mod:`._switch` — ``TASKARITH_BACKEND=auto|torch|numba|triton``, the one switch;
-* :mod:`.kernels` — the torch/numpy reference: exact selection, tie cuts, sign election, draws;
+* :mod:`.kernels`, :mod:`.thresholds`, :mod:`.election`, :mod:`.draws` — the torch/numpy reference:
+  exact selection, trim thresholds and tie cuts, sign election, keyed random draws;
 * :mod:`._fused` — TIES' trim → elect → disjoint mean, blocked, dispatching to the accelerators;
 * :mod:`._numba`, :mod:`._numba_kernels`, :mod:`._numba_select` — compiled CPU kernels;
 * :mod:`._triton`, :mod:`._triton_kernels` — GPU kernels.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends import kernels
+from ..backends import draws
 from ..errors import TaskArithError
 
 SPLITS = ("elementwise", "rows", "tensor")
@@ -72,8 +72,8 @@ class Block:
             raise TaskArithError(f"Block.random needs a seed: register the method with randomized=True "
                                  f"and a 'seed' option (tensor {self.name!r})")
         like = self.deltas[i]
-        draws = kernels.uniform(like.numel(), self.start, math.prod(self.shape), self.seed, i, self.name)
-        return draws.view(like.shape).to(like.device)
+        values = draws.uniform(like.numel(), self.start, math.prod(self.shape), self.seed, i, self.name)
+        return values.view(like.shape).to(like.device)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .. import _parallel
-from ..backends import _fused, kernels
+from ..backends import _fused, draws
 from ..vector import TaskVector
 from ._spec import Block, promote
 
@@ -64,7 +64,7 @@ def dropped(vectors: list[TaskVector], drop: float, seed: int,
         def draw(job: int, lo: int, hi: int) -> None:
             name = names[job]
             start, full = regions.get(name, (0, None))
-            drawn[job] = kernels.dare_mask(tuple(v._layout.slots[name].shape), keep, seed, i, name,
+            drawn[job] = draws.dare_mask(tuple(v._layout.slots[name].shape), keep, seed, i, name,
                                            start=start, full=full)
 
         _parallel.run([v._layout.slots[n].numel for n in names], draw, split=False)

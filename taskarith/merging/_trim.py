@@ -14,7 +14,7 @@ import threading
 import torch
 
 from .. import _flat, _parallel
-from ..backends import _fused, _numba, kernels
+from ..backends import _fused, _numba, thresholds
 from ..vector import TaskVector
 
 
@@ -63,7 +63,7 @@ def trim_plans(vectors: list[TaskVector], density: float, scope: str) -> list[_f
         if key not in scratches:
             scratches[key] = torch.empty(largest[key[1:]], dtype=x.dtype, device=x.device)
         x = x.reshape(-1)
-        threshold, cut = kernels.trim_threshold(x, math.floor(density * x.numel()), scratch=scratches[key])
+        threshold, cut = thresholds.trim_threshold(x, math.floor(density * x.numel()), scratch=scratches[key])
         lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(x.dtype))
         if cut is not None:
             cuts[name] = (cut, _fused.floor_threshold(threshold, _compute_of(x.dtype)))
@@ -97,7 +97,7 @@ def _global_trim_plan(vector: TaskVector, density: float) -> _fused.Trimmed:
     k = math.floor(density * total)
     found = None
     if vector.device.type == "cpu" and vector.dtypes.keys() == {torch.float32}:
-        found = kernels.bracket_select([tensors[n].reshape(-1) for n, _ in order], k)
+        found = thresholds.bracket_select([tensors[n].reshape(-1) for n, _ in order], k)
     if found is not None:
         threshold, excess = found
     else:
@@ -110,13 +110,13 @@ def _global_trim_plan(vector: TaskVector, density: float) -> _fused.Trimmed:
             for name, start in order:
                 flat = tensors[name].reshape(-1)
                 magnitudes[start:start + flat.numel()].copy_(flat).abs_()
-        threshold, excess = kernels.select_magnitudes(magnitudes, k)
+        threshold, excess = thresholds.select_magnitudes(magnitudes, k)
         _flat.release({wide: magnitudes})
         del magnitudes
     lambdas = {name: _fused.shrink_threshold(threshold, _compute_of(tensors[name].dtype)) for name in names}
     cuts = {}
     if excess and threshold != 0:  # more entries tie at the threshold than k allows: drop the last ones
-        part, index = kernels.tie_cut([tensors[n].reshape(-1) for n, _ in order], threshold, excess)
+        part, index = thresholds.tie_cut([tensors[n].reshape(-1) for n, _ in order], threshold, excess)
         for j, (name, _) in enumerate(order[part:], part):
             cuts[name] = (index if j == part else 0, _fused.floor_threshold(threshold, _compute_of(tensors[name].dtype)))
     return _fused.Trimmed(tensors, lambdas, cuts, source=vector)
@@ -150,20 +150,20 @@ def _segment_trims(vector: TaskVector, tensors: dict[str, torch.Tensor], group: 
             by_size.setdefault(tensors[name].numel(), []).append(name)
         for size, names in by_size.items():
             rows = torch.stack([tensors[n].reshape(-1) for n in names])
-            found.update(zip(names, kernels.row_thresholds(rows, math.floor(density * size))))
+            found.update(zip(names, thresholds.row_thresholds(rows, math.floor(density * size))))
     else:
         if len(group) == len(vector._layout.slots) and len(vector._buffers) == 1:  # the buffer, in offset order
             group = sorted(group, key=lambda n: vector._layout.slots[n].offset)
             flat = vector._buffers[torch.float32]
         else:
             flat = torch.cat([tensors[n].reshape(-1) for n in group])
-        kernels.check_no_nan(flat)  # the sort does not refuse NaN itself
+        thresholds.check_no_nan(flat)  # the sort does not refuse NaN itself
         sizes = [tensors[n].numel() for n in group]
-        found.update(zip(group, kernels.segment_thresholds(flat, sizes, [math.floor(density * n) for n in sizes])))
+        found.update(zip(group, thresholds.segment_thresholds(flat, sizes, [math.floor(density * n) for n in sizes])))
     for name in group:
         threshold, excess = found[name]
         if excess and threshold != 0:  # ties past k: find where the dropped ones begin
-            _, cut = kernels.tie_cut([tensors[name].reshape(-1)], threshold, excess)
+            _, cut = thresholds.tie_cut([tensors[name].reshape(-1)], threshold, excess)
             cuts[name] = (cut, _fused.floor_threshold(threshold, torch.float32))
         lambdas[name] = _fused.shrink_threshold(threshold, torch.float32)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..backends import _fused, kernels
+from ..backends import _fused, kernels, thresholds
 from ..errors import NonFiniteError, TaskArithError
 from ._memory import return_freed_memory
 
@@ -95,7 +95,7 @@ class Trim:
             torch.hardshrink(flat, drop_ties, out=flat)
             return delta
         # The first ties_left ties stay: the cut is at the next one, if this block holds it.
-        cut, count = kernels.tie_after(flat, self.threshold, self.ties_left)
+        cut, count = thresholds.tie_after(flat, self.threshold, self.ties_left)
         self.ties_left -= count
         if cut is None:
             torch.hardshrink(flat, keep_ties, out=flat)
@@ -147,7 +147,7 @@ def _select_in_memory(chunks, k: int, numel: int, dtype: torch.dtype) -> Trim:
         magnitudes[start:start + flat.numel()].copy_(flat)
         start += flat.numel()
         del block, flat
-    threshold, _ = kernels.select_magnitudes(magnitudes, k)
+    threshold, _ = thresholds.select_magnitudes(magnitudes, k)
     above = int(torch.count_nonzero(magnitudes > threshold))  # several times faster than a bool sum
     del magnitudes
     return_freed_memory()
