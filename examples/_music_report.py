@@ -1,310 +1,172 @@
-"""Figures and report.md for examples/mnist_music.py (presentation only: no numbers are made here).
-
-Every function takes the `results` dict that mnist_music.main() builds and writes into the run
-directory; what it shows is aggregated over seeds (mean, with std as error bars or bands).
-"""
+"""report.md of examples/mnist_music.py, and the tables that the README/docs render step reuses
+(presentation only: every number comes from the `results` dict that mnist_music.main() builds)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; works without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-GROUPS = ("overall", "task", "other")
-COLORS = dict(overall="#333333", task="#d62728", other="#1f77b4")
+import numpy as np
+from _music_names import GROUPS, MERGE_LABEL, headline_names, label, lam_cell, plot_order, pm, stage_rows
+from _music_verdicts import MIN_SEEDS, NOT_JUDGED
 
 
-# ---------------------------------------------------------------------------------------------
-# Names
-# ---------------------------------------------------------------------------------------------
-
-def arrow(order: str) -> str:
-    return order.replace(">", "→")
-
-
-def label(name: str, results: dict) -> str:
-    """Human name of a model key of results['summary']['methods']."""
-    cfg, stand_in = results["config"], results["library"]["stand_in"]
-    digits = cfg["digits"]
-    fixed = {
-        "pretrained": "pretrained (pt)",
-        "joint": f"joint ({cfg['epochs']} epochs)",
-        "joint_equal_steps": "joint (same steps as sequential)",
-        "task_arithmetic": "task arithmetic pt + λ(τ1+τ2+τ3)",
-        "ties": "TIES", "dare": "DARE", "consolidated": "consolidated (IG)",
-        "consolidated_full": "consolidated (IG), λ = 1",
-        "negation": f"negation pt − λτ{cfg['forget']}",
-    }
-    if name in fixed:
-        text = fixed[name]
-        if name.removesuffix("_full") in stand_in:
-            text += " [plain-sum stand-in]"
-        return text
-    kind, _, rest = name.partition(":")
-    if kind == "seq":
-        return f"sequential {arrow(rest)}"
-    if kind == "ft":
-        return f"fine-tuned on {rest} only (pt + τ{rest})"
-    if kind in ("gradual", "gradual_tuned"):
-        taus = " + ".join(f"τ{d}" for d in digits[:int(rest)])
-        return f"pt + {taus}" if kind == "gradual" else f"pt + λ({taus})"
-    if kind == "transfer":
-        base, _, what = rest.partition(":")
-        return {"base": f"θ_new ({base})", "base+tau": f"θ_new ({base}) + τ_joint",
-                "finetuned": f"θ_new ({base}) fine-tuned jointly"}[what]
-    return name
-
-
-def headline_names(results: dict) -> list:
-    seq = "seq:" + ">".join(map(str, results["config"]["digits"]))
-    return ["pretrained", "joint", "joint_equal_steps", seq, "task_arithmetic", "ties", "dare",
-            "consolidated", "consolidated_full", "negation"]
-
-
-def plot_order(results: dict) -> list:
-    """Every evaluated model except the gradual-application steps, grouped for reading."""
-    names = list(results["summary"]["methods"])
-    first = ["pretrained", "joint", "joint_equal_steps"]
-    groups = {"seq:": 1, "ft:": 2, "transfer:": 4}  # everything else (merges, negation): 3
-
-    def rank(n):
-        if n in first:
-            return (0, first.index(n))
-        return (next((g for prefix, g in groups.items() if n.startswith(prefix)), 3), 0)
-
-    return sorted((n for n in names if not n.startswith("gradual")), key=rank)  # stable sort
-
-
-def pm(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
-    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------------
-
-def _curve_stats(results: dict, names: list, key: str):
-    """Stitch the named training runs (stages) and return epochs, mean and std over seeds."""
-    runs = []
-    for seed in results["seeds"].values():
-        epochs, values, offset = [], [], 0.0
-        for name in names:
-            c = seed["curves"][name]
-            epochs += [offset + e for e in c["epoch"]]
-            values += c[key]
-            offset += c["epoch"][-1]
-        runs.append(values)
-    runs = np.asarray(runs)
-    return np.asarray(epochs), runs.mean(0), runs.std(0)
-
-
-def _band(ax, x, mean, std, **kw):
-    line, = ax.plot(x, mean, marker="o", markersize=2.5, **kw)
-    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
-
-
-def _training_runs(results: dict) -> dict:
-    """Panels of training runs to plot: title -> {legend label: [stage names, stitched]}."""
-    digits = results["config"]["digits"]
-
-    def stages(order):
-        return ["finetune " + ">".join(map(str, order[:k])) for k in range(1, 4)]
-
-    orders = [(a, b, c) for a in digits for b in digits for c in digits if len({a, b, c}) == 3]
-    return {
-        "pretraining": {"pt": ["pretrain"], "independent": ["pretrain (independent)"],
-                        "pt, continued": ["pretrain", "pretrain (continued)"]},
-        "fine-tuning on one task (τ)": {f"task {d}": [f"finetune {d}"] for d in digits},
-        "joint fine-tuning": {"joint": ["joint"], "joint (same steps)": ["joint (equal steps)"],
-                              "independent base": ["joint (independent base)"],
-                              "continued base": ["joint (continued base)"]},
-        "sequential, all six orders": {arrow(">".join(map(str, o))): stages(o) for o in orders},
-    }
-
-
-CURVE_NAMES = dict(train_loss="training loss", val_loss="validation loss",
-                   val_acc="all classes", val_task_acc="task classes",
-                   val_other_acc="other classes")
-
-
-def fig_curves(results: dict, out: Path, keys: list, ylabel: str, fname: str) -> str:
-    panels = _training_runs(results)
-    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.2))
-    for ax, (title, runs) in zip(axes, panels.items()):
-        for i, (lab, names) in enumerate(runs.items()):
-            for key, style in zip(keys, ("-", "--", ":")):
-                x, m, s = _curve_stats(results, names, key)
-                _band(ax, x, m, s, linestyle=style, color=f"C{i}",
-                      label=lab if style == "-" else None)
-        if title.startswith("sequential"):  # stage boundaries
-            for b in (1, 2):
-                ax.axvline(b * results["config"]["epochs"], color="grey", lw=0.6, ls=":")
-        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-        ax.legend(fontsize=7)
-    styles = ", ".join(f"{st}: {CURVE_NAMES[k]}" for k, st in zip(keys, ("solid", "dashed", "dotted")))
-    fig.suptitle(f"{ylabel.capitalize()} per epoch, mean ± std over seeds ({styles})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / fname, dpi=80)
-    plt.close(fig)
-    return fname
-
-
-def fig_confusions(results: dict, out: Path) -> str:
-    names = headline_names(results)[:8]
-    classes = results["data"]["class_names"]
-    fig, axes = plt.subplots(2, 4, figsize=(17, 8.5))
-    for ax, name in zip(axes.flat, names):
-        conf = np.asarray(results["summary"]["confusion"][name], dtype=float)
-        conf = conf / conf.sum(1, keepdims=True).clip(min=1)
-        sns.heatmap(100 * conf, ax=ax, annot=True, fmt=".0f", cmap="Blues", vmin=0, vmax=100,
-                    cbar=False, annot_kws={"fontsize": 6.5}, xticklabels=classes,
-                    yticklabels=classes, square=True)
-        ax.set_title(label(name, results), fontsize=9)
-        ax.set(xlabel="predicted", ylabel="true")
-        ax.tick_params(labelsize=7)
-    fig.suptitle("Confusion matrices on the evaluation split, summed over seeds "
-                 "(row-normalised, % of each true class)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out / "confusion_matrices.png", dpi=70)
-    plt.close(fig)
-    return "confusion_matrices.png"
-
-
-def fig_gradual(results: dict, out: Path) -> str:
-    methods, digits = results["summary"]["methods"], results["config"]["digits"]
-    ticks = ["pt"] + [f"+τ{d}" for d in digits]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for prefix, style, lam in (("gradual", "-", "λ = 1"), ("gradual_tuned", "--", "λ = λ*")):
-        names = ["pretrained"] + [f"{prefix}:{k}" for k in (1, 2, 3)]
-        for g in GROUPS:
-            m = [methods[n][g]["accuracy"]["mean"] for n in names]
-            s = [methods[n][g]["accuracy"]["std"] for n in names]
-            ax.errorbar(range(4), m, yerr=s, ls=style, marker="o", capsize=3, color=COLORS[g],
-                        label=f"{g} classes, {lam}" if g != "overall" else f"overall, {lam}")
-    ax.set_xticks(range(4), ticks)
-    ax.set(ylim=(0, 1.02), ylabel="accuracy (evaluation split)",
-           title="Gradual application of task vectors")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "gradual.png", dpi=90)
-    plt.close(fig)
-    return "gradual.png"
-
-
-def fig_methods(results: dict, out: Path) -> str:
-    methods = results["summary"]["methods"]
-    names = plot_order(results)
-    fig, ax = plt.subplots(figsize=(9, 0.34 * len(names) + 1.2))
-    y = np.arange(len(names))
-    for i, g in enumerate(GROUPS):
-        m = [methods[n][g]["accuracy"]["mean"] for n in names]
-        s = [methods[n][g]["accuracy"]["std"] for n in names]
-        ax.barh(y + (i - 1) * 0.27, m, height=0.27, xerr=s, color=COLORS[g], capsize=2,
-                label=f"{g} classes" if g != "overall" else "overall", error_kw={"lw": 0.8})
-    ax.set_yticks(y, [label(n, results) for n in names], fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlim=(0, 1), xlabel="accuracy on the evaluation split (mean ± std over seeds)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))
-    fig.savefig(out / "methods.png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return "methods.png"
-
-
-def fig_lambda(results: dict, out: Path) -> str:
-    lambdas, seeds = results["config"]["lambdas"], list(results["seeds"].values())
-    forget = results["config"]["forget"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, name in enumerate(seeds[0]["lambda_curve"]):
-        curves = np.asarray([s["lambda_curve"][name] for s in seeds])
-        _band(a, lambdas, curves.mean(0), curves.std(0), color=f"C{i}", label=label(name, results))
-    a.set(xlabel="λ", ylabel="validation accuracy", title="Choosing λ for pt + λτ (validation)")
-    a.legend(fontsize=7)
-    rows = np.asarray([s["negation_curve"] for s in seeds])  # [seed, lambda, (target, control)]
-    _band(b, lambdas, rows[..., 0].mean(0), rows[..., 0].std(0), color=COLORS["task"],
-          label=f"class {forget} (forget)")
-    _band(b, lambdas, rows[..., 1].mean(0), rows[..., 1].std(0), color=COLORS["other"],
-          label="other classes (keep)")
-    b.set(xlabel="λ", ylabel="validation accuracy", title=f"Negation pt − λτ{forget}")
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "lambda_selection.png", dpi=80)
-    plt.close(fig)
-    return "lambda_selection.png"
-
-
-def write_figures(results: dict, out: Path) -> list:
-    sns.set_theme(style="whitegrid", context="paper")
-    return [
-        fig_confusions(results, out),
-        fig_curves(results, out, ["train_loss", "val_loss"], "loss", "loss_curves.png"),
-        fig_curves(results, out, ["val_acc", "val_task_acc", "val_other_acc"],
-                   "validation accuracy", "accuracy_curves.png"),
-        fig_gradual(results, out),
-        fig_methods(results, out),
-        fig_lambda(results, out),
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
-# report.md
-# ---------------------------------------------------------------------------------------------
-
-def _table(header: list, rows: list) -> list:
+def table(header: list, rows: list) -> list:
     return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             + ["| " + " | ".join(map(str, r)) + " |" for r in rows] + [""])
 
 
-def _metric_rows(results: dict, names: list) -> list:
-    methods = results["summary"]["methods"]
-    return [[label(n, results)] + [pm(methods[n][g]["accuracy"]) for g in GROUPS]
-            + [pm(methods[n]["overall"][k]) for k in ("precision", "recall", "f1")]
-            for n in names]
-
-
-METRIC_HEADER = ["model", "accuracy, all", "accuracy, task classes", "accuracy, other classes",
+METRIC_HEADER = ["model", "λ", "accuracy, all", "accuracy, task classes", "accuracy, other classes",
                  "macro precision", "macro recall", "macro F1"]
+
+
+def metric_rows(results: dict, names: list) -> list:
+    methods = results["summary"]["methods"]
+    return [[label(n, results), lam_cell(results, n)] + [pm(methods[n][g]["accuracy"]) for g in GROUPS]
+            + [pm(methods[n]["overall"][k]) for k in ("precision", "recall", "f1")] for n in names]
+
+
+def headline_table(results: dict, names=None) -> list:
+    """Overall / task / other accuracy and macro F1 with the λ column."""
+    methods = results["summary"]["methods"]
+    rows = [[label(n, results), lam_cell(results, n)]
+            + [pm(methods[n][g]["accuracy"]) for g in GROUPS] + [pm(methods[n]["overall"]["f1"])]
+            for n in names or headline_names(results)]
+    return table(["model", "λ", "accuracy, all", "accuracy, task classes", "accuracy, other classes",
+                  "macro F1"], rows)
+
+
+def stage_table(results: dict) -> list:
+    """Every stage, per task: accuracy on each task class, on the other classes and on all."""
+    digits, per_task = results["config"]["digits"], results["summary"]["per_task"]
+    rows, last = [], None
+    for group, text, key in stage_rows(results):
+        t = per_task[key]
+        rows.append([f"**{group}**" if group != last else "", text, lam_cell(results, key)]
+                    + [pm(t[str(d)]) for d in digits] + [pm(t["other"]), pm(t["overall"])])
+        last = group
+    return table(["stage", "model", "λ"] + [f"on {d}" for d in digits] + ["on other classes", "all"],
+                 rows)
+
+
+def forgetting_table(results: dict) -> list:
+    """Per order: forgetting of each task at the end of the sequence, and the BWT."""
+    digits, forg = results["config"]["digits"], results["summary"]["forgetting"]
+    rows = []
+    for order, f in forg.items():
+        rows.append([order.removeprefix("seq:").replace(">", "→")]
+                    + [pm(f["per_task"][str(d)]) if str(d) in f["per_task"] else "— (last)" for d in digits]
+                    + [pm(f["bwt"])])
+    return table(["order"] + [f"forgetting of {d} (pp)" for d in digits] + ["BWT (pp)"], rows)
+
+
+def lambda_table(results: dict) -> list:
+    """λ per seed under both rules (and negation's)."""
+    seeds = list(results["seeds"].values())
+    rows = []
+    for name in seeds[0]["lambda_task"]:
+        for key, rule in (("lambda", "overall accuracy"), ("lambda_task", "task-aware")):
+            rows.append([MERGE_LABEL.get(name, name), rule] + [f"{s[key][name]:g}" for s in seeds])
+    rows.append([label("negation", results), "forget, keep others"]
+                + [f"{s['lambda']['negation']:g}" for s in seeds])
+    return table(["vector", "rule"] + [f"seed {s}" for s in results["seeds"]], rows)
+
+
+def comparison_rows(results: dict, keys=None) -> list:
+    cmps = results["summary"]["comparisons"]
+    rows = []
+    for k in keys or cmps:
+        c = cmps[k]
+        if "by_construction" in c:
+            rows.append([k, c["by_construction"], "", "", "", ""])
+            continue
+        note = (f" (λ = 0 in {c['lambda_zero_seeds']}/{c['n']})" if c.get("lambda_zero_seeds") else "")
+        rows.append([k, f"{100 * c['mean']:+.2f}{note}",
+                     f"[{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}]", f"{c['wins']}/{c['n']}",
+                     f"{c['sign_p']:.3g}" + (f" ({c['ties']} ties)" if c["ties"] else ""),
+                     " ".join(f"{100 * d:+.1f}" for d in c["diffs"])])
+    return table(["comparison", "mean diff (pp)", "95% bootstrap CI", "seeds > 0", "sign test p",
+                  "per seed"], rows)
+
+
+def verdict_lines(results: dict) -> list:
+    note = results.get("verdicts_note")
+    lines = [f"**{note}**: each claim is listed with its numbers, without a verdict.", ""] if note else []
+    for v in results["verdicts"]:
+        head = v["verdict"].upper() if v["verdict"] != NOT_JUDGED else "NOT JUDGED"
+        lines.append(f"- **{head}** — {v['claim']}. {v['evidence']}")
+    return lines + [""]
+
+
+def rules_text(results: dict) -> str:
+    m = 100 * results["config"]["equivalence_margin"]
+    return (f"Rules (fixed in advance; verdicts only with ≥ {MIN_SEEDS} seeds and never in the --quick "
+            "smoke test): every comparison is paired by seed; its 95% percentile-bootstrap CI of the "
+            "mean difference decides. 'A beats B' is *confirmed* when the CI lies above 0 and *refuted* "
+            f"when below. Per task, 'degrades' (H0 initial, part 1) is *confirmed* when the CI of "
+            f"accuracy on the task class minus the fine-tuned model's lies below −{m:.0f} pp and "
+            f"*refuted* when it lies above −{m:.0f} pp; 'performs well' (part 2) is the opposite. "
+            f"Transfer is *confirmed* when the CI of the gap lies within ±{m:.0f} pp and *refuted* "
+            "when entirely outside. Anything else is *inconclusive*. Beside each CI: the exact "
+            "two-sided sign test of the per-seed differences (ties, i.e. equal accuracies, dropped; "
+            "with 5 seeds p ≥ 0.0625). λ is chosen on the validation split only; accuracies are on "
+            "the evaluation split; accuracy 'on c' is over the evaluation images of class c.")
+
+
+def setup_line(results: dict) -> str:
+    tr, cfg = results["training"], results["config"]
+    return (f"Pretraining {tr['pretrain']['optimizer']} lr {tr['pretrain']['lr']:g}, "
+            f"{tr['pretrain']['epochs']} epochs; fine-tuning {tr['finetune']['optimizer']} lr "
+            f"{tr['finetune']['lr']:g}, {tr['finetune']['epochs']} epochs per task; batch "
+            f"{tr['batch_size']}; seeds {cfg['seeds']}.")
+
+
+def machine_line(results: dict) -> str:
+    mach, v = results.get("machine", {}), results["versions"]
+    load = mach.get("load_average_at_start")
+    return (f"{results['seconds']['total']:.0f} s on {results['device']}, {mach.get('cpu_count', '?')} "
+            f"CPU cores ({mach.get('platform', v['platform'])}"
+            + (f", load average {load[0]:g} at start" if load else "") + f"); started "
+            f"{results['started']}; Python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, "
+            f"taskarith {v['taskarith']}.")
 
 
 def write_report(results: dict, out: Path) -> None:
     cfg, data, summ = results["config"], results["data"], results["summary"]
-    methods, cmps = summ["methods"], summ["comparisons"]
+    methods = summ["methods"]
     seeds = list(results["seeds"].values())
     digits, names = cfg["digits"], data["class_names"]
     task_names = ", ".join(f"{d} ({names[d]})" if names[d] != str(d) else str(d) for d in digits)
     L = [f"# MUSIC study: {data['dataset']}, task classes {task_names}", ""]
+    if results.get("smoke_test"):
+        L += ["> **Smoke test (--quick)**: 2 seeds and small settings, to check that everything runs. "
+              "It gives no verdicts; its numbers say nothing about the claims.", ""]
     if data["note"]:
         L += [f"> **{data['note']}**", ""]
-    L += [f"Command: `{results['command']}`  ",
-          (f"Seeds {cfg['seeds']}; device {results['device']}; {results['seconds']['total']:.0f} s; "
-           f"started {results['started']}; taskarith {results['versions']['taskarith']}, "
-           f"torch {results['versions']['torch']}."), ""]
-    lib = results["library"]
-    for key, why in lib["stand_in"].items():
-        L.append(f"- **{label(key, results).split(' [')[0]}: {why}.** Its rows show the plain sum "
-                 f"τ1+τ2+τ3 (with its own λ), not the method.")
-    if lib["stand_in"]:
+    L += [f"Command: `{results['command']}`  ", setup_line(results) + "  ", machine_line(results), ""]
+    for key, why in results["library"]["stand_in"].items():
+        L.append(f"- **{MERGE_LABEL.get(key, key)}: {why}.** Its rows show the plain sum τ1+τ2+τ3 "
+                 f"(with its own λ), not the method.")
+    if results["library"]["stand_in"]:
         L.append("")
 
-    L += ["## Verdicts", ""]
-    for v in results["verdicts"]:
-        L.append(f"- **{v['verdict'].upper()}** — {v['claim']}. {v['evidence']}")
-    L += ["", ("Rules (fixed in advance): a claim that one model beats another is *confirmed* when "
-               "the 95% bootstrap CI of the paired per-seed difference lies above 0, *refuted* when it "
-               "lies below 0, *inconclusive* otherwise (always with a single seed). Transfer is "
-               f"*confirmed* when the CI of the accuracy gap lies within "
-               f"±{100 * cfg['equivalence_margin']:.0f} pp, *refuted* when it lies entirely outside. "
-               "All accuracies are on the evaluation split; λ is chosen on the validation split only."),
-          ""]
+    L += ["## Verdicts" if not results.get("verdicts_note") else "## Claims (no verdicts)", ""]
+    L += verdict_lines(results) + [rules_text(results), ""]
 
     L += ["## Headline (mean ± std over seeds, %)", ""]
-    L += _table(METRIC_HEADER, _metric_rows(results, headline_names(results)))
-    L += ["![methods](methods.png)", ""]
+    L += ["λ: the scaling coefficient of a merged model (overall-accuracy rule, task-aware rule, or "
+          "1 = applied whole); '(= pt)' marks a tuned λ of 0 in every seed, where the model is the "
+          "pretrained model.", ""]
+    L += headline_table(results) + ["![methods](methods.png)", ""]
+
+    L += ["## Every stage, per task (mean ± std over seeds, %)", ""]
+    L += ["Accuracy on the evaluation images of each task class, of the other classes and of all "
+          "classes, for every model the protocol builds (sequential: after each stage of every "
+          "order).", ""]
+    L += stage_table(results)
+    L += ["Forgetting (backward transfer) of the sequential runs: accuracy on a task right after "
+          "its stage minus its accuracy after the last stage (> 0: forgotten); BWT is minus the mean "
+          "forgetting of the first two tasks.", ""]
+    L += forgetting_table(results)
 
     L += ["## Sequential vs joint fine-tuning", ""]
     st = seeds[0]["steps"]
@@ -313,67 +175,58 @@ def write_report(results: dict, out: Path) -> None:
           + (" — here the epoch-matched joint run already takes the sequential run's step count, so "
              "the two joint rows are the same run." if st["joint"] == st["sequential"] else ".")
           + " Each run starts from the same pretrained model with a fresh optimizer.", ""]
-    rows = [[k, f"{100 * c['mean']:+.2f}", f"[{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}]",
-             f"{c['wins']}/{c['n']}", " ".join(f"{100 * d:+.1f}" for d in c["diffs"])]
-            for k, c in cmps.items()]
-    L += ["Paired comparisons of overall accuracy (percentage points; per seed in the last column):", ""]
-    L += _table(["comparison", "mean diff", "95% bootstrap CI", "seeds > 0", "per seed"], rows)
-    orders = [n for n in methods if n.startswith("seq:")] + ["joint", "joint_equal_steps"]
-    L += ["All six orders:", ""] + _table(METRIC_HEADER, _metric_rows(results, orders))
+    L += ["Paired comparisons (percentage points; per seed in the last column; a comparison that "
+          "is 0 by construction says so instead):", ""]
+    L += comparison_rows(results)
+    orders = [n for n in methods if n.startswith("seq:") and n.count(">") == 2]
+    L += ["All six orders:", ""] + table(METRIC_HEADER, metric_rows(results, orders + ["joint",
+                                                                                      "joint_equal_steps"]))
 
-    L += ["## Task vectors", ""]
+    L += ["## Task vectors and λ", ""]
     norms = {d: np.mean([s["tau_norm"][str(d)] for s in seeds]) for d in digits}
     L += ["‖τ‖: " + ", ".join(f"τ{d} {v:.2f}" for d, v in norms.items()) + ". Cosines: "
           + ", ".join(f"τ{k.replace(',', '·τ')} {np.mean([s['tau_cosine'][k] for s in seeds]):.3f}"
                       for k in seeds[0]["tau_cosine"]) + ".", ""]
-    lam_rows = [[label(k, results)] + [f"{s['lambda'][k]:.2f}" for s in seeds]
-                for k in seeds[0]["lambda"]]
-    L += ["λ chosen on validation, per seed:", ""]
-    L += _table(["vector"] + [f"seed {s}" for s in results["seeds"]], lam_rows)
-    L += ["![lambda](lambda_selection.png)", ""]
+    L += [f"λ chosen on validation, per seed, by two rules: *overall* — best accuracy on all ten "
+          f"classes (ties: the smallest λ); *task-aware* — best accuracy on the task classes "
+          f"{digits} among the λ whose accuracy on the other classes stays ≥ "
+          f"{100 * cfg['control_threshold']:.0f}% of the pretrained model's (λ = 0 always "
+          f"qualifies).", ""]
+    L += lambda_table(results) + ["![lambda](lambda_selection.png)", ""]
 
     L += ["## Gradual application", ""]
-    grad = ["pretrained"] + [f"gradual:{k}" for k in (1, 2, 3)] + [f"gradual_tuned:{k}" for k in (1, 2, 3)]
-    L += _table(METRIC_HEADER, _metric_rows(results, grad))
-    L += ["![gradual](gradual.png)", ""]
+    grad = ["pretrained"] + [f"{p}:{k}" for p in ("gradual", "gradual_tuned", "gradual_task")
+                             for k in (1, 2, 3)]
+    L += table(METRIC_HEADER, metric_rows(results, grad)) + ["![gradual](gradual.png)", ""]
 
     f = cfg["forget"]
     L += [f"## Task negation: forget {f}", ""]
-    def recall_of(n, c):  # mean ± std over seeds of the accuracy on images of class c
-        v = [s["metrics"][n]["per_class"]["recall"][c] for s in seeds]
-        return pm(dict(mean=np.mean(v), std=np.std(v, ddof=1) if len(v) > 1 else 0.0))
-
     others = [c for c in range(10) if c != f]
 
     def neg(n):  # forgotten class, all classes, mean of the kept classes
         kept = np.mean([[s["metrics"][n]["per_class"]["recall"][c] for c in others] for s in seeds])
-        return [label(n, results), recall_of(n, f), pm(methods[n]["overall"]["accuracy"]),
-                f"{100 * kept:.1f}"]
+        return [label(n, results), lam_cell(results, n), pm(summ["per_task"][n][str(f)]),
+                pm(methods[n]["overall"]["accuracy"]), f"{100 * kept:.1f}"]
 
     L += [(f"λ chosen on validation: lowest accuracy on {f} while the other classes keep ≥ "
            f"{100 * cfg['control_threshold']:.0f}% of the pretrained model's accuracy."), ""]
-    L += _table(["model", f"accuracy on {f} (forget)", "accuracy, all",
-                 f"mean accuracy of the classes other than {f} (keep)"],
-                [neg("pretrained"), neg("negation")])
+    L += table(["model", "λ", f"accuracy on {f} (forget)", "accuracy, all",
+                f"mean accuracy of the classes other than {f} (keep)"], [neg("pretrained"), neg("negation")])
 
     L += ["## Transfer to a second pretrained model", ""]
-    tr = [f"transfer:{k}:{w}" for k in ("independent", "continued")
-          for w in ("base", "base+tau", "finetuned")]
-    L += _table(METRIC_HEADER, _metric_rows(results, tr))
-    rows = [[k] + [f"{np.mean([s['transfer'][k][m] for s in seeds]):.3f}"
-                   for m in ("cosine_tau_joint_vs_tau_new", "relative_distance",
-                             "prediction_agreement")] for k in ("independent", "continued")]
+    tr = [f"transfer:{k}:{w}" for k in ("independent", "continued") for w in ("base", "base+tau", "finetuned")]
+    L += table(METRIC_HEADER, metric_rows(results, tr))
     L += [("Parameter space: cosine(τ_joint, τ_new) where τ_new is θ_new's own joint fine-tune; "
            "‖(θ_new + τ_joint) − θ_new,ft‖ / ‖τ_new‖; share of evaluation images on which θ_new + "
            "τ_joint and θ_new,ft predict the same class (means over seeds)."), ""]
-    L += _table(["second model", "cosine", "relative distance", "prediction agreement"], rows)
+    L += transfer_table(results)
 
     L += ["## Per-class results (mean over seeds, %)", ""]
-    keys = headline_names(results)
     for metric in ("precision", "recall", "f1"):
         L += [f"{metric.capitalize()} per class:", ""]
-        L += _table(["model"] + names, [[label(n, results)] + [f"{100 * v:.1f}" for v in
-                                         summ["per_class"][n][metric]] for n in keys])
+        L += table(["model", "λ"] + names, [[label(n, results), lam_cell(results, n)]
+                                            + [f"{100 * v:.1f}" for v in summ["per_class"][n][metric]]
+                                            for n in headline_names(results)])
     L += ["![confusion](confusion_matrices.png)", ""]
 
     L += ["## All models (mean ± std over seeds, %)", ""]
@@ -381,14 +234,27 @@ def write_report(results: dict, out: Path) -> None:
            "average the per-class scores, where a class's precision counts every prediction of it."), ""]
     for g in GROUPS:
         L += [f"On {g} classes:" if g != "overall" else "Overall:", ""]
-        L += _table(["model", "accuracy", "macro precision", "macro recall", "macro F1"],
-                    [[label(n, results)] + [pm(methods[n][g][k]) for k in
-                                            ("accuracy", "precision", "recall", "f1")]
-                     for n in plot_order(results)])
+        L += table(["model", "λ", "accuracy", "macro precision", "macro recall", "macro F1"],
+                   [[label(n, results), lam_cell(results, n)]
+                    + [pm(methods[n][g][k]) for k in ("accuracy", "precision", "recall", "f1")]
+                    for n in plot_order(results)])
 
     L += ["## Training curves", "", "![loss](loss_curves.png)", "", "![accuracy](accuracy_curves.png)",
           "", "## Data", ""]
     L += [f"- {p}" for p in data["provenance"]]
     L += [f"- split sizes: {data['sizes']} (split seed {cfg['split_seed']})",
+          f"- evaluation images per class: {data['eval_class_counts']}; the task classes are "
+          f"{100 * data['task_share']['evaluation']:.1f}% of them ({100 * data['task_share']['source']:.1f}% "
+          f"of the test split: task sets are drawn first, so in test-split mode the evaluation split "
+          f"holds fewer task-class images than the natural mix)",
           "- pixels scaled to [-1, 1] (x/127.5 − 1, the same as ToTensor + Normalize(0.5, 0.5))", ""]
     (out / "report.md").write_text("\n".join(L))
+
+
+def transfer_table(results: dict) -> list:
+    seeds = list(results["seeds"].values())
+    rows = [[k] + [f"{np.mean([s['transfer'][k][m] for s in seeds]):.3f}"
+                   for m in ("cosine_tau_joint_vs_tau_new", "relative_distance", "prediction_agreement")]
+            for k in ("independent", "continued")]
+    return table(["second model", "cosine", "relative distance", "prediction agreement"], rows)
+
