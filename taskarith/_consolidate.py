@@ -21,18 +21,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .backends.election import disjoint_mean, elect_sign
-from .backends.kernels import topk_mask
+from . import merging
 from .errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
 from .io import Source, load_state_dict
-from .vector import TaskVector, _Info
+from .merging.consolidation import MERGES, RESOLVES, SCOPES, SELECTS
+from .vector import TaskVector
 
 __all__ = ["DEFAULT_GRID", "consolidate", "tune_scale"]
-
-SCOPES = ("global", "tensor")
-SELECTS = ("positive", "abs")
-RESOLVES = ("attribution", "sign_sum", "max")
-MERGES = ("disjoint_mean", "sum")
 
 #: λ values tried by :func:`tune_scale` unless a grid is given.
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
@@ -122,49 +117,8 @@ def consolidate(
     names = list(first._layout.slots)  # canonical names: tied weights once
     eligible = _check_scores(vectors, scores, names, select)
 
-    masks = [_select(e, names, density, scope, select) for e in eligible]
-    result: dict[str, torch.Tensor] = {}
-    for name in names:
-        values = [v[name] for v in vectors]
-        dtype = values[0].dtype
-        for v in values[1:]:
-            dtype = torch.promote_types(dtype, v.dtype)
-        kept = [m[name] for m in masks]
-        trimmed = [torch.where(m, v, 0) for m, v in zip(kept, values)]
-        out = torch.empty(values[0].shape, dtype=dtype, device=first.device)
-        if resolve == "max":
-            ranked = torch.stack([torch.where(m, e[name], -math.inf) for m, e in zip(kept, eligible)])
-            winner = ranked.argmax(0)  # first maximum: ties go to the earliest vector
-            out.zero_()
-            for i, (m, v) in enumerate(zip(kept, values)):
-                out.add_(torch.where(m & (winner == i), v, 0).to(dtype))
-            result[name] = out
-            continue
-        if resolve == "sign_sum":
-            sign = elect_sign(trimmed, "sum")
-        else:
-            plus = torch.zeros(out.shape, dtype=torch.float64, device=out.device)
-            minus = torch.zeros_like(plus)
-            for m, v, e in zip(kept, values, eligible):
-                plus += torch.where(m & (v > 0), e[name], 0)
-                minus += torch.where(m & (v < 0), e[name], 0)
-            sign = torch.where(plus >= minus, 1, -1).to(torch.int8)
-        if merge == "disjoint_mean":
-            disjoint_mean(trimmed, sign, out)
-        else:
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            total = torch.zeros(out.shape, dtype=acc, device=out.device)
-            for t in trimmed:
-                total += torch.where(torch.sign(t).to(torch.int8) == sign, t, 0)  # zeros never agree
-            out.copy_(total)
-        result[name] = out
-    ordered = {n: result[first._layout.canonical(n)] for n in first._layout.names}
-    merged = TaskVector(ordered)
-    fingerprints = {v.base_fingerprint for v in vectors}
-    if len(fingerprints) == 1 and None not in fingerprints:
-        # Keep provenance, so applying the result to another base still warns.
-        merged._info = _Info(base_fingerprint=first.base_fingerprint)
-    return merged
+    return merging.merge(vectors, "consolidate", scores=eligible, density=density, scope=scope, select=select,
+                         resolve=resolve, merge=merge)
 
 
 def _check_vectors(vectors: object) -> list[TaskVector]:
@@ -186,8 +140,8 @@ def _check_scores(
 ) -> list[dict[str, torch.Tensor]]:
     """Per vector, name -> the score entries are ranked by (``|s|`` for "abs"), validated."""
     first = vectors[0]
-    if scores is None:
-        return [{n: v[n].abs() for n in names} for v in vectors]
+    if scores is None:  # the method takes the deltas' magnitudes
+        return None
     if isinstance(scores, Mapping) or not isinstance(scores, Sequence):
         raise TaskArithError(
             f"scores must be a list with one mapping per vector (or None for magnitudes), got {type(scores).__name__}"
@@ -220,30 +174,9 @@ def _check_scores(
         for n in names:
             t = s[n].detach().to(first.device)
             t = t.double() if t.dtype == torch.float64 else t.float()
-            maps[n] = t.abs() if select == "abs" else t
+            maps[n] = t
         eligible.append(maps)
     return eligible
-
-
-def _select(eligible: dict[str, torch.Tensor], names: list[str], density: float, scope: str, select: str):
-    """name -> boolean mask of the kept entries of one vector."""
-
-    def top(e: torch.Tensor, k: int) -> torch.Tensor:
-        if select == "abs":
-            return topk_mask(e, k)
-        positive = e > 0
-        return topk_mask(torch.where(positive, e, -math.inf), k) & positive
-
-    if scope == "tensor":
-        return {n: top(eligible[n], math.floor(density * eligible[n].numel())) for n in names}
-    flat = torch.cat([eligible[n].reshape(-1) for n in names]) if names else torch.zeros(0)
-    mask = top(flat, math.floor(density * flat.numel()))
-    out, start = {}, 0
-    for n in names:
-        size = eligible[n].numel()
-        out[n] = mask[start:start + size].view(eligible[n].shape)
-        start += size
-    return out
 
 
 def tune_scale(

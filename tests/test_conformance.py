@@ -105,6 +105,8 @@ def _options(name: str, scope: str = "tensor") -> dict:
         options.update(top=0.1, density=0.5)
     if "k" in spec.options:
         options["k"] = 2
+    if "scores" in spec.options:  # consolidation by the deltas' magnitudes
+        options.update(select="abs", resolve="sign_sum")
     return options
 
 
@@ -268,6 +270,16 @@ def test_a_method_returning_the_wrong_shape_is_named():
             ta.merge([ta.TaskVector({"layer.0.bias": torch.ones(3)})], "conf_bad_shape")
     finally:
         ta.merging.unregister("conf_bad_shape")
+
+
+def test_consolidation_by_scores_equals_in_memory_out_of_core(models, tmp_path):
+    root, base, paths, vectors, _ = models
+    scores = [_state(100 + i) for i in range(3)]
+    expected = ta.consolidate(vectors, scores, density=0.3).apply_to(base)
+    out = ta.merge_files(root / "base.safetensors", paths, tmp_path / "m", "consolidate", scores=scores, density=0.3,
+                         max_memory=500)
+    merged = ta.io.load_state_dict(out)
+    assert all(torch.equal(merged[n], expected[n]) for n in SHAPES)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

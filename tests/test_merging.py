@@ -425,7 +425,7 @@ def test_dare_is_unbiased():
 
 
 def test_unknown_methods_and_options_list_the_valid_ones():
-    with pytest.raises(ta.TaskArithError, match="valid: breadcrumbs, consensus, dare"):
+    with pytest.raises(ta.TaskArithError, match="valid: breadcrumbs, consensus, consolidate, dare"):
         ta.merge([A], "tie")
     with pytest.raises(ta.TaskArithError, match=r"unknown option\(s\) \['densty'\].*density \(a number in \(0, 1\]\)"):
         ta.merge([A], "ties", densty=0.3)

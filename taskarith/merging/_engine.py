@@ -128,6 +128,9 @@ def _run_by_tensor(spec: Method, vectors: list[TaskVector], weights: list[float]
         deltas_of = lambda name: [v[name] for v in vectors]
     base_of = (lambda name: base[name].to(vectors[0].device)) if base is not None else (lambda name: None)
     stats = None
+    if spec.plan is not None:
+        stats = spec.plan({n: tuple(vectors[0]._layout.slots[n].shape) for n in names},
+                          lambda name: [v[name] for v in vectors], **options)
     if spec.statistic is not None:
         stats = statistic(spec, names, lambda name, lo, hi: [v[name].reshape(-1)[lo:hi] for v in vectors],
                           lambda name, lo, hi: None if base is None else base_of(name).reshape(-1)[lo:hi],

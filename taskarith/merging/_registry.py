@@ -7,14 +7,16 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..errors import TaskArithError, raise_if_any
-from . import linear, masks, spectral, ties
+from . import consolidation, linear, masks, spectral, ties
 from ._spec import Method, Option, check_declarations
 
-_REGISTRY: dict[str, Method] = {m.name: m for m in (*linear.METHODS, *ties.METHODS, *masks.METHODS, *spectral.METHODS)}
+_REGISTRY: dict[str, Method] = {m.name: m for m in (*linear.METHODS, *ties.METHODS, *masks.METHODS, *spectral.METHODS,
+                                                     *consolidation.METHODS)}
 
 
 def register(name: str, fn: Callable[..., torch.Tensor], *, paper: str, options: Mapping[str, Option] | None = None,
              split: str = "tensor", trim: bool = False, statistic: Callable[..., torch.Tensor] | None = None,
+             plan: Callable[..., object] | None = None,
              needs_base: bool = False, randomized: bool = False, memory: int = 16,
              propagates_nan: bool = False, symmetric: bool = False,
              identity: Mapping[str, object] | None = None) -> Method:
@@ -44,8 +46,9 @@ def register(name: str, fn: Callable[..., torch.Tensor], *, paper: str, options:
     if not callable(fn):
         raise TaskArithError(f"merge method {name!r}: fn must be callable, got {type(fn).__name__}")
     options = dict(options or {})
-    check_declarations(name, options, split, trim, randomized)
-    method = Method(name, fn, paper, options, split=split, trim=trim, statistic=statistic, needs_base=needs_base,
+    check_declarations(name, options, split, trim, randomized, statistic, plan)
+    method = Method(name, fn, paper, options, split=split, trim=trim, statistic=statistic, plan=plan,
+                    needs_base=needs_base,
                     randomized=randomized, memory=int(memory), propagates_nan=propagates_nan, symmetric=symmetric,
                     identity=None if identity is None else dict(identity))
     _REGISTRY[name] = method

@@ -89,6 +89,11 @@ class Method:
       memory or streamed from disk; ``fn`` sees trimmed deltas.
     * ``statistic``: ``statistic(block, **options) -> tensor`` over fixed chunks of every tensor,
       summed in a fixed order into ``block.stats`` before any block is merged.
+    * ``plan``: ``plan(shapes, deltas, **options) -> object``, computed once before any block from
+      the options, the tensors' shapes (name -> shape, in order) and, where it asks, ``deltas(name)``
+      (every input's whole delta of that tensor), and handed to every block as ``block.stats`` (a
+      selection decided over the whole model, for instance). Out of core, what it holds stays in
+      memory for the whole merge.
     * ``needs_base``: ``fn`` reads ``block.base`` (merges need the pretrained model).
     * ``randomized``: the method takes a ``seed`` option and draws with :meth:`Block.random`.
     * ``memory``: private bytes per entry per input that ``fn`` needs (sizes out-of-core blocks).
@@ -108,6 +113,7 @@ class Method:
     split: str = "tensor"
     trim: bool = False
     statistic: Callable[..., torch.Tensor] | None = None
+    plan: Callable[..., object] | None = None
     needs_base: bool = False
     randomized: bool = False
     memory: int = 16
@@ -126,9 +132,12 @@ class Method:
         return self.split == "elementwise"
 
 
-def check_declarations(name: str, options: Mapping[str, Option], split: str, trim: bool, randomized: bool) -> None:
+def check_declarations(name: str, options: Mapping[str, Option], split: str, trim: bool, randomized: bool,
+                       statistic: object = None, plan: object = None) -> None:
     """Refuse declarations a driver could not honour."""
     problems = []
+    if statistic is not None and plan is not None:
+        problems.append("statistic and plan both fill block.stats: declare one")
     if split not in SPLITS:
         problems.append(f"split={split!r} is not one of {', '.join(SPLITS)}")
     if trim and not {"density", "scope"} <= set(options):
