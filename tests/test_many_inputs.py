@@ -162,3 +162,29 @@ def test_ties_at_the_most_inputs_a_kernel_takes():
     list, which Numba does not compile). Compiling it takes ~10 s; the folds of the other kernels
     build no tuples."""
     test_ties_kernel_takes_any_number_of_inputs(_numba.MAX_INPUTS, torch.float32, "sum")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streaming"])
+@pytest.mark.parametrize("k", [2, 3, 5, 16])
+def test_wide_sum_is_a_float32_sum_rounded_once(k, stream):
+    """The kernel of task arithmetic on bfloat16 vectors: summed in float32, one rounding at the end."""
+    n = 9000 + k
+    inputs = _summands(k, n, torch.bfloat16)
+    out = torch.full((n,), math.nan, dtype=torch.bfloat16)
+    threshold = 0 if stream else 1 << 62
+    with backend("numba"), mock.patch.object(_numba, "STREAM_FROM", threshold):
+        assert _numba.wide_sum(out, inputs)
+    want = inputs[0].float() + inputs[1].float()
+    for x in inputs[2:]:
+        want.add_(x.float())
+    assert same_bits(out, want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_task_arithmetic_on_bfloat16_is_the_same_on_every_path(k):
+    vs = vectors(k, torch.bfloat16, seed=3)
+    with backend("torch"):
+        want = ta.merge(vs, "task_arithmetic")
+    with backend("numba"):
+        got = ta.merge(vs, "task_arithmetic")
+    assert all(same_bits(got[n], want[n]) for n in want)

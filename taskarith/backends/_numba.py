@@ -159,9 +159,21 @@ def scale(out: torch.Tensor, x: torch.Tensor, s: float) -> bool | None:
     return True
 
 
-def _run_elementwise(kernel, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: np.float32) -> None:
+def _run_elementwise(kernel, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: np.float32, *,
+                     wide: bool = False) -> None:
     target, xs = _array(out), _arrays(inputs)
-    _parallel.run([out.numel()], lambda job, lo, hi: kernel(target, xs, s, lo, hi))
+    like = np.empty(1, np.float32) if wide else target
+    _parallel.run([out.numel()], lambda job, lo, hi: kernel(target, xs, s, lo, hi, like))
+
+
+def wide_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool | None:
+    """``out = ((x0 + x1) + x2) + ...`` summed in float32 and rounded once into ``out`` (flat, same
+    length; half-precision inputs widen exactly), as a float32 sum copied into ``out`` computes it,
+    in one pass; None (nothing written) if the kernels do not take them."""
+    if not 2 <= len(inputs) <= MAX_INPUTS or any(x.shape != out.shape for x in inputs) or not usable([out], inputs):
+        return None
+    _run_elementwise(_kernels().elementwise("sum", _streams(out)), out, inputs, np.float32(1.0), wide=True)
+    return True
 
 
 # 1M float32 entries: torch 27-42 GB/s on two threads, one pass of ours on one thread 22-23 GB/s.

@@ -256,23 +256,24 @@ def _delta_sum_impl(fs, at, b):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _elementwise_span(out, to, xs, at, n, s, scaling):
+def _elementwise_span(out, to, xs, at, n, s, scaling, like):
     """The body of :func:`elementwise`: ``n`` results from the inputs' position ``at`` on, written
-    to ``out`` from position ``to`` on."""
+    to ``out`` from position ``to`` on (a sum's partial sums rounded to ``like``'s dtype)."""
     for j in range(n):
         source = np.uint64(at + j)
-        value = _load(xs[0], source) * s if scaling else _running_sum(out, xs, source)
+        value = _load(xs[0], source) * s if scaling else _running_sum(like, xs, source)
         _put(out, np.uint64(to + j), value)
 
 
 @functools.cache
 def elementwise(op: str, stream: bool):
-    """The kernel ``kernel(out, xs, s, start, stop)`` of an element-wise op over ``[start, stop)``
-    of the tuple of arrays ``xs``, computed in float32 and rounded to ``out``'s dtype as torch
-    computes it:
+    """The kernel ``kernel(out, xs, s, start, stop, like)`` of an element-wise op over ``[start,
+    stop)`` of the tuple of arrays ``xs``, computed in float32 and rounded to ``out``'s dtype as
+    torch computes it:
 
     - ``op="sum"``: ``((x0 + x1) + x2) + ...`` over all of ``xs``, each partial sum rounded to the
-      dtype, as ``torch.add`` then ``Tensor.add_`` compute it: one pass over memory where torch
+      dtype of ``like`` (``out`` itself: as ``torch.add`` then ``Tensor.add_`` compute it; a float32
+      array: summed in float32 and rounded once into ``out``): one pass over memory where torch
       makes ``len(xs) - 1`` (``s`` unused);
     - ``op="scale"``: ``x0 * s`` with float32 ``s``, as ``torch.mul`` by a Python scalar.
 
@@ -283,18 +284,18 @@ def elementwise(op: str, stream: bool):
     scaling = op == "scale"
 
     @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(out, xs, s, start, stop):
+    def kernel(out, xs, s, start, stop, like):
         if stream:
             head = start + _unaligned_head(out, start, stop)
-            _elementwise_span(out, start, xs, start, head - start, s, scaling)
+            _elementwise_span(out, start, xs, start, head - start, s, scaling, like)
             block = np.empty(_STREAM_BLOCK, out.dtype)
             start = head
             for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
-                _elementwise_span(block, 0, xs, lo, _STREAM_BLOCK, s, scaling)
+                _elementwise_span(block, 0, xs, lo, _STREAM_BLOCK, s, scaling, like)
                 _stream_out(block, out, lo)
                 start = lo + _STREAM_BLOCK
             _store_fence()
-        _elementwise_span(out, start, xs, start, stop - start, s, scaling)
+        _elementwise_span(out, start, xs, start, stop - start, s, scaling, like)
 
     return kernel
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import _numba
 from ..errors import TaskArithError
 from ..vector import TaskVector
 from ..vector._algebra import sum_into
@@ -49,6 +50,8 @@ def weighted_sum(vectors: list[TaskVector], coefficients: list[float]) -> TaskVe
         srcs = [v._buffers[dtype] for v in vectors]
         if dtype not in _HALF:
             sum_into(dst, srcs, coefficients)
+            continue
+        if all(c == 1.0 for c in coefficients) and _numba.wide_sum(dst, srcs):  # the same bits in one pass
             continue
         scratch = torch.empty(len(srcs) + 1, min(_BLOCK, dst.numel()), dtype=torch.float32)
         for start in range(0, dst.numel(), _BLOCK):
