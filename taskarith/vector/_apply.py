@@ -148,13 +148,19 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device, t.data_ptr(), t.stride(), tuple(t.shape), t.dtype)
 
 
+_MANY, _SMALL = 512, 1 << 16  # this many tensors, of fewer entries than this on average: one foreach add
+
+
 def _add_into_one_buffer(bases: list[torch.Tensor], deltas: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
     """``base + alpha · delta`` per pair, written into views of one fresh buffer per dtype and device.
 
     One large allocation (through the buffer cache, with huge pages) instead of one per tensor, and
     plain per-tensor adds: ``torch._foreach_add`` ran many times slower whenever another process
-    kept a core busy.
+    kept a core busy. Thousands of small tensors (LoRA factors) still go through it: there, the
+    per-tensor dispatch of plain adds costs more.
     """
+    if len(bases) >= _MANY and sum(b.numel() for b in bases) < _SMALL * len(bases):
+        return torch._foreach_add(bases, deltas, alpha=alpha)
     outs: list[torch.Tensor | None] = [None] * len(bases)
     groups: dict[tuple, list[int]] = {}
     for i, b in enumerate(bases):
