@@ -6,9 +6,7 @@ bit for bit. tests/test_numba.py draws the edge values at a few counts; the Trit
 are in tests/test_triton.py.
 """
 
-import contextlib
 import math
-import os
 from unittest import mock
 
 import pytest
@@ -16,25 +14,14 @@ import torch
 
 pytest.importorskip("numba", reason="the compiled kernels need Numba")
 
+from helpers import backend
+
 import taskarith as ta
 from taskarith.backends import _numba
 from taskarith.merging import _trim
 
 COUNTS = [1, 2, 3, 4, 5, 8, 16, 17]
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@contextlib.contextmanager
-def backend(name: str):
-    before = os.environ.get("TASKARITH_BACKEND")
-    os.environ["TASKARITH_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TASKARITH_BACKEND"]
-        else:
-            os.environ["TASKARITH_BACKEND"] = before
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ halfway cases of bfloat16 rounding, deltas whose float32 round trip fails.
 
 import contextlib
 import math
-import os
 from unittest import mock
 
 import numpy as np
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 
 pytest.importorskip("numba", reason="the compiled kernels need Numba: pip install 'taskarith[fast]'")
 
+from helpers import kernels
 from numba import njit
 
 import taskarith as ta
@@ -29,19 +29,6 @@ from taskarith.backends import kernels as kernels_module
 from taskarith.backends._numba import _kernels
 from taskarith.backends._numba_kernels import _load, _put
 from taskarith.merging import _trim
-
-
-@contextlib.contextmanager
-def kernels(on: bool):
-    before = os.environ.get("TASKARITH_BACKEND")
-    os.environ["TASKARITH_BACKEND"] = "numba" if on else "torch"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TASKARITH_BACKEND"]
-        else:
-            os.environ["TASKARITH_BACKEND"] = before
 
 
 @contextlib.contextmanager

@@ -81,8 +81,12 @@ def _merge(vectors, method, weights, dtype, base, options, *, by_tensor: bool) -
     vectors = _common_ties(vectors)
     first = vectors[0]
     # Slot dtypes, not tensor views: with thousands of small tensors, per-name views cost more
-    # than the merge itself.
-    out_dtypes = {n: dtype or promote([v._layout.slot(n).dtype for v in vectors]) for n in first._layout.slots}
+    # than the merge itself. Inputs of one layout keep its dtypes: no per-name work at all.
+    same_layout = dtype is None and all(v._layout == first._layout for v in vectors[1:])
+    if same_layout:
+        out_dtypes = {n: s.dtype for n, s in first._layout.slots.items()}
+    else:
+        out_dtypes = {n: dtype or promote([v._layout.slot(n).dtype for v in vectors]) for n in first._layout.slots}
     fast = spec.fast is not None and not by_tensor
     compute = vectors if fast and spec.fast_widens else [v.to(dtype=compute_dtype(v)) for v in vectors]
     if fast:
@@ -90,9 +94,9 @@ def _merge(vectors, method, weights, dtype, base, options, *, by_tensor: bool) -
     else:
         merged = _run_by_tensor(spec, compute, weights, resolved, base)
     fresh = isinstance(merged, TaskVector) and all(merged is not v for v in [*vectors, *compute])
-    if not (fresh and merged._layout == first._layout and all(
+    if not (fresh and merged._layout == first._layout and (same_layout or all(
         merged._layout.slots[n].dtype == out_dtypes[n] for n in first._layout.slots
-    )):  # else already packed in the right layout: skip a copy
+    ))):  # else already packed in the right layout: skip a copy
         result = {n: merged[n].to(out_dtypes[n]) for n in first._layout.slots}
         merged = TaskVector({n: result[first._layout.canonical(n)] for n in first._layout.names})
     merged._info = info  # ours alone: fresh, or just built

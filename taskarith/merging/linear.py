@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import _flat
 from ..backends import _numba
 from ..errors import TaskArithError
 from ..vector import TaskVector
 from ..vector._algebra import sum_into
+from ..vector._info import Info
 from ..vector._scalars import _checked_scalar
 from ._checks import compute_dtype
 from ._spec import DROP, SCALE, SEED, Method
@@ -45,7 +47,9 @@ def weighted_sum(vectors: list[TaskVector], coefficients: list[float]) -> TaskVe
         return TaskVector.sum([v.to(dtype=compute_dtype(v)) for v in vectors], coefficients)
     for i, c in enumerate(coefficients):
         _checked_scalar(c, f"the coefficient of vector #{i}", (torch.float32,))
-    result = TaskVector._empty({n: first[n] for n in first._layout.slots})
+    # The inputs' layout (no per-name views: with thousands of tensors they cost more than the sum).
+    result = TaskVector._make(first._layout, {dt: _flat.allocate(buf.numel(), dt, buf.device)
+                                              for dt, buf in first._buffers.items()}, Info())
     for dtype, dst in result._buffers.items():
         srcs = [v._buffers[dtype] for v in vectors]
         if dtype not in _HALF:
