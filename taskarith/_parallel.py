@@ -72,7 +72,7 @@ def run(sizes: Sequence[int], call: Callable[[int, int, int], None], *, split: b
         return
     parts = shares(sizes, count, split=split)
     # Worker threads do not inherit context variables: each share runs in a copy of the caller's, so
-    # that, e.g., an out-of-core merge's kernels.region() reaches the DARE masks drawn there.
+    # that per-call state (an out-of-core merge's memory budget) reaches work done there.
     done = [_pool(count).submit(contextvars.copy_context().run, _run_share, call, part) for part in parts[1:] if part]
     try:
         _run_share(call, parts[0])

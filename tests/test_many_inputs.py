@@ -175,3 +175,21 @@ def test_task_arithmetic_on_bfloat16_is_the_same_on_every_path(k):
     with backend("numba"):
         got = ta.merge(vs, "task_arithmetic")
     assert all(same_bits(got[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+def test_compiled_dot_is_float64_accurate_and_independent_of_threads(dtype):
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(300_007, generator=g).to(dtype) for _ in range(2))
+    want = math.fsum((a.double() * b.double()).tolist())  # float64 products of narrower floats are exact
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with backend("numba"):
+                got.append(_numba.dot64(a, b))
+    finally:
+        torch.set_num_threads(before)
+    assert got[0] == got[1], "the chunks, not the threads, fix the order of the additions"
+    assert abs(got[0] - want) <= 1e-12 * math.fsum(abs(x) for x in (a.double() * b.double()).tolist())

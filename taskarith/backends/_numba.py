@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -71,6 +72,22 @@ def _kernels():
     except ImportError:
         return None
     return _numba_kernels
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """``Σ a·b`` of two flat CPU tensors of one of :data:`DTYPES` (each alike), products and sums in
+    float64, in fixed chunks (the same value on any thread count); None if the kernels do not take
+    them."""
+    if a.shape != b.shape or not usable([a], [a, b]):
+        return None
+    from . import _numba_reduce
+
+    chunks = -(-a.numel() // _numba_reduce.CHUNK)
+    partials = np.zeros(chunks, np.float64)
+    xa, xb = _array(a), _array(b)
+    sizes = [_numba_reduce.CHUNK] * chunks  # one job per chunk: threads share out whole chunks
+    _parallel.run(sizes, lambda job, lo, hi: _numba_reduce.dot_chunks(xa, xb, partials, job, job + 1), split=False)
+    return math.fsum(partials)
 
 
 @functools.cache

@@ -229,6 +229,9 @@ _NUMPY_EXACT = (torch.float16, torch.float32, torch.float64)
 
 def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     """Σ a·b with float64 products and accumulation (exact products for fp32 and narrower)."""
+    compiled = _numba.dot64(a, b)
+    if compiled is not None:
+        return compiled
     if a.device.type == "cpu" and a.dtype in _NUMPY_EXACT and b.dtype in _NUMPY_EXACT:
         # numpy's einsum casts block by block inside its loop: no float64 copy of the inputs.
         return float(np.einsum("i,i->", a.numpy(), b.numpy(), dtype=np.float64))
