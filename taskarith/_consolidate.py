@@ -115,7 +115,7 @@ def consolidate(
     vectors = _check_vectors(vectors)
     first = vectors[0]
     names = list(first._layout.slots)  # canonical names: tied weights once
-    eligible = _check_scores(vectors, scores, names, select)
+    eligible = _check_scores(vectors, scores, names)
 
     return merging.merge(vectors, "consolidate", scores=eligible, density=density, scope=scope, select=select,
                          resolve=resolve, merge=merge)
@@ -135,10 +135,9 @@ def _check_vectors(vectors: object) -> list[TaskVector]:
     return vectors
 
 
-def _check_scores(
-    vectors: list[TaskVector], scores: object, names: list[str], select: str
-) -> list[dict[str, torch.Tensor]]:
-    """Per vector, name -> the score entries are ranked by (``|s|`` for "abs"), validated."""
+def _check_scores(vectors: list[TaskVector], scores: object, names: list[str]) -> list[dict[str, torch.Tensor]] | None:
+    """Per vector, name -> its validated score (float32, float64 kept); None without scores: the method
+    then ranks the deltas' magnitudes."""
     first = vectors[0]
     if scores is None:  # the method takes the deltas' magnitudes
         return None

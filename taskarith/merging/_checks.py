@@ -7,11 +7,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .. import _extract
 from ..errors import NonFiniteError, TaskArithError, raise_if_any
 from ..vector import TaskVector, _checked_scalar
 from ._spec import Method
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def validate_vectors(vectors, method: str) -> list[TaskVector]:
@@ -68,7 +67,7 @@ def any_nan(tensors) -> bool:
 
 
 def compute_dtype(v: TaskVector) -> torch.dtype | None:
-    if any(dt in _HALF for dt in v.dtypes):
+    if any(dt in _extract.HALF for dt in v.dtypes):
         return torch.float32 if torch.float64 not in v.dtypes else torch.float64
     return None
 

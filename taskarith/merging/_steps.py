@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -78,7 +79,5 @@ def dropped(vectors: list[TaskVector], drop: float, seed: int,
 
 
 def region_of(block: Block) -> dict[str, tuple[int, int]]:
-    full = 1
-    for d in block.shape:
-        full *= d
-    return {block.name: (block.start, full)}
+    """Where the block lies in its whole tensor, as :func:`dropped` takes it."""
+    return {block.name: (block.start, math.prod(block.shape))}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _flat
+from .. import _extract, _flat
 from ..backends import _numba
 from ..errors import TaskArithError
 from ..vector import TaskVector
@@ -29,7 +29,6 @@ def mean(vectors, weights):
     return weighted_sum(vectors, [w / norm for w in weights])
 
 
-_HALF = (torch.float16, torch.bfloat16)
 _BLOCK = 1 << 18  # entries per block of a half-precision sum: its float32 scratch stays in cache
 
 
@@ -42,7 +41,7 @@ def weighted_sum(vectors: list[TaskVector], coefficients: list[float]) -> TaskVe
     the result: converting whole vectors to float32 first moves three times the bytes.
     """
     first = vectors[0]
-    if (not any(dt in _HALF for dt in first.dtypes) or torch.float64 in first.dtypes
+    if (not any(dt in _extract.HALF for dt in first.dtypes) or torch.float64 in first.dtypes
             or first.device.type != "cpu" or any(v._layout != first._layout for v in vectors[1:])):
         return TaskVector.sum([v.to(dtype=compute_dtype(v)) for v in vectors], coefficients)
     for i, c in enumerate(coefficients):
@@ -52,7 +51,7 @@ def weighted_sum(vectors: list[TaskVector], coefficients: list[float]) -> TaskVe
                                               for dt, buf in first._buffers.items()}, Info())
     for dtype, dst in result._buffers.items():
         srcs = [v._buffers[dtype] for v in vectors]
-        if dtype not in _HALF:
+        if dtype not in _extract.HALF:
             sum_into(dst, srcs, coefficients)
             continue
         if all(c == 1.0 for c in coefficients) and _numba.wide_sum(dst, srcs):  # the same bits in one pass
