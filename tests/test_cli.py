@@ -204,7 +204,7 @@ def test_mergekit_config_equals_api(models, tmp_path, case):
     root, base, tuned, _ = models
     text, method, weights, options = MERGEKIT[case]
     config = write(tmp_path / "mk.yml", text.format(base=root / "base", ft0=tuned[0], ft1=tuned[1]))
-    assert run("merge", config, "-o", tmp_path / "out") == 0
+    assert run("merge", config, "-o", tmp_path / "out", "--semantics", "taskarith") == 0
     vectors = [ta.TaskVector.from_models(base, load_model(t)) for t in tuned[:2]]
     assert_same(load_model(tmp_path / "out"), ta.merge(vectors, method, weights=weights, **options).apply_to(base))
 
@@ -212,7 +212,8 @@ def test_mergekit_config_equals_api(models, tmp_path, case):
 def test_dry_run_prints_the_resolved_merge(models, tmp_path, capsys):
     root, _, tuned, _ = models
     text = MERGEKIT["dare_ties"][0].format(base=root / "base", ft0=tuned[0], ft1=tuned[1])
-    assert run("merge", write(tmp_path / "mk.yml", text), "-o", tmp_path / "x", "--dry-run", "--seed", "5") == 0
+    assert run("merge", write(tmp_path / "mk.yml", text), "-o", tmp_path / "x", "--dry-run", "--seed", "5",
+               "--semantics", "taskarith") == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["method"] == "dare_ties" and plan["dialect"] == "mergekit" and plan["weights"] is None
     assert plan["options"] == {"drop": pytest.approx(0.4), "seed": 5, "sign": "sum", "scale": 0.9}
@@ -276,17 +277,17 @@ MERGEKIT_REFUSED = [
 
 
 @pytest.mark.parametrize("head,key,phrase", MERGEKIT_REFUSED)
-def test_mergekit_features_without_equivalent_are_refused(models, tmp_path, capsys, head, key, phrase):
+def test_mergekit_features_without_exact_equivalent_are_refused_with_taskarith_semantics(models, tmp_path, capsys, head, key, phrase):
     root, _, tuned, _ = models
     text = head + f"\nbase_model: {root / 'base'}\nmodels:\n  - model: {tuned[0]}\n    parameters: {{weight: 0.5}}\n" \
                   f"  - model: {tuned[1]}\n    parameters: {{weight: 1.0}}\n"
     if "normalize: true" in head and "dare" in head:
         text = text.replace("0.5}", "1.0}")
-    err = error_of(capsys, "merge", write(tmp_path / "mk.yaml", text), "-o", tmp_path / "out")
+    err = error_of(capsys, "merge", write(tmp_path / "mk.yaml", text), "-o", tmp_path / "out", "--semantics", "taskarith")
     assert f"{key}: " in err and phrase in err, err
 
 
-def test_mergekit_per_model_features_are_refused(models, tmp_path, capsys):
+def test_mergekit_per_model_features_are_refused_with_taskarith_semantics(models, tmp_path, capsys):
     root, _, tuned, _ = models
     config = write(tmp_path / "mk.yaml", f"""
         merge_method: ties
@@ -301,7 +302,7 @@ def test_mergekit_per_model_features_are_refused(models, tmp_path, capsys):
           - model: org/some-model
             parameters: {{weight: 0.5}}
     """)
-    err = error_of(capsys, "merge", config, "-o", tmp_path / "out")
+    err = error_of(capsys, "merge", config, "-o", tmp_path / "out", "--semantics", "taskarith")
     assert "line 6, models[0].parameters.weight: per-layer gradients" in err
     assert "line 9, models[1].parameters.gamma: unknown key" in err
     assert "line 10, models[2].model: no such file 'org/some-model' (taskarith reads local checkpoints" in err

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from taskarith import cli
 from taskarith.cli import _config, _yaml
@@ -21,7 +23,7 @@ def here(tmp_path, monkeypatch):
     """Run in a folder holding the checkpoints configs name (the config reader only checks that they exist)."""
     monkeypatch.chdir(tmp_path)
     for name in ("base.safetensors", "ft0.safetensors", "ft1.safetensors", "tv.safetensors"):
-        (tmp_path / name).touch()
+        save_file({"model.layers.0.w": torch.zeros(2)}, tmp_path / name)
     return tmp_path
 
 
@@ -107,7 +109,7 @@ models:
     parameters: *same
 """, name="mk.yaml")
     assert [str(s) for s in plan.sources] == ["ft0.safetensors", "ft1.safetensors"]
-    assert plan.options["density"] == pytest.approx(0.4) and plan.weights is None  # equal weights cancel
+    assert plan.options["density"] == pytest.approx((0.4, 0.4)) and plan.weights == pytest.approx([0.7, 0.7])
     merged = _config.parse("method: ties\nvectors:\n  - &v {vector: tv.safetensors, weight: 0.5}\n"
                            "  - {<<: *v, weight: 2.0}\n", name="m.yaml")  # a YAML merge key
     assert merged.weights == [0.5, 2.0] and len(merged.sources) == 2
@@ -298,8 +300,8 @@ CARELESS = {  # text -> fragments of the message (file name, line, key and fix)
                                       ["line 4, models[0].model: expected a path (text), got the number 5"]),
     "parameters a list": (("merge_method: ties\nbase_model: base.safetensors\nparameters: [1]\nmodels:\n"
                            "  - model: ft0.safetensors\n    parameters: [1, 2]\n"),
-                          ["line 3, parameters: expected a mapping of weight", "got a list [1]",
-                           "line 6, models[0].parameters: expected a mapping of weight, density, got a list"]),
+                          ["line 3, parameters: expected a mapping of parameter: value", "got a list [1]",
+                           "line 6, models[0].parameters: expected a mapping of parameter: value, got a list"]),
     "non-string paths": ("method: ties\nbase: 5\nmodels:\n  - model: [a, b]\n  - model: {x: 1}\n  - true\n",
                          ["line 2, base: expected a path (text), got the number 5",
                           "line 4, models[0].model: expected a path (text), got a list ['a', 'b']",
@@ -311,7 +313,7 @@ CARELESS = {  # text -> fragments of the message (file name, line, key and fix)
                                ["line 1, method: unknown merge method ['ties']",
                                 "line 3, dtype: unknown dtype ['fp16']"]),
     "mergekit method a list": ("merge_method: [ties]\nbase_model: base.safetensors\nmodels: [ft0.safetensors]\n",
-                               ["line 1, merge_method: mergekit method ['ties'] is not supported"]),
+                               ["line 1, merge_method: unknown mergekit method ['ties']"]),
     "flag not a boolean": (("merge_method: ties\nbase_model: base.safetensors\nparameters: {normalize: 1}\n"
                             "models: [ft0.safetensors]\n"),
                            ["line 3, parameters.normalize: expected true or false, got the number 1"]),

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import taskarith as ta
 from taskarith.backends import draws
-from taskarith.merging import DENSITY, SCOPE, SEED, Option, _engine
+from taskarith.merging import DENSITY, SCOPE, SEED, Option, _engine, _registry
 
 SHAPES = {"embed.weight": (41, 7), "layer.0.weight": (13, 11), "layer.0.bias": (11,), "conv.weight": (4, 3, 5),
           "head.weight": (3, 13)}
@@ -92,9 +92,27 @@ def _names() -> list[str]:
     return sorted(set(ta.methods()) | set(CUSTOM))
 
 
+ONE_MODEL = {"slerp", "nearswap", "arcee_fusion", "passthrough"}  # the base and one model
+TWO_MODELS = {"nuslerp"}
+
+
+def _count(name: str) -> int:
+    """How many models the method merges in these checks."""
+    return 1 if name in ONE_MODEL else 2 if name in TWO_MODELS else 3
+
+
+def _on_weights(name: str) -> bool:
+    spec = ta.methods().get(name)
+    return spec is not None and spec.inputs == "weights"
+
+
 def _options(name: str, scope: str = "tensor") -> dict:
     spec = ta.methods()[name]
     options = {}
+    if "t" in spec.options:
+        options["t"] = 0.3
+    if "density" in spec.options and _on_weights(name):
+        options["density"] = (0.5, 0.4, 0.7)[:_count(name)]
     if spec.randomized:
         options["seed"] = 11
     if spec.trim:
@@ -151,14 +169,34 @@ def models(tmp_path_factory):
 # ----------------------------------------------------------------------------- the checks
 
 
+def _merged_weights(name: str, root, paths, weights, options) -> dict[str, torch.Tensor]:
+    """A method of weights run on the stored weights, tensor by tensor: what merge_files must write."""
+    spec, options = _registry.lookup(name, options)
+    base = ta.io.load_state_dict(root / "base.safetensors")
+    models = [ta.io.load_state_dict(p) for p in paths]
+    return {n: _engine.call(spec, n, [m[n] for m in models], weights, options,
+                            base=base[n] if _engine.reads_base(spec, options) else None).to(base[n].dtype)
+            for n in SHAPES}
+
+
 @pytest.mark.parametrize("name", _names())
 @pytest.mark.parametrize("budget", [1, 3000, "1GB"], ids=["row-by-row", "small", "large"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_out_of_core_equals_in_memory(models, tmp_path, name, budget, threads):
     root, base, paths, vectors, vector_paths = models
-    weights = [0.7, 1.3, -0.4]
+    n = _count(name)
+    weights, paths, vectors, vector_paths = [0.7, 1.3, -0.4][:n], paths[:n], vectors[:n], vector_paths[:n]
     options = _options(name)
     spec = ta.methods()[name]
+    if _on_weights(name):  # the stored weights in, bit for bit; in memory, weights rebuilt as base + delta
+        with _threads(threads):
+            out = ta.merge_files(root / "base.safetensors", paths, tmp_path / "m", name, weights=weights,
+                                 max_memory=budget, **options)
+        merged, expected = ta.io.load_state_dict(out), _merged_weights(name, root, paths, weights, options)
+        assert all(torch.equal(merged[t], expected[t]) for t in SHAPES), name
+        rebuilt = ta.merge(vectors, name, weights=weights, base=base, **options).apply_to(base)
+        assert all(torch.allclose(rebuilt[t], expected[t], atol=1e-4) for t in SHAPES), name
+        return
     expected = ta.merge(vectors, name, weights=weights, base=base if spec.needs_base else None, **options)
     with _threads(threads):
         if name in SVD_BASED:  # LAPACK's SVD bits depend on its thread count: compare at the same count
@@ -182,11 +220,15 @@ def test_small_random_and_statistic_chunks_still_agree(models, tmp_path, monkeyp
     monkeypatch.setattr(draws, "RANDOM_CHUNK", 37)
     monkeypatch.setattr(_engine, "STAT_CHUNK", 37)
     root, base, paths, vectors, _ = models
+    paths, vectors = paths[:_count(name)], vectors[:_count(name)]
     options = _options(name, scope="global")
     spec = ta.methods()[name]
-    expected = ta.merge(vectors, name, base=base if spec.needs_base else None, **options).apply_to(base)
     out = ta.merge_files(root / "base.safetensors", paths, tmp_path / "m", name, max_memory=700, **options)
     merged = ta.io.load_state_dict(out)
+    if _on_weights(name):
+        expected = _merged_weights(name, root, paths, [1.0] * len(paths), options)
+    else:
+        expected = ta.merge(vectors, name, base=base if spec.needs_base else None, **options).apply_to(base)
     assert all(torch.equal(merged[n], expected[n]) for n in SHAPES), name
 
 
@@ -215,9 +257,21 @@ def test_declared_symmetric_methods_ignore_input_order(name):
         pytest.skip(f"{name} declares no symmetry")
     vectors, weights = [_dyadic(s) for s in (1, 2, 3)], [1.0, 2.0, 1.0]  # mean's w / Σw stay exact
     options = _options(name)
-    forward = ta.merge(vectors, name, weights=weights, **options)
-    backward = ta.merge(vectors[::-1], name, weights=weights[::-1], **options)
+    base = _zero_base(name)
+    forward = ta.merge(vectors, name, weights=weights, base=base, **options)
+    backward = ta.merge(vectors[::-1], name, weights=weights[::-1], base=base, **options)
+    if _on_weights(name) and "density" in options:  # per-model options move with their models
+        options["density"] = options["density"][::-1]
+        backward = ta.merge(vectors[::-1], name, weights=weights[::-1], base=base, **options)
     assert forward.equal(backward)
+
+
+def _zero_base(name: str) -> dict | None:
+    """A zero base for methods that read one: their weights are then the dyadic deltas themselves."""
+    spec = ta.methods().get(name)
+    if spec is None or not (spec.needs_base or spec.inputs == "weights"):
+        return None
+    return {n: torch.zeros(s) for n, s in SHAPES.items()}
 
 
 @pytest.mark.parametrize("name", _names())
@@ -226,8 +280,11 @@ def test_declared_identity_returns_a_single_vector(name):
     if spec.identity is None:
         pytest.skip(f"{name} declares no identity")
     v = _dyadic(4)
-    options = {**_options(name), **spec.identity}
-    assert ta.merge([v], name, **options).equal(v)
+    options = _options(name)
+    if _on_weights(name):  # the identity holds at the defaults: no trim
+        options.pop("density", None)
+    options.update(spec.identity)
+    assert ta.merge([v], name, base=_zero_base(name), **options).equal(v)
 
 
 def test_every_builtin_declares_its_invariants_honestly():
@@ -245,9 +302,11 @@ def test_cuda_equals_cpu(models, name):
     if name in SVD_BASED:
         pytest.skip("SVDs differ between devices")
     options = _options(name)
-    cpu = ta.merge(vectors, name, base=base if spec.needs_base else None, **options)
+    vectors = vectors[:_count(name)]
+    reads = spec.needs_base or spec.inputs == "weights"
+    cpu = ta.merge(vectors, name, base=base if reads else None, **options)
     gpu = ta.merge([v.to("cuda") for v in vectors], name,
-                   base={n: t.cuda() for n, t in base.items()} if spec.needs_base else None, **options)
+                   base={n: t.cuda() for n, t in base.items()} if reads else None, **options)
     assert cpu.equal(gpu.to("cpu"))
 
 

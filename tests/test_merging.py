@@ -425,7 +425,7 @@ def test_dare_is_unbiased():
 
 
 def test_unknown_methods_and_options_list_the_valid_ones():
-    with pytest.raises(ta.TaskArithError, match="valid: breadcrumbs, consensus, consolidate, dare"):
+    with pytest.raises(ta.TaskArithError, match="valid: arcee_fusion, breadcrumbs, breadcrumbs_ties, consensus"):
         ta.merge([A], "tie")
     with pytest.raises(ta.TaskArithError, match=r"unknown option\(s\) \['densty'\].*density \(a number in \(0, 1\]\)"):
         ta.merge([A], "ties", densty=0.3)
@@ -475,7 +475,7 @@ def test_bad_vector_lists_and_weights_are_refused():
 
 def test_every_method_documents_its_formula_and_paper():
     for name, method in ta.methods().items():
-        assert method.paper.startswith("https://arxiv.org/abs/"), name
+        assert method.paper.startswith("https://"), name  # a paper, or the reference a method without one has
         assert len(method.doc) > 40, f"{name} needs a docstring with its formula"
 
 

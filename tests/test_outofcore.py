@@ -239,7 +239,7 @@ def test_bad_inputs_are_refused_before_any_work(checkpoints, tmp_path):
     save_file(odd, tmp_path / "odd.safetensors")
     with pytest.raises(ta.KeyMismatchError, match="'scalar'"):
         ta.merge_files(root / "base", [sources[0], tmp_path / "odd.safetensors"], tmp_path / "m", "ties")
-    with pytest.raises(ta.TaskArithError, match="valid: breadcrumbs"):
+    with pytest.raises(ta.TaskArithError, match="valid: arcee_fusion, breadcrumbs"):
         ta.merge_files(root / "base", sources, tmp_path / "m", "tie")
     with pytest.raises(ta.TaskArithError, match="density=2"):
         ta.merge_files(root / "base", sources, tmp_path / "m", "ties", density=2)

@@ -43,9 +43,32 @@ def required(method: str) -> dict:
     return {k: 0 for k, o in ta.methods()[method].options.items() if o.required}
 
 
+ONE_MODEL = {"slerp", "nearswap", "arcee_fusion", "passthrough"}  # methods of weights: the base and one model
+TWO_OR_MORE = {"nuslerp": 2, "model_stock": 2}
+
+
+def fitted(method: str, vectors: list, weights):
+    """The inputs a method takes: methods of weights get a base and the number of models they merge;
+    the others get the inputs as they are, and no base."""
+    spec = ta.methods()[method]
+    if spec.inputs != "weights":
+        return vectors, weights, None
+    want = 1 if method in ONE_MODEL else TWO_OR_MORE.get(method)
+    if want is not None:
+        vectors = (vectors * want)[:want] if method != "nuslerp" else (vectors * 2)[:2]
+        weights = None if weights is None else (weights * want)[:want]
+    if method == "model_stock" and len(vectors) < 2:
+        vectors, weights = vectors * 2, None if weights is None else weights * 2
+    g = torch.Generator().manual_seed(0)  # a generic base: models in general position, not all zero
+    base = {n: (10 * torch.randn(t.shape, generator=g)).to(t.dtype) for n, t in vectors[0].items()}
+    return vectors, weights, base
+
+
 def option_strategy(method: str):
     spec = ta.methods()[method]
     drawn = {k: st.sampled_from(OPTION_VALUES[k]) for k in spec.options if k in OPTION_VALUES}
+    if "epsilon" in spec.options and "density" in drawn:  # DELLA: density ± epsilon (0.15) inside (0, 1)
+        drawn["density"] = st.sampled_from([0.3, 1.0])
     return st.fixed_dictionaries(drawn).map(lambda o: {**required(method), **o})
 
 
@@ -73,17 +96,18 @@ def with_value(vector: ta.TaskVector, name: str, index: int, value: float) -> ta
 @pytest.mark.parametrize("method", METHODS)
 @given(case=merge_inputs(), data=st.data(), compiled=st.booleans())
 def test_a_nan_in_any_input_raises_naming_its_vector_and_tensor(method, case, data, compiled):
-    vectors, weights = case
-    if method == "mean" and weights is not None and sum(weights) == 0:
+    vectors, weights, base = fitted(method, *case)
+    if method in ("mean", "linear") and weights is not None and sum(weights) == 0:
         weights = None  # 'mean' refuses weights summing to zero before looking at values
     options = data.draw(option_strategy(method))
     at = data.draw(st.integers(0, len(vectors) - 1))
     name = data.draw(st.sampled_from(sorted(SHAPES)))
+    vectors = list(vectors)
     vectors[at] = with_value(vectors[at], name, data.draw(st.integers(0, 100)), math.nan)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TASKARITH_BACKEND", "numba" if compiled else "torch")
         with pytest.raises(ta.NonFiniteError, match="NaN") as raised:
-            ta.merge(vectors, method, weights=weights, **options)
+            ta.merge(vectors, method, weights=weights, base=base, **options)
     message = str(raised.value)
     assert f"vector #{at} {name!r}" in message, message
     others = [f"vector #{i} {n!r}" for i in range(len(vectors)) for n in SHAPES if (i, n) != (at, name)]
@@ -93,10 +117,14 @@ def test_a_nan_in_any_input_raises_naming_its_vector_and_tensor(method, case, da
 @pytest.mark.parametrize("method", METHODS)
 @given(case=merge_inputs(), data=st.data())
 def test_finite_inputs_never_trip_the_nan_check_and_give_finite_results(method, case, data):
-    vectors, weights = case
-    if method == "mean" and weights is not None and sum(weights) == 0:
+    vectors, weights, base = fitted(method, *case)
+    if method in ("mean", "linear") and weights is not None and sum(weights) == 0:
         weights = None
-    merged = ta.merge(vectors, method, weights=weights, **data.draw(option_strategy(method)))
+    try:
+        merged = ta.merge(vectors, method, weights=weights, base=base, **data.draw(option_strategy(method)))
+    except ta.TaskArithError as err:  # a method of weights may refuse degenerate geometry, never with NaN
+        assert base is not None and not isinstance(err, ta.NonFiniteError), err
+        return
     for name in merged:
         assert bool(torch.isfinite(merged[name]).all()), f"{method}: {name!r} is not finite"
 
@@ -105,9 +133,11 @@ def test_finite_inputs_never_trip_the_nan_check_and_give_finite_results(method, 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_checks_nan_on_each_device(method, device):
     vectors = [ta.TaskVector({"w": torch.randn(6, 5), "b": torch.randn(5)}).to(device) for _ in range(3)]
-    vectors[2] = with_value(vectors[2], "b", 4, math.nan)
-    with pytest.raises(ta.NonFiniteError, match=r"vector #2 'b'"):
-        ta.merge(vectors, method, weights=[1.0, 1.0, 0.0], **required(method))
+    vectors, weights, base = fitted(method, vectors, [1.0, 1.0, 0.0])
+    last = len(vectors) - 1
+    vectors[last] = with_value(vectors[last], "b", 4, math.nan)
+    with pytest.raises(ta.NonFiniteError, match=rf"vector #{last} 'b'"):
+        ta.merge(vectors, method, weights=weights, base=base, **required(method))
 
 
 @pytest.mark.parametrize("method", [m for m, spec in ta.methods().items() if spec.trim])
@@ -230,12 +260,19 @@ def test_every_merge_carries_the_common_base_fingerprint(method, dtype):
     vectors = [_extracted(BASE, i) for i in range(3)]
     fingerprint = vectors[0].base_fingerprint
     assert fingerprint is not None and all(v.base_fingerprint == fingerprint for v in vectors)
-    assert ta.merge(vectors, method, dtype=dtype, **required(method)).base_fingerprint == fingerprint
-    mixed = [*vectors[:2], _extracted(OTHER, 2)]
-    assert ta.merge(mixed, method, dtype=dtype, **required(method)).base_fingerprint is None
-    unknown = [*vectors[:2], ta.TaskVector(dict(vectors[2]))]  # built from tensors: no fingerprint
-    assert unknown[2].base_fingerprint is None
-    assert ta.merge(unknown, method, dtype=dtype, **required(method)).base_fingerprint is None
+    assert _merged(vectors, method, dtype=dtype).base_fingerprint == fingerprint
+    if method not in ONE_MODEL:  # a method of one model takes the first vector only: nothing to mix
+        mixed = [_extracted(OTHER, 2), *vectors[:2]]
+        assert _merged(mixed, method, dtype=dtype).base_fingerprint is None
+    unknown = [ta.TaskVector(dict(vectors[2])), *vectors[:2]]  # built from tensors: no fingerprint
+    assert unknown[0].base_fingerprint is None
+    assert _merged(unknown, method, dtype=dtype).base_fingerprint is None
+
+
+def _merged(vectors, method, **kwargs):
+    """``ta.merge`` of the vectors a method takes (methods of weights: the first ones, onto a base)."""
+    vectors, _, base = fitted(method, vectors, None)
+    return ta.merge(vectors, method, base=base, **required(method), **kwargs)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -251,7 +288,7 @@ def test_the_fingerprint_survives_untying_names_only_some_inputs_tie(method):
     # (as vectors saved from one base and loaded with their ties would).
     b._info = replace(b._info, base_fingerprint=a.base_fingerprint)
     assert a.aliases and not b.aliases and a.base_fingerprint is not None
-    assert ta.merge([a, b], method, **required(method)).base_fingerprint == a.base_fingerprint
+    assert _merged([a, b], method).base_fingerprint == a.base_fingerprint
 
 
 # ------------------------------------------------------------- scalar arguments
@@ -380,7 +417,7 @@ def test_scalars_are_validated_before_a_method_runs():
         ta.merging.unregister("scale_spy_demo")
 
 
-OUT_OF_CORE_OPTIONS = {"density": 0.3, "drop": 0.5, "seed": 1, "top": 0.3, "k": 1}
+OUT_OF_CORE_OPTIONS = {"density": 0.3, "drop": 0.5, "seed": 1, "top": 0.3, "k": 1, "t": 0.5}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -400,8 +437,9 @@ def test_out_of_core_merges_name_a_nan_like_merge_does(tmp_path, method, budget)
         save_file(tuned, tmp_path / f"ft{i}.safetensors")
     spec = ta.methods()[method]
     options = {k: v for k, v in OUT_OF_CORE_OPTIONS.items() if k in spec.options}
-    with pytest.raises(ta.NonFiniteError, match=r"vector #1 'w'") as err:
-        ta.merge_files(tmp_path / "base.safetensors", [tmp_path / "ft0.safetensors", tmp_path / "ft1.safetensors"],
-                       tmp_path / "out", method, max_memory=budget, **options)
-    assert "'b'" not in str(err.value) and "#0" not in str(err.value)
+    sources = [tmp_path / "ft0.safetensors", tmp_path / "ft1.safetensors"][int(method in ONE_MODEL):]
+    at = len(sources) - 1
+    with pytest.raises(ta.NonFiniteError, match=rf"vector #{at} 'w'") as err:
+        ta.merge_files(tmp_path / "base.safetensors", sources, tmp_path / "out", method, max_memory=budget, **options)
+    assert "'b'" not in str(err.value) and (at == 0 or "#0" not in str(err.value))
     assert not (tmp_path / "out").exists()

@@ -22,13 +22,14 @@ __all__ = ["Plan", "load", "parse"]
 NATIVE_KEYS = ("method", "base", "models", "vectors", "options", "dtype")
 
 
-def load(path, *, seed: int | None = None, output=None) -> Plan:
+def load(path, *, seed: int | None = None, output=None, semantics: str = "mergekit") -> Plan:
     """Read and validate the config file at ``path``: YAML or JSON text, UTF-8 (or UTF-16/32 with a BOM)."""
     path = Path(path)
-    return parse(_yaml.read(path), name=str(path), seed=seed, output=output)
+    return parse(_yaml.read(path), name=str(path), seed=seed, output=output, semantics=semantics)
 
 
-def parse(text: str, *, name: str = "<config>", seed: int | None = None, output=None) -> Plan:
+def parse(text: str, *, name: str = "<config>", seed: int | None = None, output=None,
+          semantics: str = "mergekit") -> Plan:
     """Validate a config given as text; raises one :class:`TaskArithError` listing every problem.
 
     Example:
@@ -44,7 +45,7 @@ def parse(text: str, *, name: str = "<config>", seed: int | None = None, output=
         raise TaskArithError(f"{name}: a merge config is a mapping of keys (method: ..., models: ... or "
                              f"merge_method: ..., base_model: ...), got {shown}; see docs/cli.md")
     if "merge_method" in data or "base_model" in data:
-        plan = _mergekit.plan(doc, data, seed)
+        plan = _mergekit.plan(doc, data, seed, semantics=semantics)
     else:
         plan = _native(doc, data, seed)
     vector_out = plan is not None and plan.kind == "vectors" and plan.base is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,10 +51,16 @@ class Document:
     """Parsed config data plus the line of every key, and the problems found so far."""
 
     def __init__(self, text: str, name: str):
-        self.name, self.problems = name, []
+        self.name, self.problems, self.warnings, self.text = name, [], [], text
         self.data, self.lines, duplicates = _yaml.load(text, name)
         for path in duplicates:
             self.problem(path, "duplicate key (the later value would silently win); keep one")
+
+    def warn(self, message: str) -> None:
+        """Something the merge goes on without (an unused parameter): a warning, once."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            warnings.warn(f"{self.name}: {message}", stacklevel=2)
 
     def problem(self, path: tuple, message: str) -> None:
         self.problems.append((path, message if len(message) <= 8 * _SHORT else message[:8 * _SHORT] + "…"))

@@ -24,18 +24,47 @@ def merge(args, parser) -> None:
     if args.device is not None and args.max_memory is not None:
         parser.error("merge: --max-memory limits the out-of-core merge; --device merges in memory. Pick one.")
     out = Path(args.output)
-    plan = _config.load(args.config, seed=args.seed, output=out)
-    check_output(args, args.config, plan.base, *plan.sources, folder=out.suffix != ".safetensors")
+    plan = _config.load(args.config, seed=args.seed, output=out, semantics=args.semantics)
+    check_output(args, args.config, *plan.paths(), folder=out.suffix != ".safetensors")
     if plan.kind == "vectors" and plan.base is not None:
         _check_vector_bases(plan, strict=args.strict)
     if args.dry_run:
         print(json.dumps(plan.describe(), indent=2))
         return
-    if args.device is not None:
+    if merging.methods()[plan.method].inputs == "weights":
+        _merge_weights(plan, out, args)
+    elif args.device is not None:
         _merge_in_memory(plan, out, _extract.device_of(args.device), args.shard_size)
     else:
         _merge_out_of_core(plan, out, args.max_memory or "2GB", args.shard_size, args.progress)
     log(f"wrote {out} ({plan.method} of {len(plan.sources)} {plan.kind})")
+    for note in plan.notes:
+        log(note)
+
+
+def _merge_weights(plan, out: Path, args) -> None:
+    """A merge of model weights (mergekit's methods): streamed from disk, on ``--cuda``/``--device`` if given."""
+    runtime.hold_freed_memory()
+    shard = args.shard_size
+    if args.out_shard_size is not None:  # mergekit counts parameters
+        shard = args.out_shard_size * (plan.dtype or _widest(plan.base)).itemsize
+    common = dict(weights=plan.weights, dtype=plan.dtype, compute_dtype=plan.compute_dtype,
+                  max_memory=args.max_memory or "2GB", progress=args.progress, overwrite=True,
+                  device=args.compute_device or args.device or "cpu", **plan.options)
+    if out.suffix != ".safetensors":
+        outofcore.merge_files(plan.base, plan.sources, out, plan.method, shard_size=shard, files=plan.files,
+                              config=plan.config, **common)
+        return
+    with scratch_folder(out) as tmp:
+        folder = outofcore.merge_files(plan.base, plan.sources, tmp / "model", plan.method, shard_size=1 << 62,
+                                       **common)
+        os.replace(folder / "model.safetensors", out)
+
+
+def _widest(reference) -> torch.dtype:
+    ckpt = reference if hasattr(reference, "names") else Checkpoint(reference)
+    floats = [ckpt.dtype(n) for n in ckpt.names() if ckpt.dtype(n).is_floating_point]
+    return max(floats, key=lambda d: d.itemsize, default=torch.float32)
 
 
 def _check_vector_bases(plan, *, strict: bool) -> None:

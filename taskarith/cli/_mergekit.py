@@ -1,122 +1,281 @@
-"""mergekit's merge configs: the task_arithmetic, ties and dare_ties subset, translated to taskarith's
-methods exactly, or refused with the reason (see the mapping table in ``docs/cli.md``)."""
+"""mergekit's merge configs, run with mergekit's semantics: every method of mergekit 0.1.5, per-model
+parameters, per-layer gradients and ``filter:`` lists, ``slices``, the base model's role.
+
+The config is checked as a whole, every tensor's parameters resolved, before a tensor is read; the
+merge then runs on taskarith's engine. ``--semantics taskarith`` instead translates task_arithmetic,
+ties and dare_ties to taskarith's own methods (``_mergekit_native``). See ``docs/cli.md``.
+"""
 
 from __future__ import annotations
 
 import math
+import secrets
 from pathlib import Path
 
+from .. import merging
+from ..errors import TaskArithError
+from ..io import Checkpoint
+from . import _mergekit_card, _mergekit_native, _mergekit_slices
 from ._document import Document, got, show
+from ._mergekit_methods import REQUIRED, TABLE, MergekitMethod, option_name
+from ._mergekit_params import _UNSET, Resolver, check_setting
 from ._plan import Plan
 
-__all__ = ["MERGEKIT_KEYS", "MERGEKIT_METHODS", "plan"]
+__all__ = ["KEYS", "plan"]
 
-MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "seed")
-MERGEKIT_METHODS = ("task_arithmetic", "ties", "dare_ties")
+KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+        "tokenizer", "chat_template", "seed", "name", "modules")
+_NATIVE = {"linear": "mean"}
 
 
-def plan(doc: Document, data: dict, seed: int | None) -> Plan | None:
+def plan(doc: Document, data: dict, seed: int | None, *, semantics: str = "mergekit") -> Plan | None:
     """The plan of a mergekit config, or None where its problems (recorded in ``doc``) leave none."""
-    doc.top_level(data, MERGEKIT_KEYS)
-    method, base_text, base = _header(doc, data)
-    defaults, flags = _parameters(doc, data)
-    sources, weights, densities = _models(doc, data, base_text, defaults)
-    if not sources or method not in MERGEKIT_METHODS or None in weights or None in defaults.values() \
-            or any(d is None for d, _ in densities):
+    if semantics == "taskarith":
+        return _mergekit_native.plan(doc, data, seed)
+    doc.mapping((), data, KEYS)
+    name = data.get("merge_method")
+    spec = TABLE.get(name) if isinstance(name, str) else None
+    if spec is None:
+        hint = f" (taskarith's own '{_NATIVE[name]}' is the same)" if isinstance(name, str) and name in _NATIVE else ""
+        doc.problem(("merge_method",), f"unknown mergekit method {show(name)}{hint}; mergekit's methods: "
+                    f"{', '.join(sorted(TABLE))}")
         return None
-    return _map_mergekit(doc, method, base, sources, weights, densities, defaults, flags, data, seed)
+    _refuse(doc, data)
+    base_text = data.get("base_model")
+    base = doc.checkpoint(("base_model",), base_text) if base_text is not None else None
+    if "slices" in data and "models" in data:
+        doc.problem(("slices",), "give either 'models' (whole models) or 'slices' (layer ranges), not both")
+        return None
+    top = _parameters(doc, ("parameters",), data.get("parameters"), spec, name)
+    if "slices" in data:
+        found = _sliced(doc, spec, name, data, base_text, base, top)
+    else:
+        found = _whole(doc, spec, name, data, base_text, base, top)
+    if found is None or doc.problems:
+        return None
+    reference, sources, weights, options, base_used, extra = found
+    method = merging.methods()[spec.method]
+    if spec.base == "optional":
+        options["use_base"] = base_used
+    notes = []
+    if method.randomized:
+        options["seed"], note = _seed(doc, data, seed)
+        notes += [note] if note else []
+    options = doc.method_options(("merge_method",), ("parameters",), spec.method, options)
+    compute = doc.dtype(("dtype",), data.get("dtype"))
+    out = doc.dtype(("out_dtype",), data["out_dtype"]) if "out_dtype" in data else compute
+    return Plan(spec.method, "models", reference, sources, weights, options, out, dialect="mergekit",
+                compute_dtype=compute, base_used=base_used, notes=notes, config=extra,
+                files=_mergekit_card.files(doc, data, name, spec.method))
 
 
-def _header(doc: Document, data: dict) -> tuple:
-    """The method, and the base model as written and as a checked path."""
-    method = data.get("merge_method")
-    if method not in MERGEKIT_METHODS:
-        doc.problem(("merge_method",), f"mergekit method {show(method)} is not supported; supported: "
-                    f"{', '.join(MERGEKIT_METHODS)} (taskarith's other methods are available in its own config "
-                    "format, see docs/cli.md)")
+def _whole(doc, spec, name, data, base_text, base, top) -> tuple | None:
+    """A ``models:`` config: the models' paths, weights and options resolved per tensor."""
+    inputs, base_used = _inputs(doc, spec, name, _entries(doc, data), base_text, base)
+    if not inputs:
+        return None
+    reference = base if base is not None else inputs[0][1]
+    names = _names(doc, reference)
+    if names is None:
+        return None
+    resolver = Resolver.for_layers(names, _mergekit_slices.layer_count(reference, names))
+    own = [_parameters(doc, where + ("parameters",), params, spec, name) for where, _, params in inputs]
+
+    def resolve(key, default, index):
+        chain = [top.get(key, _UNSET)] if index is None else [own[index].get(key, _UNSET), top.get(key, _UNSET)]
+        return resolver.value(key, chain, default)
+
+    weights, options = _values(doc, spec, name, resolve, [w for w, _, _ in inputs])
+    _check_sum(doc, options, weights)
+    return reference, [p for _, p, _ in inputs], weights, options, base_used, None
+
+
+def _names(doc: Document, reference) -> list[str] | None:
+    """The reference model's tensor names (every parameter is resolved for each before the merge)."""
+    if doc.problems:
+        return None
+    try:
+        return Checkpoint(reference).names()
+    except TaskArithError as err:
+        doc.problem(("base_model",), str(err))
+        return None
+
+
+def _sliced(doc, spec, name, data, base_text, base, top) -> tuple | None:
+    """A ``slices:`` config: views assembling each input's layers, and per-tensor parameters."""
+    layout = _mergekit_slices.parse(doc, data)
+    if layout is None:
+        return None
+    roles, base_used = [], False
+    for sl in layout.slices:
+        sl.sources = [(w, text, path, _parameters(doc, w + ("parameters",), params, spec, name), span)
+                      for w, text, path, params, span in sl.sources]
+        sl.params = _parameters(doc, sl.where + ("parameters",), sl.params, spec, name)
+        paths = [src[2] for src in sl.sources]
+        fake = [(src[0], src[1], src[2], src[3]) for src in sl.sources]
+        inputs, base_used = _inputs(doc, spec, name, fake, base_text, base, appended=False)
+        if not inputs:
+            return None
+        order = [paths.index(p) for _, p, _ in inputs]
+        if base_used:
+            order.append(next(i for i, p in enumerate(paths) if _same(p, base)))
+        roles.append(order)
+    if len({len(r) for r in roles}) > 1:
+        doc.problem(("slices",), f"every slice must give {name} the same number of models, got "
+                    f"{[len(r) for r in roles]}")
+        return None
+    reference = base if base is not None else layout.slices[0].sources[0][2]
+    views = layout.assemble(reference, roles)
+    count = len(roles[0]) - int(base_used)
+
+    def resolve(key, default, index):
+        return layout.value(key, top, default, index, roles)
+
+    weights, options = _values(doc, spec, name, resolve, [("slices",)] * count)
+    layout_ref = views[-1] if base_used else views[0]
+    return layout_ref, views[:count], weights, options, base_used, layout.config_updates(reference)
+
+
+def _refuse(doc: Document, data: dict) -> None:
+    """What taskarith cannot do yet for a mergekit config: one line each."""
+    if "modules" in data:
+        doc.problem(("modules",), "'modules' (several modules of one model, as in vision-language models) is not "
+                    "supported; merge each module's checkpoint on its own")
     source = data.get("tokenizer_source")
     if source not in (None, "base"):
-        doc.problem(("tokenizer_source",), f"tokenizer_source {show(source)} is not supported: the output takes the "
-                    "base model's tokenizer (remove the key or write 'base')")
-    base_text = data.get("base_model")
-    base = None
-    if base_text is None:
-        doc.problem(("base_model",), "missing 'base_model': task arithmetic, TIES and DARE need the pretrained model")
-    else:
-        base = doc.checkpoint(("base_model",), base_text)
-    return method, base_text, base
+        doc.problem(("tokenizer_source",), f"tokenizer_source {show(source)} is not supported yet: the output takes "
+                    "the base model's tokenizer and embeddings (remove the key or write 'base')")
+    if data.get("tokenizer") is not None:
+        doc.problem(("tokenizer",), "the 'tokenizer:' block is not supported yet: the output takes the base model's "
+                    "tokenizer (remove the block)")
 
 
-def _parameters(doc: Document, data: dict) -> tuple[dict, dict]:
-    """The top-level 'parameters': the numeric defaults of every model, and the boolean flags."""
-    top = doc.mapping(("parameters",), data.get("parameters"),
-                      ("weight", "density", "normalize", "int8_mask", "rescale", "lambda"))
-    defaults = {k: _scalar(doc, ("parameters", k), top[k]) for k in ("weight", "density", "lambda") if k in top}
-    flags = {}
-    for key in ("normalize", "int8_mask", "rescale"):
-        if key in top and not isinstance(top[key], bool):
-            doc.problem(("parameters", key), f"expected true or false, got {got(top[key])}")
-        flags[key] = top.get(key)
-    return defaults, flags
-
-
-def _models(doc: Document, data: dict, base_text, defaults: dict) -> tuple[list, list, list]:
-    """The models to merge (the base skipped), their weights, and their densities with where each was set."""
+def _entries(doc: Document, data: dict) -> list[tuple]:
+    """``models:`` as (path in the config, text as written, checked path, parameters)."""
     models = data.get("models")
     if not isinstance(models, list) or not models:
-        doc.problem(("models",), "expected a non-empty list of '- model: PATH' entries with 'parameters'")
-        models = []
-    sources, weights, densities = [], [], []
+        doc.problem(("models",), "expected a non-empty list of '- model: PATH' entries (or 'slices')")
+        return []
+    entries = []
     for i, entry in enumerate(models):
-        model = _model(doc, ("models", i), entry, base_text, defaults)
-        if model is not None:
-            sources.append(model[0])
-            weights.append(model[1])
-            densities.append(model[2])
-    if not sources and models:
-        doc.problem(("models",), "no model to merge besides the base model: list the fine-tuned models")
-    return sources, weights, densities
+        where = ("models", i)
+        entry = doc.mapping(where, entry if isinstance(entry, dict) else {"model": entry}, ("model", "parameters"))
+        text = entry.get("model")
+        if isinstance(text, str) and "+" in text and not _exists(text):
+            doc.problem(where + ("model",), "'model+lora' references are not supported yet: merge the adapter "
+                        "into the model first (taskarith apply BASE ADAPTER -o DIR) and give DIR")
+            continue
+        path = doc.checkpoint(where + ("model",), text)
+        params = entry.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            doc.problem(where + ("parameters",), f"expected a mapping of parameter: value, got {got(params)}")
+            params = None
+        entries.append((where, text, path, params or {}))
+    return entries
 
 
-def _model(doc: Document, path: tuple, entry, base_text, defaults: dict) -> tuple | None:
-    """One '- model: PATH' entry: its path, weight and (density, where); None where it is skipped."""
-    entry = doc.mapping(path, entry if isinstance(entry, dict) else {"model": entry}, ("model", "parameters"))
-    name = entry.get("model")
-    if isinstance(name, dict):
-        doc.problem(path + ("model",), "nested model references (LoRA, overrides) are not supported; give a path")
-        return None
-    if name is not None and base_text is not None and _same_path(name, base_text):
-        return None  # mergekit lists the base among the models and skips it
-    if isinstance(name, str) and "+" in name and not _exists(name):
-        doc.problem(path + ("model",), "'model+lora' references are not supported: merge the adapter into "
-                    "the model first and give its folder")
-        return None
-    source = doc.checkpoint(path + ("model",), name)
-    params = doc.mapping(path + ("parameters",), entry.get("parameters"), ("weight", "density"))
-    values = {k: _scalar(doc, path + ("parameters", k), params[k]) for k in params if k in ("weight", "density")}
-    weight = values.get("weight", defaults.get("weight"))
-    if weight is None and "weight" not in params:
-        doc.problem(path + ("parameters",), "missing 'weight' (mergekit requires one per model, or a default "
-                    "under the top-level 'parameters')")
-    return source, weight, (values.get("density", defaults.get("density", 1.0)), path + ("parameters", "density"))
+def _inputs(doc: Document, spec: MergekitMethod, name: str, entries: list, base_text, base, *,
+            appended: bool = True) -> tuple[list, bool]:
+    """The method's input models (path in the config, checked path, parameters), in order, and whether
+    the base model is read as the base. A base listed among the models is not one more input, except
+    where the method ignores the base's role (linear, karcher, passthrough), as in mergekit."""
+    if spec.base == "required" and base_text is None:
+        doc.problem(("base_model",), f"{name} needs 'base_model' (the model the others are compared with)")
+    listed = [(w, p, params) for w, t, p, params in entries]
+    if base is None or spec.base == "ignored":
+        inputs = listed
+        if appended and base is not None and not any(p is not None and _same(p, base) for _, p, _ in listed):
+            inputs = listed + [(("base_model",), base, {})]
+        base_used = False
+    else:
+        inputs = [(w, p, params) for w, p, params in listed if p is None or not _same(p, base)]
+        base_used = True
+        if listed and not inputs:
+            doc.problem(("models",), "no model to merge besides the base model: list the fine-tuned models")
+            return [], True
+        if not appended and len(inputs) == len(listed):
+            doc.problem(listed[0][0][:2], f"{name} reads the base model: list {base_text!r} among each slice's sources")
+            return [], True
+    count = len(inputs) + int(base_used)
+    problems = []
+    if count < spec.min_inputs or (spec.max_inputs is not None and count > spec.max_inputs):
+        want = spec.min_inputs if spec.max_inputs == spec.min_inputs else f"{spec.min_inputs} to {spec.max_inputs or 'any'}"
+        problems.append(f"{name} takes {want} models (the base counted), got {count}")
+    if spec.min_non_base is not None and not (spec.min_non_base <= len(inputs) <= (spec.max_non_base or len(inputs))):
+        want = spec.min_non_base if spec.max_non_base == spec.min_non_base else f"at least {spec.min_non_base}"
+        problems.append(f"{name} takes {want} models besides the base, got {len(inputs)}")
+    for p in problems:
+        doc.problem(("models",), p)
+    return ([] if problems else [i for i in inputs if i[1] is not None]), base_used
 
 
-def _scalar(doc: Document, path: tuple, value):
-    if isinstance(value, list):
-        doc.problem(path, "per-layer gradients (lists) are not supported; give one number")
-        return None
-    if isinstance(value, dict):
-        doc.problem(path, "per-tensor filters are not supported; give one number")
-        return None
-    return doc.number(path, value)
+def _parameters(doc: Document, path: tuple, params, spec: MergekitMethod, name: str) -> dict:
+    """A ``parameters:`` mapping with every setting checked; parameters the method does not take are
+    left out with a warning (mergekit ignores them too)."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        doc.problem(path, f"expected a mapping of parameter: value, got {got(params)}")
+        return {}
+    known = {**spec.shared, **spec.per_model}
+    kept = {}
+    for key, setting in params.items():
+        if key not in known:
+            doc.warn(f"{doc.where(path + (key,))}: {name} takes no parameter {show(key)} "
+                     f"(it takes: {', '.join(known) or 'none'}); ignored, as mergekit does")
+            continue
+        if check_setting(doc, path + (key,), key, setting):
+            kept[key] = setting
+    return kept
 
 
-def _same_path(a, b) -> bool:
-    if not isinstance(a, str) or not isinstance(b, str):
-        return False
+def _values(doc: Document, spec: MergekitMethod, name: str, resolve, wheres: list) -> tuple[list | None, dict]:
+    """The engine's weights and options: ``resolve(key, default, input index or None)`` per parameter."""
+    options = {}
+    for key, default in spec.shared.items():
+        value = resolve(key, default, None)
+        if value is REQUIRED:
+            doc.problem(("parameters", key), f"{name} needs '{key}' (under 'parameters')")
+        options[option_name(key)] = value
+    weights = None
+    for key, default in spec.per_model.items():
+        values = []
+        for index, where in enumerate(wheres):
+            value = resolve(key, default, index)
+            if value is REQUIRED:
+                doc.problem(where, f"{name} needs '{key}' for every model (under its 'parameters', or a default "
+                            "under the top-level 'parameters')")
+            values.append(value)
+        if key == "weight":
+            weights = values
+        else:
+            options[option_name(key)] = tuple(values)
+    return weights, options
+
+
+def _check_sum(doc: Document, options: dict, weights: list | None) -> None:
+    """Normalized weights are divided by their sum: it must be finite."""
+    plain = [w for w in weights or [] if isinstance(w, float)]
+    if options.get("normalize") is True and len(plain) == len(weights or []) and not math.isfinite(sum(plain)):
+        doc.problem(("models",), f"the weights {show(plain)} sum to {sum(plain)}: use smaller weights")
+
+
+def _seed(doc: Document, data: dict, seed) -> tuple[int, str | None]:
+    """A random method's seed: ``--seed``, else the config's ``seed``, else a fresh one (reported)."""
+    chosen = seed if seed is not None else data.get("seed")
+    if chosen is not None and (isinstance(chosen, bool) or not isinstance(chosen, int)):
+        doc.problem(("seed",), f"expected an integer seed, got {got(chosen)}")
+        return 0, None
+    if chosen is None:
+        chosen = secrets.randbelow(2**31)
+        return chosen, f"random seed {chosen} (pass --seed {chosen} to repeat this merge)"
+    return chosen, None
+
+
+def _same(a: Path, b: Path) -> bool:
     try:
-        return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-    except (OSError, ValueError, RuntimeError):  # a NUL byte, an unknown ~user: checkpoint() reports it
+        return a == b or a.expanduser().resolve() == b.expanduser().resolve()
+    except (OSError, RuntimeError):
         return False
 
 
@@ -125,83 +284,3 @@ def _exists(value: str) -> bool:
         return Path(value).exists()
     except (OSError, ValueError):
         return False
-
-
-# ------------------------------------------------------------ translation
-
-
-def _map_mergekit(doc, method, base, sources, weights, densities, defaults, flags, data, seed) -> Plan:
-    """Translate mergekit's semantics to taskarith's, refusing what does not translate exactly."""
-    normalize = flags["normalize"] if flags["normalize"] is not None else method == "ties"
-    rescale = flags["rescale"] if flags["rescale"] is not None else method == "dare_ties"
-    options: dict = {"scale": defaults.get("lambda", 1.0)}
-    if method == "task_arithmetic":
-        weights = _task_arithmetic_weights(doc, weights, densities, normalize)
-    else:
-        options.update(_trim_options(doc, method, densities, rescale, data, seed))
-        weights = _consensus_weights(doc, method, weights, normalize)
-    options = doc.method_options(("merge_method",), ("parameters",), method, options)
-    dtype = doc.dtype(("out_dtype",), data["out_dtype"]) if "out_dtype" in data else doc.dtype(("dtype",), data.get("dtype"))
-    return Plan(method, "models", base, sources, weights, options, dtype, dialect="mergekit")
-
-
-def _task_arithmetic_weights(doc: Document, weights: list[float], densities: list, normalize: bool) -> list[float]:
-    """task_arithmetic keeps every entry; with normalize, mergekit divides by the sum of the weights."""
-    for d, path in densities:
-        if d != 1.0:
-            doc.problem(path, "task_arithmetic does not sparsify: remove 'density' or use ties / dare_ties")
-    if not normalize:
-        return weights
-    total = sum(weights)
-    if not math.isfinite(total):
-        doc.problem(("models",), f"the weights {show(weights)} sum to {total}: use smaller weights")
-    total = 1.0 if abs(total) < 1e-8 else total
-    return [w / total for w in weights]
-
-
-def _trim_options(doc: Document, method: str, densities: list, rescale: bool, data: dict, seed) -> dict:
-    """The options of taskarith's ties or dare_ties that trim as mergekit's do: one density for all models."""
-    values = sorted({d for d, _ in densities})
-    if len(values) > 1:
-        doc.problem(densities[0][1], f"the models have different densities {values}; taskarith trims every "
-                    "vector to one density: use one value")
-    density = values[0]
-    if method == "ties":
-        if rescale:
-            doc.problem(("parameters", "rescale"), "rescale: true (norm-preserving trim) has no taskarith "
-                        "equivalent for ties; remove it")
-        return {"density": density, "scope": "tensor", "sign": "sum"}
-    if not rescale:
-        doc.problem(("parameters", "rescale"), "rescale: false is not supported: taskarith's DARE always "
-                    "rescales the kept entries by 1/density")
-    return {"drop": 1.0 - density, "sign": "sum", "seed": _seed(doc, data, seed)}
-
-
-def _seed(doc: Document, data: dict, seed) -> int:
-    """DARE's seed: ``--seed``, else the config's; required, since taskarith makes random merges reproducible."""
-    chosen = seed if seed is not None else data.get("seed")
-    if chosen is not None and (isinstance(chosen, bool) or not isinstance(chosen, int)):
-        doc.problem(("seed",), f"expected an integer seed, got {got(chosen)}")
-        chosen = 0
-    if chosen is None:
-        doc.problem(("merge_method",), "dare_ties is random: add 'seed: N' to the config or pass --seed N "
-                    "(taskarith makes random merges reproducible)")
-    return 0 if chosen is None else chosen
-
-
-def _consensus_weights(doc: Document, method: str, weights: list[float], normalize: bool) -> list[float] | None:
-    """mergekit: Σ w_i τ_i m_i / (Σ w_i m_i if normalize else 1); taskarith: Σ w_i τ_i m_i / Σ m_i."""
-    if normalize and len(set(weights)) == 1 and weights[0] > 0:
-        return None  # a common positive weight cancels in mergekit's weighted mean
-    if not normalize and len(weights) == 1:
-        return weights
-    where = ("parameters", "normalize")
-    if normalize:
-        doc.problem(where, f"with normalize: true and weights {weights}, mergekit's {method} takes the weighted "
-                    f"mean of the agreeing entries; taskarith's averages them by count, which agrees only when "
-                    "all weights are equal and positive: make them equal")
-    else:
-        doc.problem(where, f"with normalize: false (mergekit's default for {method}) mergekit sums the agreeing "
-                    f"entries; taskarith's {method} averages them, which agrees only for one model: set "
-                    "'normalize: true' with equal weights")
-    return weights

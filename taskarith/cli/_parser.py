@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'taskarith COMMAND --help' for a command's options. Docs: docs/cli.md",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_extract, _add_apply, _add_merge, _add_inspect):
+    for add in (_add_extract, _add_apply, _add_merge, _add_inspect, _add_extract_lora):
         add(sub, common)
     return parser
 
@@ -64,8 +64,8 @@ def _add_apply(sub, common) -> None:
 def _add_merge(sub, common) -> None:
     p = sub.add_parser("merge", parents=[common], help="merge models or vectors as a config file says",
                        description="Merge fine-tuned models (or task vectors) as CONFIG (YAML or JSON, taskarith's "
-                                   "format or mergekit's task_arithmetic/ties/dare_ties subset) says. The config is "
-                                   "validated before any tensor is read; the merge runs out of core.")
+                                   "format or mergekit's, every mergekit method) says. The config is validated "
+                                   "before any tensor is read; the merge runs out of core.")
     p.add_argument("config", metavar="CONFIG", help="merge config (.yaml, .yml or .json)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="model folder, or a .safetensors file (a task vector when merging vectors without a base)")
@@ -80,8 +80,61 @@ def _add_merge(sub, common) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved merge as JSON, and stop")
     p.add_argument("--strict", action="store_true", help="when merging vectors onto a base, refuse vectors extracted "
                    "from another base (default: warn)")
+    p.add_argument("--semantics", choices=["mergekit", "taskarith"], default="mergekit",
+                   help="mergekit configs: reproduce mergekit's arithmetic (default), or run task_arithmetic, ties "
+                   "and dare_ties as taskarith's own exact methods (see docs/cli.md)")
     _overwrite_flag(p)
+    _mergekit_flags(p)
     p.set_defaults(run=_merge.merge)
+
+
+def _mergekit_flags(p: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's flags: those with a taskarith meaning, and those accepted as what taskarith always does."""
+    g = p.add_argument_group("mergekit-yaml flags", "accepted so that mergekit command lines run unchanged")
+    g.add_argument("--random-seed", type=int, dest="seed", default=argparse.SUPPRESS, help="same as --seed")
+    g.add_argument("--cuda", action="store_const", const="cuda", dest="compute_device", default=None,
+                   help="compute on the GPU (the merge still streams from disk)")
+    g.add_argument("--out-shard-size", type=_parameter_count, default=None, metavar="N",
+                   help="largest shard in parameters (mergekit's meaning: 5B, 500M, ...); --shard-size is in bytes")
+    for flag, meaning in _ALWAYS.items():
+        g.add_argument(flag, action="store_true", help=meaning)
+    for flag, meaning in _IGNORED_VALUES.items():
+        g.add_argument(flag, metavar="VALUE", default=None, help=meaning)
+    g.add_argument("-v", "--verbose", action="count", default=0, help="accepted (taskarith prints one line)")
+
+
+_ALWAYS = {
+    "--copy-tokenizer": "accepted: the base model's tokenizer files are always copied",
+    "--no-copy-tokenizer": "accepted; the tokenizer files are still copied (delete them afterwards if unwanted)",
+    "--lazy-unpickle": "accepted: inputs are always memory-mapped (safetensors)",
+    "--allow-crimes": "accepted: models of one architecture are checked by tensor names and shapes only",
+    "--low-cpu-memory": "accepted: the merge streams within --max-memory",
+    "--write-model-card": "accepted: a README.md model card is always written",
+    "--clone-tensors": "accepted (no effect)",
+    "--trust-remote-code": "accepted (taskarith runs no model code)",
+    "--safe-serialization": "accepted: outputs are always safetensors",
+    "--read-to-gpu": "accepted: with --cuda, blocks are copied to the GPU as they are merged",
+    "--multi-gpu": "accepted (one device)",
+    "--gpu-rich": "accepted (same as --cuda)",
+    "--async-write": "accepted: writing overlaps merging",
+    "--quiet": "accepted",
+}
+_IGNORED_VALUES = {
+    "--transformers-cache": "accepted (no effect: nothing is downloaded)",
+    "--lora-merge-cache": "accepted (no effect)",
+    "--lora-merge-dtype": "accepted (no effect)",
+    "--num-threads": "accepted (torch's threads are used)",
+    "--write-threads": "accepted (no effect)",
+}
+
+
+def _parameter_count(text: str) -> int:
+    """mergekit's sizes: a count of parameters with an optional K, M or B suffix."""
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale != 1 else text
+    if not digits.isdigit() or int(digits) * scale < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of parameters such as 5B or 500M, got {text!r}")
+    return int(digits) * scale
 
 
 def _add_inspect(sub, common) -> None:
@@ -95,6 +148,31 @@ def _add_inspect(sub, common) -> None:
     p.add_argument("--atol", type=_number, default=0.0, help="entries with |x| <= ATOL count as zero (default 0)")
     p.set_defaults(run=_inspect.inspect)
 
+
+def _add_extract_lora(sub, common) -> None:
+    from . import _extract_lora
+
+    p = sub.add_parser("extract-lora", parents=[common], help="save FINETUNED - BASE as a PEFT LoRA adapter",
+                       description="Approximate τ = FINETUNED − BASE by a PEFT LoRA adapter of rank R (a truncated "
+                                   "SVD of each Linear, Conv1D and Embedding delta; biases and norms in full) and "
+                                   "write the adapter folder. Prints the worst per-layer relative error.")
+    p.add_argument("base", metavar="BASE", help="pretrained model: model folder (with config.json) or .safetensors file")
+    p.add_argument("finetuned", metavar="FINETUNED", help="fine-tuned model of the same architecture")
+    p.add_argument("-r", "--rank", required=True, metavar="R", help="LoRA rank (a positive integer)")
+    p.add_argument("-o", "--output", required=True, metavar="ADAPTER", help="the adapter folder to write")
+    p.add_argument("--dtype", choices=_DTYPE_CHOICES, help="dtype of the LoRA factors (default: the deltas')")
+    p.add_argument("--target", action="append", metavar="MODULE", help="factor only these layers (module names or "
+                   "dotted suffixes such as q_proj; repeat for several); the other layers' deltas are dropped")
+    p.add_argument("--rest", choices=["full", "drop"], default="full", help="biases, norms and other deltas LoRA "
+                   "cannot express: store them in full (default) or drop them")
+    p.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto",
+                   help="exact SVD, randomized SVD, or by size (auto: randomized above 1024 rows and columns)")
+    p.add_argument("--niter", type=int, default=2, help="power iterations of the randomized SVD (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    p.add_argument("--json", action="store_true", help="also print the per-layer report as JSON on stdout")
+    p.add_argument("--allow-pickle", action="store_true", help="also read .bin/.pt checkpoints (weights_only)")
+    _overwrite_flag(p)
+    p.set_defaults(run=_extract_lora.run)
 
 def _overwrite_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output that taskarith did not write "

@@ -21,14 +21,39 @@ class Plan:
 
     method: str
     kind: str  # "models" (fine-tuned checkpoints) or "vectors" (task vector files)
-    base: Path | None
-    sources: list[Path]
-    weights: list[float] | None
+    base: Path | None  # the base model; for mergekit configs, the model whose layout and files the output takes
+    sources: list[Path]  # (mergekit slices: views assembling layers of several models)
+    weights: list | None
     options: dict = field(default_factory=dict)
     dtype: torch.dtype | None = None
     dialect: str = "taskarith"
+    compute_dtype: torch.dtype | None = None  # mergekit's dtype: the models' weights converted before merging
+    base_used: bool = True  # whether the method reads the base model (mergekit's linear does not)
+    notes: list[str] = field(default_factory=list)  # said once the merge is written (a seed drawn for it)
+    config: dict | None = None  # config.json keys the output changes (a layer count changed by slices)
+    files: dict[str, str] = field(default_factory=dict)  # text files written beside the weights
+
+    def paths(self) -> list:
+        """Every input path (the models behind slice views included)."""
+        return [p for s in [self.base, *self.sources] if s is not None for p in getattr(s, "paths", [s])]
 
     def describe(self) -> dict:
-        return {"dialect": self.dialect, "method": self.method, "base": str(self.base) if self.base else None,
-                self.kind: [str(s) for s in self.sources], "weights": self.weights, "options": self.options,
-                "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None}
+        described = {"dialect": self.dialect, "method": self.method, "base": str(self.base) if self.base else None,
+                     self.kind: [str(s) for s in self.sources], "weights": _shown(self.weights),
+                     "options": {k: _shown(v) for k, v in self.options.items()},
+                     "dtype": _dtype(self.dtype)}
+        if self.dialect == "mergekit":
+            described.update(compute_dtype=_dtype(self.compute_dtype), base_used=self.base_used,
+                             config=self.config, notes=self.notes)
+        return described
+
+
+def _dtype(dtype) -> str | None:
+    return str(dtype).replace("torch.", "") if dtype else None
+
+
+def _shown(value):
+    """A value for JSON: per-tensor values as their description."""
+    if isinstance(value, (list, tuple)):
+        return [_shown(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)

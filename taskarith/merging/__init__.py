@@ -7,7 +7,10 @@ The package's layout is its architecture:
 * :mod:`._engine` — validation, planning and the in-memory driver :func:`merge` (the out-of-core
   driver, :mod:`taskarith.outofcore`, calls methods through the same :func:`._engine.call`);
 * :mod:`._trim` — the one exact top-k trim plan; :mod:`._steps` — steps methods share;
-* one module per family: :mod:`.linear`, :mod:`.ties`, :mod:`.masks`, :mod:`.spectral`.
+* :mod:`._varying` — option values and weights that vary by tensor (gradients over layers, filters);
+* one module per family: :mod:`.linear`, :mod:`.ties`, :mod:`.masks`, :mod:`.spectral`,
+  :mod:`.consolidation`; mergekit's methods of weights (``inputs="weights"``): :mod:`.mergekit_gta`
+  (with :mod:`.mergekit_sparsify`), :mod:`.interpolation`, :mod:`.selection`.
 
 Conventions shared by every method:
 
@@ -25,6 +28,7 @@ from ._engine import merge
 from ._registry import methods, register, unregister
 from ._spec import DENSITY, DROP, SCALE, SCOPE, SEED, SIGN, Block, Method, Option
 from ._trim import trim
+from ._varying import Varying, filtered, gradient
 
-__all__ = ["DENSITY", "DROP", "SCALE", "SCOPE", "SEED", "SIGN", "Block", "Method", "Option", "merge", "methods",
-           "register", "trim", "unregister"]
+__all__ = ["DENSITY", "DROP", "SCALE", "SCOPE", "SEED", "SIGN", "Block", "Method", "Option", "Varying", "filtered",
+           "gradient", "merge", "methods", "register", "trim", "unregister"]

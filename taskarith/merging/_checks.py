@@ -11,6 +11,7 @@ from .. import _extract
 from ..errors import NonFiniteError, TaskArithError, raise_if_any
 from ..vector import TaskVector, _checked_scalar
 from ._spec import Method
+from ._varying import varies
 
 
 def validate_vectors(vectors, method: str) -> list[TaskVector]:
@@ -29,7 +30,7 @@ def validate_weights(weights, n: int) -> list[float]:
     """One finite float per vector (1.0 each by default)."""
     if weights is None:
         return [1.0] * n
-    weights = [float(_checked_scalar(w, f"weights[{i}]", ())) for i, w in enumerate(weights)]
+    weights = [w if varies(w) else float(_checked_scalar(w, f"weights[{i}]", ())) for i, w in enumerate(weights)]
     if len(weights) != n:
         raise TaskArithError(f"got {len(weights)} weights for {n} vectors; pass one weight per vector")
     return weights
@@ -39,9 +40,10 @@ def check_scalars(spec: Method, options: Mapping[str, object], weights: Sequence
     """Refuse weights and multiplying options (``scale``, ``lambda_``) that overflow ``dtypes``, the
     dtypes the merge computes in (float32 for half-precision deltas): cast there they would be inf."""
     for i, w in enumerate(weights):
-        _checked_scalar(w, f"weights[{i}]", dtypes)
+        if not varies(w):
+            _checked_scalar(w, f"weights[{i}]", dtypes)
     for key, opt in spec.options.items():
-        if opt.multiplies and options.get(key) is not None:
+        if opt.multiplies and options.get(key) is not None and not varies(options[key]):
             _checked_scalar(options[key], key, dtypes)
 
 

@@ -26,9 +26,10 @@ from ._checks import (
     validate_vectors,
     validate_weights,
 )
-from ._registry import lookup
+from ._registry import at_tensor, lookup
 from ._spec import Block, Method, promote
 from ._trim import trim_plans
+from ._varying import varies
 
 STAT_CHUNK = 1 << 20  # entries per chunk a statistic sees: fixed, so both drivers sum the same partials
 
@@ -87,7 +88,7 @@ def _merge(vectors, method, weights, dtype, base, options, *, by_tensor: bool) -
         out_dtypes = {n: s.dtype for n, s in first._layout.slots.items()}
     else:
         out_dtypes = {n: dtype or promote([v._layout.slot(n).dtype for v in vectors]) for n in first._layout.slots}
-    fast = spec.fast is not None and not by_tensor
+    fast = spec.fast is not None and not by_tensor and not per_tensor(spec, resolved, weights)
     compute = vectors if fast and spec.fast_widens else [v.to(dtype=compute_dtype(v)) for v in vectors]
     if fast:
         merged = _run_fast(spec, compute, weights, resolved)
@@ -101,6 +102,15 @@ def _merge(vectors, method, weights, dtype, base, options, *, by_tensor: bool) -
         merged = TaskVector({n: result[first._layout.canonical(n)] for n in first._layout.names})
     merged._info = info  # ours alone: fresh, or just built
     return merged
+
+
+def per_tensor(spec: Method, options: Mapping, weights: Sequence) -> bool:
+    """Whether some option or weight varies by tensor; refused where the method decides over the whole model."""
+    varying = any(varies(v) for v in options.values()) or varies(tuple(weights))
+    if varying and (spec.trim or spec.statistic is not None or spec.plan is not None):
+        raise TaskArithError(f"merge method {spec.name!r} decides over the whole model (trim, statistic or plan): "
+                             "its options and weights cannot vary by tensor; give one value each")
+    return varying
 
 
 def _run_fast(spec: Method, vectors: list[TaskVector], weights: list[float], options: dict):
@@ -131,6 +141,8 @@ def _run_by_tensor(spec: Method, vectors: list[TaskVector], weights: list[float]
     else:
         deltas_of = lambda name: [v[name] for v in vectors]
     base_of = (lambda name: base[name].to(vectors[0].device)) if base is not None else (lambda name: None)
+    if spec.inputs == "weights":
+        return {name: _on_weights(spec, name, deltas_of(name), weights, options, base_of(name)) for name in names}
     stats = None
     if spec.plan is not None:
         stats = spec.plan({n: tuple(vectors[0]._layout.slots[n].shape) for n in names},
@@ -143,17 +155,34 @@ def _run_by_tensor(spec: Method, vectors: list[TaskVector], weights: list[float]
             for name in names}
 
 
+def _on_weights(spec: Method, name: str, deltas: list[torch.Tensor], weights, options, base: torch.Tensor):
+    """A method of weights run on task vectors: weights rebuilt as ``base + delta``, the result made a delta."""
+    dtype = deltas[0].dtype
+    base = base.to(dtype)
+    merged = call(spec, name, [base + d for d in deltas], weights, options, base=base if reads_base(spec, options) else None)
+    return merged.to(dtype) - base
+
+
+def reads_base(spec: Method, options: Mapping) -> bool:
+    """Whether the method is handed the base: it needs one, or (methods of weights) its ``use_base`` option asks."""
+    return spec.needs_base or (spec.inputs == "weights" and bool(options.get("use_base")))
+
+
 def call(spec: Method, name: str, deltas: Sequence[torch.Tensor], weights: Sequence[float], options: Mapping,
          *, base: torch.Tensor | None = None, shape: tuple[int, ...] | None = None, start: int = 0,
          stats: object = None) -> torch.Tensor:
     """``spec.fn`` on one block under the NaN policy: a NaN in any input raises
     :class:`~taskarith.NonFiniteError` naming the input (position) and tensor.
 
+    Options and weights that vary by tensor (:class:`~taskarith.merging.Varying`) are resolved
+    here, for ``name``.
+
     Inputs are checked first, unless the method propagates NaN and runs on the CPU: then its result
     is (a NaN there sends the check to the inputs, to name them; one made from infinities is IEEE's
     and stays). On accelerators inputs are always checked: a reduction costs little there.
     """
     shape = tuple(deltas[0].shape) if shape is None else shape
+    options, weights = at_tensor(spec, options, weights, name)
     block = Block(name, tuple(deltas), tuple(weights), base, shape, start, options.get("seed"), stats)
     if not spec.propagates_nan or deltas[0].device.type != "cpu":
         raise_nan([(i, name) for i, d in enumerate(deltas) if any_nan([d])], spec.name)
@@ -195,10 +224,11 @@ def chunks(numel: int) -> Iterator[tuple[int, int]]:
 
 
 def _check_base(spec: Method, base, first: TaskVector) -> Mapping[str, torch.Tensor] | None:
-    if not spec.needs_base:
+    if not spec.needs_base and spec.inputs != "weights":
         return None
     if base is None:
-        raise TaskArithError(f"merge method {spec.name!r} reads the pretrained weights: pass base=<state dict> "
+        reads = "reads the pretrained weights" if spec.needs_base else "merges weights, rebuilt as base + delta"
+        raise TaskArithError(f"merge method {spec.name!r} {reads}: pass base=<state dict> "
                              f"(merge_files and the CLI pass the base model)")
     if isinstance(base, torch.nn.Module):
         base = base.state_dict()

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
 
 from ..errors import TaskArithError, raise_if_any
-from . import consolidation, linear, masks, spectral, ties
+from . import consolidation, interpolation, linear, masks, mergekit_gta, selection, spectral, ties
 from ._spec import Method, Option, check_declarations
+from ._varying import resolve, varies
 
 _REGISTRY: dict[str, Method] = {m.name: m for m in (*linear.METHODS, *ties.METHODS, *masks.METHODS, *spectral.METHODS,
-                                                     *consolidation.METHODS)}
+                                                     *consolidation.METHODS, *mergekit_gta.METHODS,
+                                                     *interpolation.METHODS, *selection.METHODS)}
 
 
 def register(name: str, fn: Callable[..., torch.Tensor], *, paper: str, options: Mapping[str, Option] | None = None,
@@ -19,7 +22,7 @@ def register(name: str, fn: Callable[..., torch.Tensor], *, paper: str, options:
              plan: Callable[..., object] | None = None,
              needs_base: bool = False, randomized: bool = False, memory: int = 16,
              propagates_nan: bool = False, symmetric: bool = False,
-             identity: Mapping[str, object] | None = None) -> Method:
+             identity: Mapping[str, object] | None = None, inputs: str = "deltas") -> Method:
     """Add a merge method: ``fn(block, **options)`` returns the merged delta of one :class:`Block`.
 
     The method then runs everywhere the built-ins do: :func:`taskarith.merge` in memory,
@@ -46,11 +49,11 @@ def register(name: str, fn: Callable[..., torch.Tensor], *, paper: str, options:
     if not callable(fn):
         raise TaskArithError(f"merge method {name!r}: fn must be callable, got {type(fn).__name__}")
     options = dict(options or {})
-    check_declarations(name, options, split, trim, randomized, statistic, plan)
+    check_declarations(name, options, split, trim, randomized, statistic, plan, inputs)
     method = Method(name, fn, paper, options, split=split, trim=trim, statistic=statistic, plan=plan,
                     needs_base=needs_base,
                     randomized=randomized, memory=int(memory), propagates_nan=propagates_nan, symmetric=symmetric,
-                    identity=None if identity is None else dict(identity))
+                    identity=None if identity is None else dict(identity), inputs=inputs)
     _REGISTRY[name] = method
     return method
 
@@ -93,13 +96,32 @@ def _resolve_options(spec: Method, options: Mapping[str, object]) -> dict[str, o
             resolved[key] = opt.default
             continue
         value = options[key]
-        try:
-            ok = opt.check(value)
-        except (TypeError, ValueError, OverflowError):
-            ok = False
-        if not ok:
-            problems.append(f"{key}={value!r:.60} is invalid: expected {opt.valid}")
+        if not varies(value):  # a value per tensor is checked where it is resolved
+            problems.extend(option_problems(spec, key, value))
         resolved[key] = value
     raise_if_any(problems, error=TaskArithError, header=f"bad options for merge method {spec.name!r}",
                  fix=f"See taskarith.methods()[{spec.name!r}] or docs/merging.md.")
     return resolved
+
+
+def option_problems(spec: Method, key: str, value: object) -> list[str]:
+    opt = spec.options[key]
+    try:
+        ok = opt.check(value)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    return [] if ok else [f"{key}={value!r:.60} is invalid: expected {opt.valid}"]
+
+
+def at_tensor(spec: Method, options: Mapping[str, object], weights, name: str) -> tuple[dict, tuple]:
+    """Options and weights for the tensor ``name``: values that vary by tensor resolved and checked."""
+    if not any(varies(v) for v in options.values()) and not varies(tuple(weights)):
+        return options, weights
+    resolved = {k: resolve(v, name) for k, v in options.items()}
+    problems = [p for k, v in options.items() if varies(v) for p in option_problems(spec, k, resolved[k])]
+    weights = resolve(tuple(weights), name)
+    problems += [f"weights[{i}]={w!r} is not a finite number" for i, w in enumerate(weights)
+                 if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+    raise_if_any(problems, error=TaskArithError, header=f"bad values for tensor {name!r} in merge method {spec.name!r}",
+                 fix="Fix the gradient or filter that gives them.")
+    return resolved, tuple(float(w) for w in weights)

@@ -12,6 +12,7 @@ from ..backends import draws
 from ..errors import TaskArithError
 
 SPLITS = ("elementwise", "rows", "tensor")
+INPUTS = ("deltas", "weights")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,12 @@ class Block:
     seed: int | None = None
     stats: object = None
 
+    @property
+    def models(self) -> tuple[torch.Tensor, ...]:
+        """The inputs of a method registered with ``inputs="weights"``: the models' weights (the
+        same tuple as ``deltas``, named for what it holds)."""
+        return self.deltas
+
     def random(self, i: int) -> torch.Tensor:
         """Uniform draws in [0, 1) (float32, the block's shape) for input ``i``: the same values for
         an entry however the tensor is split into blocks, on every device and thread count.
@@ -95,6 +102,11 @@ class Method:
       selection decided over the whole model, for instance). Out of core, what it holds stays in
       memory for the whole merge.
     * ``needs_base``: ``fn`` reads ``block.base`` (merges need the pretrained model).
+    * ``inputs``: ``"deltas"`` (``fn`` gets task vectors and returns the merged delta) or
+      ``"weights"`` (``fn`` gets the models' weights as stored, in ``block.models``, and the base's
+      in ``block.base``, and returns the merged weights: interpolations such as SLERP, and methods
+      that reproduce another tool's arithmetic bit for bit). In memory, weights are rebuilt as
+      ``base + delta`` and the result is returned as a delta again.
     * ``randomized``: the method takes a ``seed`` option and draws with :meth:`Block.random`.
     * ``memory``: private bytes per entry per input that ``fn`` needs (sizes out-of-core blocks).
     * ``propagates_nan``: a NaN in any input reaches the result, so the NaN policy may check the
@@ -122,6 +134,7 @@ class Method:
     identity: Mapping[str, object] | None = None
     fast: Callable[..., Mapping[str, torch.Tensor]] | None = None
     fast_widens: bool = False  # ``fast`` takes half-precision vectors and widens them itself
+    inputs: str = "deltas"
 
     @property
     def doc(self) -> str:
@@ -133,9 +146,13 @@ class Method:
 
 
 def check_declarations(name: str, options: Mapping[str, Option], split: str, trim: bool, randomized: bool,
-                       statistic: object = None, plan: object = None) -> None:
+                       statistic: object = None, plan: object = None, inputs: str = "deltas") -> None:
     """Refuse declarations a driver could not honour."""
     problems = []
+    if inputs not in INPUTS:
+        problems.append(f"inputs={inputs!r} is not one of {', '.join(INPUTS)}")
+    if inputs == "weights" and (trim or statistic is not None or plan is not None):
+        problems.append("inputs='weights' methods sparsify inside fn: declare no trim, statistic or plan")
     if statistic is not None and plan is not None:
         problems.append("statistic and plan both fill block.stats: declare one")
     if split not in SPLITS:
@@ -173,6 +190,26 @@ SCOPE = Option("global", lambda x: x in ("global", "tensor"), "'global' or 'tens
 SIGN = Option("sum", lambda x: x in ("sum", "count"), "'sum' or 'count'")
 DROP = Option(0.9, fraction(0.0, 1.0, hi_open=True), "a number in [0, 1)")
 SEED = Option(None, integer, "an int", required=True)
+
+
+def per_model(value, n: int) -> tuple:
+    """An option given once for every model, or as a list with one value per model, as a tuple of ``n``.
+
+    Example:
+        >>> per_model(0.5, 3), per_model((0.1, 0.2), 2)
+        ((0.5, 0.5, 0.5), (0.1, 0.2))
+    """
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise TaskArithError(f"got {len(value)} per-model values {list(value)} for {n} models: give one value, "
+                                 "or one per model")
+        return tuple(value)
+    return (value,) * n
+
+
+def each(check: Callable[[object], bool]) -> Callable[[object], bool]:
+    """``check`` applied to a value, or to every value of a per-model list."""
+    return lambda x: all(check(v) for v in x) if isinstance(x, (list, tuple)) and x else check(x)
 
 
 def promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:

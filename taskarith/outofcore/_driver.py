@@ -16,7 +16,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,6 +50,9 @@ def merge_files(
     progress: bool | None = None,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    files: Mapping[str, str] | None = None,
+    config: Mapping[str, object] | None = None,
     **options,
 ) -> Path:
     """Merge checkpoints on disk without loading them, writing the result atomically.
@@ -76,6 +79,10 @@ def merge_files(
             files through pinned host memory, asynchronously, so reading the next input overlaps
             the copy of the previous one; results come back to the host to be written).
         overwrite: replace an existing ``out`` that taskarith did not write.
+        compute_dtype: for methods of weights (``inputs="weights"``), the dtype the models' weights
+            are converted to before the method runs (mergekit's ``dtype:``; default: as stored).
+        files: text files (name -> content) written into the output folder (a model card).
+        config: top-level keys updated in the output's ``config.json``.
 
     Returns:
         the path written.
@@ -87,12 +94,14 @@ def merge_files(
         raise TaskArithError("merge_files needs at least one source")
     weights = _checks.validate_weights(weights, len(sources))
     _extract.check_float_dtype(dtype)
-    out = check_output(out, inputs=[base, *sources], overwrite=overwrite, folder=base is not None)
+    paths = [p for s in [base, *sources] for p in getattr(s, "paths", [s])]  # views name the files behind them
+    out = check_output(out, inputs=paths, overwrite=overwrite, folder=base is not None)
+    _extract.check_float_dtype(compute_dtype)
     if spec.needs_base and base is None:
         raise TaskArithError(f"merge method {method!r} reads the pretrained weights: merge fine-tuned models onto "
                              f"a base (merge_files(base, models, ...)), not task vector files")
-    pre = Checkpoint(base) if base is not None else None
-    inputs = [Checkpoint(s) for s in sources]
+    pre = _open(base) if base is not None else None
+    inputs = [_open(s) for s in sources]
     reference = pre or inputs[0]
     _check_inputs(reference, inputs, with_base=pre is not None)
     floats = [n for n in reference.names() if reference.dtype(n).is_floating_point]
@@ -151,7 +160,12 @@ def merge_files(
     trims: dict = {}
     pieces = Pieces()
     # Unweighted task arithmetic: the sum of the deltas, which a compiled kernel can do in one pass.
-    plain_sum = spec.fast is linear.task_arithmetic and all(w * resolved["scale"] == 1.0 for w in weights)
+    varying = _engine.per_tensor(spec, resolved, weights)
+    plain_sum = spec.fast is linear.task_arithmetic and not varying and all(w * resolved["scale"] == 1.0 for w in weights)
+    on_weights = spec.inputs == "weights"
+    if on_weights and pre is None:
+        raise TaskArithError(f"merge method {method!r} merges model weights: give a base model folder (its config "
+                             "and tokenizer are copied; the method reads it only if it needs a base), not vector files")
 
     def block_deltas(name: str, rows: slice, base: torch.Tensor | None) -> list[torch.Tensor]:
         parts = [delta(i, name, rows, base).contiguous() for i in range(len(inputs))]
@@ -163,12 +177,20 @@ def merge_files(
         return [trims[(i, name)](p) for i, p in enumerate(parts)]
 
     def run_method(name: str, deltas: list[torch.Tensor], base: torch.Tensor | None, start: int) -> torch.Tensor:
-        return _engine.call(spec, name, deltas, weights, resolved, base=base if spec.needs_base else None,
+        return _engine.call(spec, name, deltas, weights, resolved, base=base if _engine.reads_base(spec, resolved) else None,
                             shape=tuple(reference.shape(name)), start=start, stats=stats)
 
     def merged(name: str, rows: slice) -> torch.Tensor:
         shape = reference.shape(name)
         start = (rows.start or 0) * math.prod(shape[1:]) if shape else 0
+        if on_weights:  # the models' weights as stored; the method returns the merged weights
+            b = base_rows(name, rows) if _engine.reads_base(spec, resolved) else None
+            models = [input_rows(i, name, rows) for i in range(len(inputs))]
+            if compute_dtype is not None:
+                models = [m.to(compute_dtype) for m in models]
+                b = None if b is None else b.to(compute_dtype)
+            result = run_method(name, models, b, start)
+            return result.to(dtype or pre.dtype(name))
         dtypes = delta_dtypes(name)
         if (pre is not None and device.type == "cpu" and not spec.trim and spec.elementwise and shape
                 and all(d in (None, torch.float32) for d in dtypes)):
@@ -245,13 +267,18 @@ def merge_files(
             if pre is None:
                 write_safetensors(out, chunks, _vector_metadata(inputs, names, aliases, method))
             else:
-                write_model(out, chunks, shard_bytes=shard_bytes, like=pre.path)  # a file base: no extras
+                write_model(out, chunks, shard_bytes=shard_bytes, like=pre.path, files=files, config=config)
         finally:
             bar.close()
     return out
 
 
 _PREFETCH_FROM = 1 << 20  # bytes: smaller tensors are left to the kernel's readahead (a hint costs ~50 us)
+
+
+def _open(source) -> Checkpoint:
+    """A checkpoint from its path; a view assembling several (mergekit slices) is used as it is."""
+    return source if hasattr(source, "names") and hasattr(source, "tensor") else Checkpoint(source)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

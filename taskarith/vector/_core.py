@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from ._algebra import Algebra
 from ._apply import Applying
 from ._files import Files
 from ._info import Info
+
+if TYPE_CHECKING:
+    from ..lora_extract import LoraExtraction
 
 
 class TaskVector(Algebra, Applying, Files, Mapping[str, torch.Tensor]):
@@ -287,3 +291,10 @@ class TaskVector(Algebra, Applying, Files, Mapping[str, torch.Tensor]):
     def clone(self) -> TaskVector:
         """A copy that shares no memory with this vector."""
         return self._map(lambda src, out: out.copy_(src))
+
+    def to_lora(self, rank: int, *, base: Source | None = None, **options) -> LoraExtraction:
+        """This vector as a PEFT LoRA adapter of rank ``rank`` (truncated SVD per layer), with a per-layer
+        error report; ``.save(folder)`` writes it. See :func:`taskarith.lora_extract.to_lora` for the options."""
+        from ..lora_extract import to_lora
+
+        return to_lora(self, rank, base=base, **options)

@@ -1,0 +1,245 @@
+"""mergekit's config dialect in taskarith: parameters that vary by tensor (gradients, filters), slices,
+the base model's role, the files written beside the weights, mergekit-yaml's flags, and refusals.
+
+Equality with mergekit itself is checked by ``test_mergekit_parity.py`` (mergekit as the oracle);
+these tests pin the semantics on small models without it.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import taskarith as ta
+from taskarith.cli import _config, main
+from taskarith.cli._mergekit_params import evaluate
+from taskarith.merging import _varying
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """A tiny Llama with 4 layers and two fine-tuned copies (seeded noise), saved with save_pretrained."""
+    root = tmp_path_factory.mktemp("llamas")
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    base.save_pretrained(root / "base")
+    for i in range(2):
+        tuned = transformers.LlamaForCausalLM(config)
+        tuned.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in tuned.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        tuned.save_pretrained(root / f"ft{i}")
+    return root
+
+
+def _merge(tmp_path, text: str, *flags) -> tuple[int, dict]:
+    config = tmp_path / "config.yml"
+    config.write_text(textwrap.dedent(text))
+    code = main(["merge", str(config), "-o", str(tmp_path / "out"), *flags])
+    out = tmp_path / "out" / "model.safetensors"
+    return code, (load_file(out) if out.exists() else {})
+
+
+def _weights(root, name: str) -> dict:
+    return load_file(root / name / "model.safetensors")
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_gradients_interpolate_over_the_layers_and_filters_pick_the_first_match():
+    assert [evaluate([0.0, 1.0], "t", f"model.layers.{i}.mlp.up_proj.weight", i / 3) for i in range(4)] == \
+        pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    assert evaluate([0.0, 0.5, 1.0], "t", "x", 0.25) == pytest.approx(0.25)
+    setting = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.7}, {"value": 0.5}]
+    assert evaluate(setting, "t", "model.layers.3.self_attn.q_proj.weight", 1.0) == 1.0
+    assert evaluate(setting, "t", "model.layers.3.mlp.up_proj.weight", 1.0) == 0.7
+    assert evaluate(setting, "t", "model.norm.weight", 0.0) == 0.5
+    assert evaluate([True, False], "normalize", "x", 0.9) is True  # booleans are picked, not interpolated
+
+
+def test_varying_values_resolve_per_tensor_in_memory_and_out_of_core(tmp_path):
+    base = {f"model.layers.{i}.w": torch.randn(5, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+    vectors = [ta.TaskVector({n: torch.full_like(t, float(k + 1)) for n, t in base.items()}) for k in range(2)]
+    weight = _varying.gradient([0.0, 1.0], layers=3)
+    merged = ta.merge(vectors, "task_arithmetic", weights=[weight, 1.0])
+    for i, w in enumerate([0.0, 0.5, 1.0]):
+        assert torch.equal(merged[f"model.layers.{i}.w"], torch.full((5, 3), w * 1 + 2.0))
+    vector_files = []
+    for k, v in enumerate(vectors):
+        vector_files.append(tmp_path / f"v{k}.safetensors")
+        v.save(vector_files[-1])
+    out = ta.merge_files(None, vector_files, tmp_path / "m.safetensors", "task_arithmetic", weights=[weight, 1.0])
+    assert ta.load(out).equal(merged)
+
+
+def test_values_per_tensor_are_refused_where_a_method_decides_over_the_whole_model():
+    v = ta.TaskVector({"model.layers.0.w": torch.ones(4)})
+    with pytest.raises(ta.TaskArithError, match="cannot vary by tensor"):
+        ta.merge([v, v], "ties", density=_varying.gradient([0.2, 0.8], layers=2))
+
+
+def test_a_bad_value_from_a_gradient_names_the_tensor():
+    v = ta.TaskVector({"model.layers.0.w": torch.ones(4), "model.layers.1.w": torch.ones(4)})
+    with pytest.raises(ta.TaskArithError, match=r"model\.layers\.1\.w"):
+        ta.merge([v], "breadcrumbs", density=_varying.gradient([0.5, 2.0], layers=2))
+
+
+# ------------------------------------------------------------------ merges
+
+
+def test_per_model_densities_gradients_and_filters_reach_the_method(llamas, tmp_path):
+    code, merged = _merge(tmp_path, f"""
+        models:
+          - model: {llamas / 'ft0'}
+            parameters: {{weight: [0.0, 1.0]}}
+          - model: {llamas / 'ft1'}
+            parameters:
+              weight: [{{filter: self_attn, value: 0.0}}, {{value: 1.0}}]
+        merge_method: task_arithmetic
+        base_model: {llamas / 'base'}
+        dtype: float32
+    """)
+    assert code == 0
+    base, ft0, ft1 = (_weights(llamas, n) for n in ("base", "ft0", "ft1"))
+    # layer 0: ft0 has weight 0, so attention is the base's and the MLP moves by ft1's delta only
+    q, up = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(merged[q], base[q])
+    assert torch.equal(merged[up], base[up] + (ft1[up] - base[up]))
+    # the last layer: ft0 has weight 1, ft1 only outside attention
+    q3 = "model.layers.3.self_attn.q_proj.weight"
+    assert torch.equal(merged[q3], base[q3] + (ft0[q3] - base[q3]))
+
+
+def test_linear_needs_no_base_and_takes_the_first_models_files(llamas, tmp_path):
+    code, merged = _merge(tmp_path, f"""
+        models:
+          - model: {llamas / 'ft0'}
+            parameters: {{weight: 1.0}}
+          - model: {llamas / 'ft1'}
+            parameters: {{weight: 3.0}}
+        merge_method: linear
+    """)
+    assert code == 0
+    ft0, ft1 = _weights(llamas, "ft0"), _weights(llamas, "ft1")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.allclose(merged[name], (ft0[name] + 3 * ft1[name]) / 4, atol=1e-7)
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_slices_stack_layers_and_rewrite_the_layer_count(llamas, tmp_path):
+    code, merged = _merge(tmp_path, f"""
+        slices:
+          - sources:
+              - model: {llamas / 'ft0'}
+                layer_range: [0, 3]
+          - sources:
+              - model: {llamas / 'ft1'}
+                layer_range: [1, 4]
+        merge_method: passthrough
+        dtype: float32
+    """)
+    assert code == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    ft0, ft1 = _weights(llamas, "ft0"), _weights(llamas, "ft1")
+    suffix = "self_attn.o_proj.weight"
+    for out_layer, (source, layer) in enumerate([(ft0, 0), (ft0, 1), (ft0, 2), (ft1, 1), (ft1, 2), (ft1, 3)]):
+        assert torch.equal(merged[f"model.layers.{out_layer}.{suffix}"], source[f"model.layers.{layer}.{suffix}"])
+    assert torch.equal(merged["model.embed_tokens.weight"], ft0["model.embed_tokens.weight"])
+    assert torch.equal(merged["model.norm.weight"], ft1["model.norm.weight"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.model.layers) == 6
+
+
+def test_slerp_over_slices_with_a_gradient(llamas, tmp_path):
+    code, merged = _merge(tmp_path, f"""
+        slices:
+          - sources:
+              - model: {llamas / 'base'}
+                layer_range: [0, 4]
+              - model: {llamas / 'ft0'}
+                layer_range: [0, 4]
+        merge_method: slerp
+        base_model: {llamas / 'base'}
+        parameters:
+          t: [0.0, 1.0]
+        dtype: float32
+    """)
+    assert code == 0
+    base, ft0 = _weights(llamas, "base"), _weights(llamas, "ft0")
+    first, last = "model.layers.0.mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight"
+    assert torch.equal(merged[first], base[first])  # t = 0 on the first layer
+    assert torch.allclose(merged[last], ft0[last], atol=1e-6)  # t = 1 on the last
+
+
+def test_the_output_holds_a_model_card_and_the_config_as_run(llamas, tmp_path):
+    text = f"""
+        models:
+          - model: {llamas / 'ft0'}
+            parameters: {{weight: 0.5, density: 0.5}}
+          - model: {llamas / 'ft1'}
+            parameters: {{weight: 0.5, density: 0.5}}
+        merge_method: ties
+        base_model: {llamas / 'base'}
+    """
+    code, _ = _merge(tmp_path, text)
+    assert code == 0
+    assert (tmp_path / "out" / "mergekit_config.yml").read_text().strip() == textwrap.dedent(text).strip()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "ties" in card and str(llamas / "ft1") in card and "```yaml" in card
+
+
+def test_a_random_method_without_a_seed_draws_one_and_says_it(llamas, tmp_path, capsys):
+    code, _ = _merge(tmp_path, f"""
+        models:
+          - model: {llamas / 'ft0'}
+            parameters: {{weight: 1.0, density: 0.5}}
+        merge_method: dare_ties
+        base_model: {llamas / 'base'}
+    """, "--out-shard-size", "2K", "--lazy-unpickle", "--allow-crimes", "--copy-tokenizer")
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "random seed" in err and "--seed" in err
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # 2K parameters of float32 per shard
+
+
+# ------------------------------------------------------------------ refusals
+
+
+REFUSED = {
+    "unknown method": ("merge_method: model_soup", "unknown mergekit method 'model_soup'"),
+    "missing weight": ("merge_method: ties", "ties needs 'weight' for every model"),
+    "slerp without t": ("merge_method: slerp", "slerp needs 't'"),
+    "tokenizer union": ("merge_method: ties\ntokenizer_source: union", "tokenizer_source 'union' is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refusals_are_one_line_about_the_problem_only(llamas, tmp_path, capsys, case):
+    head, phrase = REFUSED[case]
+    config = tmp_path / "c.yml"
+    weight = "" if case == "missing weight" else "\n    parameters: {weight: 1.0}"
+    config.write_text(f"{head}\nbase_model: {llamas / 'base'}\nmodels:\n  - model: {llamas / 'ft0'}{weight}\n")
+    assert main(["merge", str(config), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and phrase in err and "1 problem" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unused_parameters_warn_as_mergekit_ignores_them(llamas, tmp_path):
+    text = (f"merge_method: slerp\nbase_model: {llamas / 'base'}\nparameters: {{t: 0.5, density: 0.3}}\n"
+            f"models:\n  - model: {llamas / 'base'}\n  - model: {llamas / 'ft0'}\n")
+    with pytest.warns(UserWarning, match="slerp takes no parameter 'density'"):
+        plan = _config.parse(text, name="c.yml")
+    assert plan.options["t"] == 0.5 and "density" not in plan.options
