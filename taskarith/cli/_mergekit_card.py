@@ -17,8 +17,8 @@ def files(doc: Document, data: dict, method: str, registered: str) -> dict[str, 
     lines = ["---", *(["base_model:", *(f"- {m}" for m in models)] if models else []),
              "library_name: transformers", "tags:", "- mergekit", "- merge", "- taskarith", "---",
              f"# {data.get('name') or 'merged model'}", "",
-             f"This model was merged with taskarith from a mergekit configuration, with the `{method}` method "
-             f"({paper}).", ""]
+             (f"This model was merged with taskarith from a mergekit configuration, with the `{method}` method "
+              f"({paper})."), ""]
     if isinstance(base, str):
         lines += [f"The base model was `{base}`.", ""]
     lines += ["## Models merged", "", *(f"* `{m}`" for m in models if m != base), "",
