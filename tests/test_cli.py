@@ -269,7 +269,7 @@ def test_option_errors_point_at_options(models, tmp_path, capsys):
 MERGEKIT_REFUSED = [
     ("merge_method: ties\nparameters: {normalize: false}", "line 2, parameters.normalize", "sums the agreeing"),
     ("merge_method: ties\nparameters: {normalize: true}", "line 2, parameters.normalize", "weighted mean"),
-    ("merge_method: slerp", "line 1, merge_method", "not supported"),
+    ("merge_method: slerp", "line 1, merge_method", "no exact translation"),
     ("merge_method: ties\nslices: []", "line 2, slices", "slices"),
     ("merge_method: dare_ties\nparameters: {normalize: true, rescale: false}", "line 2, parameters.rescale", "1/density"),
     ("merge_method: dare_ties\nparameters: {normalize: true}", "line 1, merge_method", "seed"),

@@ -243,3 +243,41 @@ def test_unused_parameters_warn_as_mergekit_ignores_them(llamas, tmp_path):
     with pytest.warns(UserWarning, match="slerp takes no parameter 'density'"):
         plan = _config.parse(text, name="c.yml")
     assert plan.options["t"] == 0.5 and "density" not in plan.options
+
+
+# ------------------------------------------------------------------ taskarith's own format
+
+
+def test_taskarith_configs_take_gradients_filters_and_per_model_options(llamas, tmp_path):
+    """The same per-tensor values in taskarith's format: weights as gradients, options as filters, and a
+    method's per-model options in the model entries."""
+    config = tmp_path / "native.yml"
+    config.write_text(textwrap.dedent(f"""
+        method: mergekit_ties
+        base: {llamas / 'base'}
+        models:
+          - model: {llamas / 'ft0'}
+            weight: [0.0, 1.0]
+            density: 0.5
+          - model: {llamas / 'ft1'}
+            weight: 1.0
+            density: [{{filter: self_attn, value: 0.3}}, {{value: 0.8}}]
+        options:
+          lambda_: [{{filter: mlp, value: 0.5}}, {{value: 1.0}}]
+    """))
+    assert main(["merge", str(config), "-o", str(tmp_path / "out")]) == 0
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    plain = tmp_path / "plain.yml"  # the last layer and one MLP tensor, with their values written out
+    for name, (w0, d1, lam) in {"model.layers.3.self_attn.q_proj.weight": (1.0, 0.3, 1.0),
+                                "model.layers.0.mlp.up_proj.weight": (0.0, 0.8, 0.5)}.items():
+        plain.write_text(textwrap.dedent(f"""
+            method: mergekit_ties
+            base: {llamas / 'base'}
+            models:
+              - {{model: {llamas / 'ft0'}, weight: {w0}, density: 0.5}}
+              - {{model: {llamas / 'ft1'}, weight: 1.0, density: {d1}}}
+            options: {{lambda_: {lam}}}
+        """))
+        out = tmp_path / f"plain-{name}"
+        assert main(["merge", str(plain), "-o", str(out)]) == 0
+        assert torch.equal(merged[name], load_file(out / "model.safetensors")[name]), name

@@ -13,8 +13,12 @@ from pathlib import Path
 
 from .. import merging
 from ..errors import TaskArithError
+from ..io import Checkpoint
+from ..merging._registry import lookup
 from . import _mergekit, _yaml
 from ._document import Document, got
+from ._mergekit_params import Resolver, check_setting
+from ._mergekit_slices import layer_count
 from ._plan import Plan
 
 __all__ = ["Plan", "load", "parse"]
@@ -64,17 +68,42 @@ def _native(doc: Document, data: dict, seed: int | None) -> Plan | None:
     method = data.get("method")
     if method is None:
         doc.problem(("method",), f"missing 'method'; one of {', '.join(sorted(merging.methods()))}")
-    kind, sources, weights = _sources(doc, data)
+    kind, sources, weights, per_model = _sources(doc, data, method)
     base = doc.checkpoint(("base",), data["base"]) if data.get("base") is not None else None
     if kind == "models" and "base" not in data:
         doc.problem(("base",), "merging fine-tuned models needs 'base: PATH' (the pretrained model)")
-    options = _options(doc, data, method, seed)
+    options, varying = _options(doc, data, method, seed, per_model)
     dtype = doc.dtype(("dtype",), data.get("dtype"))
+    settings = [w for w in weights or []] + [v for t in per_model.values() for v in t]
+    if (varying or any(_is_setting(x) for x in settings)) and not doc.problems:
+        weights, options = _per_tensor(doc, base or sources[0], weights, options, varying)
     return Plan(method, kind, base, sources, weights, options, dtype)
 
 
-def _sources(doc: Document, data: dict) -> tuple[str, list, list | None]:
-    """What to merge: "models" or "vectors", their paths, and their weights (None where no entry has one)."""
+def _per_tensor(doc: Document, reference, weights, options: dict, varying: dict) -> tuple:
+    """Gradients (lists) and filters (``filter``/``value`` entries) resolved for every tensor, as in mergekit."""
+    try:
+        names = Checkpoint(reference).names()
+    except TaskArithError as err:
+        doc.problem((), str(err))
+        return weights, options
+    resolver = Resolver.for_layers(names, layer_count(reference, names))
+    weights = [resolver.value("weight", [w], 1.0) if isinstance(w, (list, dict)) else w for w in weights or []]
+    for key, value in varying.items():
+        options[key] = resolver.value(key, [value], None)
+    for key, value in options.items():
+        if isinstance(value, tuple) and any(_is_setting(v) for v in value):  # per-model, from the entries
+            options[key] = tuple(resolver.value(key, [v], None) if _is_setting(v) else v for v in value)
+    try:
+        lookup(doc.data["method"], options)  # the plain values checked; the varying ones per tensor, as merged
+    except TaskArithError as err:
+        doc.problem(("options",), str(err))
+    return weights or None, options
+
+
+def _sources(doc: Document, data: dict, method) -> tuple[str, list, list | None, dict]:
+    """What to merge: "models" or "vectors", their paths, their weights (None where no entry has one), and
+    the method's per-model options given in the entries (option -> one value per entry)."""
     kinds = [k for k in ("models", "vectors") if k in data]
     if len(kinds) != 1:
         doc.problem((kinds[1],) if kinds else (), "give exactly one of 'models' (fine-tuned checkpoints, with "
@@ -84,29 +113,39 @@ def _sources(doc: Document, data: dict) -> tuple[str, list, list | None]:
     if not isinstance(entries, list) or not entries:
         doc.problem((kind,), f"expected a non-empty list of paths or {{{kind[:-1]}: PATH, weight: W}} entries")
         entries = []
-    pairs = [pair for pair in (_entry(doc, kind, i, e) for i, e in enumerate(entries)) if pair is not None]
+    extra = tuple(_method_options(method) or ())
+    parsed = [p for p in (_entry(doc, kind, i, e, extra) for i, e in enumerate(entries)) if p is not None]
     explicit = any(isinstance(e, dict) and "weight" in e for e in entries)
-    return kind, [s for s, _ in pairs], ([w for _, w in pairs] if explicit else None)
+    named = {k for _, _, own in parsed for k in own}
+    spec = merging.methods().get(method) if isinstance(method, str) else None
+    per_model = {k: tuple(own.get(k, spec.options[k].default) for _, _, own in parsed) for k in named}
+    return kind, [s for s, _, _ in parsed], ([w for _, w, _ in parsed] if explicit else None), per_model
 
 
-def _entry(doc: Document, kind: str, i: int, entry) -> tuple | None:
-    """One entry of ``kind``, a path or ``{model: PATH, weight: W}`` (``vector:`` for vectors): its path and
-    weight, each None where invalid; None where a mapping names no path."""
+def _entry(doc: Document, kind: str, i: int, entry, extra: tuple = ()) -> tuple | None:
+    """One entry of ``kind``, a path or ``{model: PATH, weight: W, OPTION: V}`` (``vector:`` for vectors): its
+    path, weight (a number, or a gradient or filters) and per-model options; None where it names no path."""
     key = kind[:-1]  # "model" or "vector"
-    path, weight = (kind, i), 1.0
+    path, weight, own = (kind, i), 1.0, {}
     if isinstance(entry, dict):
-        doc.mapping(path, entry, (key, "weight"))
+        doc.mapping(path, entry, (key, "weight", *extra))
         if "weight" in entry:
-            weight = doc.number(path + ("weight",), entry["weight"])
+            weight = entry["weight"] if isinstance(entry["weight"], (list, dict)) else doc.number(
+                path + ("weight",), entry["weight"])
+            if isinstance(weight, (list, dict)) and not check_setting(doc, path + ("weight",), "weight", weight):
+                weight = None
+        own = {k: v for k, v in entry.items() if k in extra and k != "seed"
+               and (not _is_setting(v) or check_setting(doc, path + (k,), k, v))}
         if key not in entry:
             doc.problem(path, f"missing '{key}: PATH'")
             return None
         entry, path = entry[key], path + (key,)
-    return doc.checkpoint(path, entry, vector=kind == "vectors"), weight
+    return doc.checkpoint(path, entry, vector=kind == "vectors"), weight, own
 
 
-def _options(doc: Document, data: dict, method, seed: int | None) -> dict:
-    """The method's options, with ``--seed`` for a randomized method; checked by the method's own rules."""
+def _options(doc: Document, data: dict, method, seed: int | None, per_model: dict) -> tuple[dict, dict]:
+    """The method's options, with ``--seed`` for a randomized method and the entries' per-model values;
+    checked by the method's own rules. Options given as gradients or filters are returned apart."""
     valid = _method_options(method)
     options = data.get("options") or {}
     if not isinstance(options, dict):
@@ -115,9 +154,19 @@ def _options(doc: Document, data: dict, method, seed: int | None) -> dict:
     elif valid is not None:  # unknown keys get their own line; lookup checks the values
         doc.mapping(("options",), options, tuple(valid) or ("none: this method takes no options",))
         options = {k: v for k, v in options.items() if k in valid}
+    varying = {k: v for k, v in options.items() if _is_setting(v) and check_setting(doc, ("options", k), k, v)}
+    options = {k: v for k, v in options.items() if not _is_setting(v)} | per_model
     if seed is not None and valid is not None and merging.methods()[method].randomized:
         options["seed"] = seed
-    return doc.method_options(("method",), ("options",), method, options)
+    if varying:
+        return options, varying  # checked once resolved
+    return doc.method_options(("method",), ("options",), method, options), varying
+
+
+def _is_setting(value) -> bool:
+    """A gradient (a list of numbers) or filters (``{filter, value}`` entries), rather than one value."""
+    return isinstance(value, dict) or (isinstance(value, list) and bool(value)
+                                       and all(isinstance(v, (int, float, dict)) for v in value))
 
 
 def _method_options(method) -> list[str] | None:

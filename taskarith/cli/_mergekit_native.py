@@ -18,6 +18,9 @@ MERGEKIT_METHODS = ("task_arithmetic", "ties", "dare_ties")
 def plan(doc: Document, data: dict, seed: int | None) -> Plan | None:
     """The plan of a mergekit config, or None where its problems (recorded in ``doc``) leave none."""
     doc.top_level(data, MERGEKIT_KEYS)
+    if data.get("merge_method") not in MERGEKIT_METHODS:  # that alone: the rest would be about another method
+        doc.problem(("merge_method",), _unsupported(data.get("merge_method")))
+        return None
     method, base_text, base = _header(doc, data)
     defaults, flags = _parameters(doc, data)
     sources, weights, densities = _models(doc, data, base_text, defaults)
@@ -30,10 +33,6 @@ def plan(doc: Document, data: dict, seed: int | None) -> Plan | None:
 def _header(doc: Document, data: dict) -> tuple:
     """The method, and the base model as written and as a checked path."""
     method = data.get("merge_method")
-    if method not in MERGEKIT_METHODS:
-        doc.problem(("merge_method",), f"mergekit method {show(method)} is not supported; supported: "
-                    f"{', '.join(MERGEKIT_METHODS)} (taskarith's other methods are available in its own config "
-                    "format, see docs/cli.md)")
     source = data.get("tokenizer_source")
     if source not in (None, "base"):
         doc.problem(("tokenizer_source",), f"tokenizer_source {show(source)} is not supported: the output takes the "
@@ -45,6 +44,16 @@ def _header(doc: Document, data: dict) -> tuple:
     else:
         base = doc.checkpoint(("base_model",), base_text)
     return method, base_text, base
+
+
+_EQUIVALENT = {"linear": "mean", "breadcrumbs": "breadcrumbs (top = gamma)"}
+
+
+def _unsupported(method) -> str:
+    same = _EQUIVALENT.get(method) if isinstance(method, str) else None
+    hint = f"; taskarith's own '{same}' computes the same in its config format" if same else ""
+    return (f"mergekit method {show(method)} has no exact translation to taskarith's methods (those are "
+            f"{', '.join(MERGEKIT_METHODS)}){hint}; without --semantics taskarith it runs with mergekit's semantics")
 
 
 def _parameters(doc: Document, data: dict) -> tuple[dict, dict]:
