@@ -33,6 +33,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -148,6 +149,35 @@ def from_lora(
     # With ensure_weight_tying, PEFT saves the one trained copy of tied modules under each of their names.
     tied_copies = set(deltas) - from_factors if config.get("ensure_weight_tying") else set()
     return _in_base_terms(deltas, base_state, dtype, full, copies={rename(n) for n in copies}, tied_copies=tied_copies)
+
+
+def _merge_terms(adapter: str | os.PathLike, base_state: Mapping[str, torch.Tensor], *,
+                 base: Source | None = None) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """What PEFT's ``merge_and_unload`` does to the base entries an adapter changes, without computing it.
+
+    ``base_state`` may hold meta tensors (names, shapes and dtypes are all it is read for); ``base``
+    is the base's path, for the check of tied embeddings. Returns the full weights the adapter stores
+    (``modules_to_save`` copies, trained biases), which replace the base's, and per base name the
+    deltas added on top: callables of a dtype returning ``s · B @ A`` (or ``s · b``) computed in it.
+    The adapter is checked as :func:`from_lora` checks it, before any tensor is computed.
+    """
+    folder = Path(adapter)
+    config = _read_config(folder)
+    factors, saved, layer_weights = _split(_read_weights(folder, allow_pickle=False), folder)
+    _check_ranks(factors, config, folder / CONFIG_FILE)
+    _check_untie_fits(_trained_copies(saved, layer_weights, config), saved, base)
+    rename = _aligner([f"{m}.weight" for m in factors] + list(saved), base_state)
+    _check_against_base(factors, saved, base_state, rename)
+    deltas: dict[str, list] = {}
+    for module, parts in factors.items():
+        names = [f"{module}.weight"] + ([f"{module}.bias"] if "B.bias" in parts else [])
+        for name in map(rename, names):
+            deltas.setdefault(name, []).append(partial(_lora_delta, module, parts, config, base_state, rename, name))
+    return {rename(n): t for n, t in saved.items()}, deltas
+
+
+def _lora_delta(module, parts, config, base_state, rename, name: str, dtype: torch.dtype) -> torch.Tensor:
+    return _lora_deltas(module, parts, config, base_state, rename, dtype)[name]
 
 
 # ------------------------------------------------------------------ reading

@@ -10,5 +10,8 @@ settings.register_profile(
 )
 settings.load_profile("ci" if os.environ.get("CI") == "true" else os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+# Tests never reach the Hugging Face Hub: a Hub id in a config is read from the cache only.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

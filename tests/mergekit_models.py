@@ -116,8 +116,10 @@ def _tokenizer(folder: Path) -> None:
 
 
 def build_family(root: Path, arch: str, *, n_finetuned: int = 3, num_layers: int = 2, hidden: int = 32,
-                 seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> ModelFamily:
-    """Write ``root/base`` and ``root/ft0`` ... ``root/ft{n-1}`` (see the module doc) and describe them."""
+                 seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True,
+                 vocabularies: bool = False) -> ModelFamily:
+    """Write ``root/base`` and ``root/ft0`` ... ``root/ft{n-1}`` (see the module doc) and describe them.
+    ``vocabularies``: ``ft0`` and ``ft1`` get vocabularies of their own (see :func:`_vary_vocabularies`)."""
     import transformers
 
     if n_finetuned < 1:
@@ -143,7 +145,73 @@ def build_family(root: Path, arch: str, *, n_finetuned: int = 3, num_layers: int
         if tokenizer:
             _tokenizer(folder)
         folders.append(folder)
+    if vocabularies:
+        if n_finetuned < 2 or not tokenizer:
+            raise ValueError("vocabularies need two fine-tuned models with tokenizers")
+        _vary_vocabularies(folders, seed)
     return ModelFamily(arch, folders[0], tuple(folders[1:]), dtype, num_layers, bool(config.tie_word_embeddings))
+
+
+# ft0 adds tokens to the base's vocabulary as added tokens (two special chat markers and a word); ft1's
+# own vocabulary drops "w63", swaps the ids of "w10" and "w11" and ends with two new words, one of them
+# ft0's added word. A merge's output vocabulary then holds tokens that some models lack, tokens shared
+# by the fine-tuned models but not the base, and ids that differ between the models.
+FT0_ADDED = ("<|im_start|>", "<|im_end|>", "common")
+FT1_NEW = ("zeta", "common")
+FT0_CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+
+
+def _base_vocab() -> dict[str, int]:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
+    return vocab
+
+
+def _fast_tokenizer(vocab: dict[str, int]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def _vary_vocabularies(folders: list[Path], seed: int) -> None:
+    """Give ``ft0`` and ``ft1`` the vocabularies described above: tokenizer, ``vocab_size`` and every
+    vocabulary tensor (embeddings; the head where it is not tied) re-indexed to it. A token the base has
+    keeps the fine-tuned row; a new token gets a fresh row (multiples of 2^-12 below 0.06 in magnitude,
+    so that averages of two rows are exact)."""
+    from safetensors.torch import load_file, save_file
+    from tokenizers import AddedToken
+
+    base_vocab = _base_vocab()
+    ft0 = _fast_tokenizer(base_vocab)
+    ft0.add_tokens([AddedToken(t, special=True, normalized=False) for t in FT0_ADDED[:2]])
+    ft0.add_tokens(list(FT0_ADDED[2:]))
+    ft0.chat_template = FT0_CHAT_TEMPLATE
+    words = [t for t in base_vocab if t != f"w{VOCAB - 1}"]
+    words[10], words[11] = words[11], words[10]
+    ft1 = _fast_tokenizer({t: i for i, t in enumerate(words + list(FT1_NEW))})
+    for index, (folder, tokenizer) in enumerate([(folders[1], ft0), (folders[2], ft1)]):
+        vocab = tokenizer.get_vocab()
+        order = sorted(vocab, key=vocab.__getitem__)
+        weights = folder / "model.safetensors"
+        tensors = load_file(weights)
+        for name in [n for n in tensors if n in ("model.embed_tokens.weight", "lm_head.weight")]:
+            old = tensors[name]
+            gen = _generator(seed, "vocabulary", index, name)
+            fresh = torch.round(0.02 * torch.randn((len(order), *old.shape[1:]), generator=gen) * 4096) / 4096
+            fresh = fresh.clamp(-0.06, 0.06).to(old.dtype)
+            rows = [old[base_vocab[t]] if t in base_vocab else fresh[i] for i, t in enumerate(order)]
+            tensors[name] = torch.stack(rows).contiguous()
+        save_file(tensors, weights, metadata={"format": "pt"})
+        config = json.loads((folder / "config.json").read_text())
+        config["vocab_size"] = len(order)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for stale in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (folder / stale).unlink(missing_ok=True)
+        tokenizer.save_pretrained(folder)
 
 
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:

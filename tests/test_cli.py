@@ -305,7 +305,8 @@ def test_mergekit_per_model_features_are_refused_with_taskarith_semantics(models
     err = error_of(capsys, "merge", config, "-o", tmp_path / "out", "--semantics", "taskarith")
     assert "line 6, models[0].parameters.weight: per-layer gradients" in err
     assert "line 9, models[1].parameters.gamma: unknown key" in err
-    assert "line 10, models[2].model: no such file 'org/some-model' (taskarith reads local checkpoints" in err
+    assert ("line 10, models[2].model: 'org/some-model' is not a local path, and the model is not in the Hugging "
+            "Face cache") in err
 
 
 # ------------------------------------------------------------------ inspect

@@ -334,7 +334,8 @@ CARELESS = {  # text -> fragments of the message (file name, line, key and fix)
     "path too long": ("method: ties\nvectors: [" + "a" * 5000 + ".safetensors]\n",
                       ["line 2, vectors[0]: cannot use the path 'aaaa", "…"]),
     "mergekit lora with NUL": ('merge_method: ties\nbase_model: base.safetensors\nmodels:\n  - model: "a+b\\0"\n',
-                               ["line 4, models[0].model: 'model+lora' references are not supported"]),
+                               ["line 4, models[0].model: no such file 'a'",
+                                "line 4, models[0].model: no such adapter folder: 'b\\x00'"]),
 }
 
 

@@ -221,7 +221,7 @@ REFUSED = {
     "unknown method": ("merge_method: model_soup", "unknown mergekit method 'model_soup'"),
     "missing weight": ("merge_method: ties", "ties needs 'weight' for every model"),
     "slerp without t": ("merge_method: slerp", "slerp needs 't'"),
-    "tokenizer union": ("merge_method: ties\ntokenizer_source: union", "tokenizer_source 'union' is not supported"),
+    "union without tokenizers": ("merge_method: ties\ntokenizer_source: union", "has no tokenizer to build"),
 }
 
 
@@ -281,3 +281,13 @@ def test_taskarith_configs_take_gradients_filters_and_per_model_options(llamas, 
         out = tmp_path / f"plain-{name}"
         assert main(["merge", str(plain), "-o", str(out)]) == 0
         assert torch.equal(merged[name], load_file(out / "model.safetensors")[name]), name
+
+
+def test_the_output_may_follow_the_config_as_in_mergekit_yaml(llamas, tmp_path, capsys):
+    config = tmp_path / "c.yml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {llamas / 'ft0'}\n    parameters: {{weight: 1.0}}\n")
+    assert main(["merge", str(config), str(tmp_path / "out"), "--copy-tokenizer"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert main(["merge", str(config)]) == 2  # no output at all
+    assert main(["merge", str(config), str(tmp_path / "a"), "-o", str(tmp_path / "b")]) == 2  # two
+    assert "give the output once" in capsys.readouterr().err

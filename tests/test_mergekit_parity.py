@@ -56,6 +56,9 @@ FAMILIES: dict[str, dict] = {
     "gpt2": {"arch": "gpt2", "num_layers": 2, "n_finetuned": 3, "seed": 3},  # Conv1D, tied embeddings
     "mistral": {"arch": "mistral", "num_layers": 2, "n_finetuned": 3, "seed": 4},
     "mistral_bf16": {"arch": "mistral", "num_layers": 2, "n_finetuned": 3, "seed": 5, "dtype": torch.bfloat16},
+    # ft0 and ft1 with vocabularies of their own (tests/mergekit_models.py: _vary_vocabularies)
+    "llama_vocab": {"arch": "llama", "num_layers": 2, "n_finetuned": 2, "seed": 11, "vocabularies": True},
+    "qwen2_vocab": {"arch": "qwen2", "num_layers": 2, "n_finetuned": 2, "seed": 12, "vocabularies": True},
 }
 
 
@@ -297,6 +300,49 @@ def _frankenmerge(f: ModelFamily) -> dict:
             "dtype": "float32"}
 
 
+def _tokenizer_union(f: ModelFamily) -> dict:
+    """Every model's tokens; the chat template most models carry (ft0's, the only one)."""
+    return {**_task_arithmetic_lambda(f), "tokenizer_source": "union", "chat_template": "auto"}
+
+
+def _tokenizer_base(f: ModelFamily) -> dict:
+    """The base's vocabulary: ft0's extra rows dropped, ft1's re-indexed, the row ft1 lacks from the base."""
+    return {**_task_arithmetic_lambda(f), "tokenizer_source": "base"}
+
+
+def _tokenizer_model(f: ModelFamily) -> dict:
+    """ft1's vocabulary (a model path), merged by SLERP with ft0 as the base."""
+    return {**_slerp_models(f), "parameters": {"t": 0.3}, "tokenizer_source": str(f.finetuned[1])}
+
+
+def _tokenizer_block(f: ModelFamily) -> dict:
+    """The union, tokens with rows from the config (zero, forced, another token's row), padding, chatml."""
+    return {"merge_method": "linear", "base_model": str(f.base),
+            "models": [_model(f.finetuned[0], weight=0.6), _model(f.finetuned[1], weight=0.4)],
+            "parameters": {"weight": 0.0}, "dtype": "float32", "chat_template": "chatml",
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
+                "<|im_end|>": {"source": {"kind": "zero"}},
+                "common": {"source": str(f.finetuned[1]), "force": True},
+                "<|new|>": {"source": {"kind": "model_token", "model": str(f.base), "token": "w5"}},
+                "w7": {"source": {"kind": "model_token", "model": str(f.finetuned[0]), "token_id": 9},
+                       "force": True}}}}
+
+
+def _tokenizer_slices_bf16(f: ModelFamily) -> dict:
+    """Slices (the embeddings' models are the first slice's, the head's the last's), computed in bfloat16,
+    ft0's vocabulary padded to 32 rows more."""
+    return {"merge_method": "slerp", "base_model": str(f.finetuned[1]),
+            "slices": [{"sources": [{"model": str(f.finetuned[1]), "layer_range": [0, f.num_layers]},
+                                    {"model": str(f.base), "layer_range": [0, f.num_layers]}]}],
+            "parameters": {"t": 0.25}, "dtype": "bfloat16",
+            "tokenizer": {"source": str(f.finetuned[0]), "pad_to_multiple_of": 32}}
+
+
+def _chat_template(f: ModelFamily) -> dict:
+    """Only a chat template: the base's tokenizer saved again with it."""
+    return {**_task_arithmetic(f), "chat_template": "chatml"}
+
+
 def _bf16(build: Callable[[ModelFamily], dict]) -> Callable[[ModelFamily], dict]:
     def config(f: ModelFamily) -> dict:
         return {**build(f), "dtype": "bfloat16"}
@@ -340,7 +386,14 @@ CASES = [
     Case("slerp_bf16", "mistral_bf16", "bf16", _bf16(_slerp_models)),
     Case("ties_bf16", "mistral_bf16", "bf16_sparse", _bf16(_ties_simple)),
     Case("breadcrumbs_ties_bf16", "mistral_bf16", "bf16_sparse", _bf16(_breadcrumbs_ties)),
+    Case("tokenizer_union", "llama_vocab", "exact", _tokenizer_union),
+    Case("tokenizer_base_tied", "qwen2_vocab", "exact", _tokenizer_base),
+    Case("tokenizer_model", "llama_vocab", "exact", _tokenizer_model),
+    Case("tokenizer_block_tokens", "llama_vocab", "exact", _tokenizer_block),
+    Case("tokenizer_slices_bf16", "llama_vocab", "exact", _tokenizer_slices_bf16),
+    Case("chat_template_chatml", "llama", "exact", _chat_template),
 ]
+VOCAB_CASES = [c for c in CASES if c.name.startswith(("tokenizer_", "chat_template"))]
 CASE_IDS = [c.name for c in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS)
 
@@ -441,17 +494,26 @@ class Oracle:
     taskarith: dict[str, tuple[Path, subprocess.CompletedProcess, float]] = field(default_factory=dict)
 
 
+def _selected(request) -> list[Case]:
+    """The cases the session's selected tests ask for (all of them where none does: the version test alone)."""
+    wanted = {item.callspec.params["case"].name for item in request.session.items
+              if hasattr(item, "callspec") and isinstance(item.callspec.params.get("case"), Case)}
+    return [c for c in CASES if c.name in wanted] or CASES
+
+
 @pytest.fixture(scope="module")
-def oracle(tmp_path_factory) -> Oracle:
+def oracle(tmp_path_factory, request) -> Oracle:
     exe, reason = _locate_mergekit()
     if exe is None:
         if os.environ.get("CI") == "true" or os.environ.get("TASKARITH_MERGEKIT"):  # required, or asked for
             pytest.fail(f"the mergekit oracle is required (CI=true or TASKARITH_MERGEKIT set): {reason}")
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("mergekit_parity")
-    families = {name: build_family(root / "models" / name, **spec) for name, spec in FAMILIES.items()}
+    cases = _selected(request)  # mergekit runs only the selected cases (-k): ~1 s each
+    families = {name: build_family(root / "models" / name, **spec) for name, spec in FAMILIES.items()
+                if any(c.family == name for c in cases)}
     configs, outputs, jobs = {}, {}, []
-    for case in CASES:
+    for case in cases:
         config = root / "configs" / f"{case.name}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(case.build(families[case.family]), sort_keys=False))
@@ -674,8 +736,10 @@ def test_loads_in_transformers(oracle, case):
 def test_config_and_files_match(oracle, case):
     """config.json as mergekit writes it (the base's, or the first model's, with the layer count of the
     slices and ``dtype`` set to the config's dtype/out_dtype); the files mergekit copies from that model
-    (tokenizer, generation config) byte for byte. mergekit's own README.md and mergekit_config.yml are
-    not required."""
+    (tokenizer, generation config) byte for byte, or the tokenizer it builds (``tokenizer_source``,
+    ``tokenizer:``, ``chat_template``) as it saves it; a chat template mergekit names (``chatml``) is
+    taskarith's own text: it must render every conversation alike. mergekit's own README.md and
+    mergekit_config.yml are not required."""
     reference = _mergekit_output(oracle, case)
     out = _taskarith_output(oracle, case)
     expected, actual = _config(reference), _config(out)
@@ -686,7 +750,49 @@ def test_config_and_files_match(oracle, case):
                     if p.is_file() and p.name not in own and not p.name.endswith(".safetensors"))
     for name in copied:
         assert (out / name).is_file(), f"taskarith did not write {name} (mergekit copies it: {copied})"
+        if name == "chat_template.jinja":
+            _assert_same_rendering((reference / name).read_text(), (out / name).read_text())
+            continue
         assert (out / name).read_bytes() == (reference / name).read_bytes(), f"{name} differs from mergekit's"
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": " hello there "}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "w5 w7"},
+     {"role": "assistant", "content": "zeta\ncommon "}, {"role": "user", "content": "bye"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+]
+
+
+def _assert_same_rendering(expected: str, actual: str) -> None:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    for conversation in CONVERSATIONS:
+        for prompt in (False, True):
+            kwargs = {"conversations": [conversation], "add_generation_prompt": prompt, "bos_token": "<s>",
+                      "eos_token": "</s>"}
+            e = render_jinja_template(chat_template=expected, **kwargs)[0]
+            a = render_jinja_template(chat_template=actual, **kwargs)[0]
+            assert a == e, f"the chat template renders {a!r}, mergekit's {e!r} ({conversation}, {prompt=})"
+
+
+@pytest.mark.parametrize("case", VOCAB_CASES, ids=[c.name for c in VOCAB_CASES])
+def test_tokenizer_matches(oracle, case):
+    """The output's tokenizer, loaded with Transformers: mergekit's vocabulary (ids included), added and
+    special tokens, the same encodings and the same chat template; ``vocab_size`` covers it."""
+    transformers = pytest.importorskip("transformers")
+    expected = transformers.AutoTokenizer.from_pretrained(_mergekit_output(oracle, case))
+    actual = transformers.AutoTokenizer.from_pretrained(_taskarith_output(oracle, case))
+    assert actual.get_vocab() == expected.get_vocab()
+    assert {i: str(t) for i, t in actual.added_tokens_decoder.items()} == \
+        {i: str(t) for i, t in expected.added_tokens_decoder.items()}
+    assert actual.all_special_tokens == expected.all_special_tokens
+    text = "w5 zeta <|im_start|> common w7 <|new|> w63 <|im_end|> unseen"
+    assert actual(text)["input_ids"] == expected(text)["input_ids"]
+    if expected.chat_template is not None or actual.chat_template is not None:
+        _assert_same_rendering(expected.chat_template, actual.chat_template)
+    config = transformers.AutoConfig.from_pretrained(_taskarith_output(oracle, case))
+    assert config.vocab_size >= len(actual.get_vocab())
 
 
 def test_families_are_deterministic(tmp_path):

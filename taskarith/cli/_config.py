@@ -21,7 +21,7 @@ from ._mergekit_params import Resolver, check_setting
 from ._mergekit_slices import layer_count
 from ._plan import Plan
 
-__all__ = ["Plan", "load", "parse"]
+__all__ = ["Plan", "load", "parse", "plan_of"]
 
 NATIVE_KEYS = ("method", "base", "models", "vectors", "options", "dtype")
 
@@ -42,8 +42,12 @@ def parse(text: str, *, name: str = "<config>", seed: int | None = None, output=
         ...
         taskarith.errors.TaskArithError: c.yaml: 1 problem: line 2, vectors[0]: no such file 'a.safetensors'. ...
     """
-    doc = Document(text, name)
-    data = doc.data
+    return plan_of(Document(text, name), seed=seed, output=output, semantics=semantics)
+
+
+def plan_of(doc: Document, *, seed: int | None = None, output=None, semantics: str = "mergekit") -> Plan:
+    """The plan of a parsed config (one document of a multi-document one, too); raises its problems."""
+    data, name = doc.data, doc.name
     if not isinstance(data, dict):
         shown = "nothing (the file is empty or only comments)" if data is None else got(data)
         raise TaskArithError(f"{name}: a merge config is a mapping of keys (method: ..., models: ... or "

@@ -17,7 +17,7 @@ from .. import merging
 from ..errors import TaskArithError
 from ..io import SHARD_INDEX, SINGLE_FILE
 from ..merging._registry import lookup
-from . import _yaml
+from . import _hub, _yaml
 from ._plan import DTYPES
 
 __all__ = ["Document", "got", "show"]
@@ -50,9 +50,11 @@ def show(value, form=repr) -> str:
 class Document:
     """Parsed config data plus the line of every key, and the problems found so far."""
 
-    def __init__(self, text: str, name: str):
+    def __init__(self, text: str, name: str, parsed: tuple | None = None):
         self.name, self.problems, self.warnings, self.text = name, [], [], text
-        self.data, self.lines, duplicates = _yaml.load(text, name)
+        self.data, self.lines, duplicates = parsed if parsed is not None else _yaml.load(text, name)
+        # mergekit-multi: earlier documents' outputs, by name (model references name them instead of a path)
+        self.outputs: dict[str, object] = {}
         for path in duplicates:
             self.problem(path, "duplicate key (the later value would silently win); keep one")
 
@@ -117,16 +119,21 @@ class Document:
         if not isinstance(value, str) or not value:
             self.problem(path, f"expected a path (text), got {got(value)}")
             return None
+        if not vector and _hub.split_revision(value)[0] in self.outputs:
+            return self.outputs[_hub.split_revision(value)[0]]  # an earlier document's merge, by its name
         shown = show(value)
         try:  # relative paths are relative to the current directory, as in mergekit
-            p = Path(value).expanduser()
+            p = _locate(value, vector)
             exists, is_file = p.exists(), p.is_file()
             is_model = is_file or (p / SINGLE_FILE).is_file() or (p / SHARD_INDEX).is_file()
+        except TaskArithError as err:  # a Hub id neither cached nor downloaded
+            self.problem(path, str(err))
+            return None
         except (OSError, ValueError, RuntimeError) as err:  # a NUL byte, an unknown ~user, a name too long
             self.problem(path, f"cannot use the path {shown}: {getattr(err, 'strerror', None) or err}")
             return None
         if not exists:
-            self.problem(path, f"no such file {shown}{_download_hint(value, vector)}")
+            self.problem(path, f"no such file {shown}")
             return None
         if vector or is_file:
             if p.suffix != ".safetensors" or not is_file:
@@ -157,9 +164,16 @@ class Document:
             return options
 
 
-def _download_hint(value: str, vector: bool) -> str:
-    """A missing model path shaped like a Hub id (``org/name``) was probably meant as one."""
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not vector:
-        return (" (taskarith reads local checkpoints only: download it first, e.g. "
-                f"`huggingface-cli download {value} --local-dir DIR`, and give DIR)")
-    return ""
+def _locate(value: str, vector: bool) -> Path:
+    """The local path ``value`` names: itself where it exists; else, for a model, ``PATH@REVISION`` of an
+    existing local path (the revision ignored, as mergekit does) or a Hub id (``org/name[@revision]``)
+    from the Hugging Face cache, downloaded there unless offline."""
+    p = Path(value).expanduser()
+    if vector or p.exists():
+        return p
+    name, revision = _hub.split_revision(value)
+    if revision is not None and Path(name).expanduser().exists():
+        return Path(name).expanduser()
+    if _hub.is_repo_id(name):
+        return _hub.snapshot(name, revision)
+    return p

@@ -14,23 +14,41 @@ from .. import _extract, merging, outofcore, runtime
 from ..errors import BaseMismatchError, TaskArithError
 from ..io import Checkpoint, load_state_dict, scratch_folder
 from ..vector import TaskVector
-from . import _config
+from . import _config, _mergekit_multi, _yaml
+from ._document import Document
 from ._output import check_output, log, save_model
 
-__all__ = ["applied", "merge"]
+__all__ = ["applied", "merge", "run"]
 
 
 def merge(args, parser) -> None:
     if args.device is not None and args.max_memory is not None:
         parser.error("merge: --max-memory limits the out-of-core merge; --device merges in memory. Pick one.")
+    if (args.output is None) == (args.positional_output is None):
+        parser.error("merge: give the output once: -o OUT, or OUT after the config (as mergekit-yaml takes it)")
+    args.output = args.output or args.positional_output
+    text = _yaml.read(Path(args.config))
+    # empty documents (a trailing '---', a comment) are no merges
+    documents = [d for d in _yaml.load_all(text, str(args.config)) if d[0] is not None] or [(None, {}, [], text)]
+    if len(documents) > 1:  # mergekit-multi: several merges, later ones reading earlier ones' outputs
+        _mergekit_multi.merge(args, parser, text, documents)
+        return
+    if getattr(args, "intermediate_dir", None) is not None:
+        parser.error("merge: --intermediate-dir is for configs of several documents (mergekit-multi's)")
     out = Path(args.output)
-    plan = _config.load(args.config, seed=args.seed, output=out, semantics=args.semantics)
+    doc = Document(text, str(args.config), parsed=documents[0][:3])
+    plan = _config.plan_of(doc, seed=args.seed, output=out, semantics=args.semantics)
     check_output(args, args.config, *plan.paths(), folder=out.suffix != ".safetensors")
     if plan.kind == "vectors" and plan.base is not None:
         _check_vector_bases(plan, strict=args.strict)
     if args.dry_run:
         print(json.dumps(plan.describe(), indent=2))
         return
+    run(plan, out, args)
+
+
+def run(plan, out: Path, args) -> None:
+    """Merge as ``plan`` says into ``out`` (checked before), with the command line's settings."""
     if merging.methods()[plan.method].inputs == "weights":
         _merge_weights(plan, out, args)
     elif args.device is not None:

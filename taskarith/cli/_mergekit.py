@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import math
 import secrets
-from pathlib import Path
 
 from .. import merging
 from ..errors import TaskArithError
-from ..io import Checkpoint
-from . import _mergekit_card, _mergekit_native, _mergekit_slices
+from . import _mergekit_card, _mergekit_inputs, _mergekit_native, _mergekit_slices, _mergekit_vocab
 from ._document import Document, got, show
 from ._mergekit_methods import REQUIRED, TABLE, MergekitMethod, option_name
 from ._mergekit_params import _UNSET, Resolver, check_setting
@@ -41,8 +39,9 @@ def plan(doc: Document, data: dict, seed: int | None, *, semantics: str = "merge
                     f"{', '.join(sorted(TABLE))}")
         return None
     _refuse(doc, data)
+    vocabulary = _mergekit_vocab.parse(doc, data)  # tokenizer_source, tokenizer:, chat_template
     base_text = data.get("base_model")
-    base = doc.checkpoint(("base_model",), base_text) if base_text is not None else None
+    base = _mergekit_inputs.reference(doc, ("base_model",), base_text) if base_text is not None else None
     if "slices" in data and "models" in data:
         doc.problem(("slices",), "give either 'models' (whole models) or 'slices' (layer ranges), not both")
         return None
@@ -64,9 +63,11 @@ def plan(doc: Document, data: dict, seed: int | None, *, semantics: str = "merge
     options = doc.method_options(("merge_method",), ("parameters",), spec.method, options)
     compute = doc.dtype(("dtype",), data.get("dtype"))
     out = doc.dtype(("out_dtype",), data["out_dtype"]) if "out_dtype" in data else compute
+    files = _mergekit_card.files(doc, data, name, spec.method)
+    reference, sources, extra = _mergekit_vocab.apply(doc, vocabulary, base=base, reference=reference, sources=sources,
+                                                      compute_dtype=compute, files=files, config=extra, notes=notes)
     return Plan(spec.method, "models", reference, sources, weights, options, out, dialect="mergekit",
-                compute_dtype=compute, base_used=base_used, notes=notes, config=extra,
-                files=_mergekit_card.files(doc, data, name, spec.method))
+                compute_dtype=compute, base_used=base_used, notes=notes, config=extra, files=files)
 
 
 def _whole(doc, spec, name, data, base_text, base, top) -> tuple | None:
@@ -95,7 +96,7 @@ def _names(doc: Document, reference) -> list[str] | None:
     if doc.problems:
         return None
     try:
-        return Checkpoint(reference).names()
+        return _mergekit_inputs.open_checkpoint(reference).names()
     except TaskArithError as err:
         doc.problem(("base_model",), str(err))
         return None
@@ -141,13 +142,6 @@ def _refuse(doc: Document, data: dict) -> None:
     if "modules" in data:
         doc.problem(("modules",), "'modules' (several modules of one model, as in vision-language models) is not "
                     "supported; merge each module's checkpoint on its own")
-    source = data.get("tokenizer_source")
-    if source not in (None, "base"):
-        doc.problem(("tokenizer_source",), f"tokenizer_source {show(source)} is not supported yet: the output takes "
-                    "the base model's tokenizer and embeddings (remove the key or write 'base')")
-    if data.get("tokenizer") is not None:
-        doc.problem(("tokenizer",), "the 'tokenizer:' block is not supported yet: the output takes the base model's "
-                    "tokenizer (remove the block)")
 
 
 def _entries(doc: Document, data: dict) -> list[tuple]:
@@ -161,11 +155,7 @@ def _entries(doc: Document, data: dict) -> list[tuple]:
         where = ("models", i)
         entry = doc.mapping(where, entry if isinstance(entry, dict) else {"model": entry}, ("model", "parameters"))
         text = entry.get("model")
-        if isinstance(text, str) and "+" in text and not _exists(text):
-            doc.problem(where + ("model",), "'model+lora' references are not supported yet: merge the adapter "
-                        "into the model first (taskarith apply BASE ADAPTER -o DIR) and give DIR")
-            continue
-        path = doc.checkpoint(where + ("model",), text)
+        path = _mergekit_inputs.reference(doc, where + ("model",), text)  # a path, MODEL+LORA, a Hub id
         params = entry.get("parameters")
         if params is not None and not isinstance(params, dict):
             doc.problem(where + ("parameters",), f"expected a mapping of parameter: value, got {got(params)}")
@@ -272,15 +262,5 @@ def _seed(doc: Document, data: dict, seed) -> tuple[int, str | None]:
     return chosen, None
 
 
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a == b or a.expanduser().resolve() == b.expanduser().resolve()
-    except (OSError, RuntimeError):
-        return False
-
-
-def _exists(value: str) -> bool:
-    try:
-        return Path(value).exists()
-    except (OSError, ValueError):
-        return False
+def _same(a, b) -> bool:
+    return _mergekit_inputs.same(a, b)

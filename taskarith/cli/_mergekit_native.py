@@ -97,8 +97,8 @@ def _model(doc: Document, path: tuple, entry, base_text, defaults: dict) -> tupl
     if name is not None and base_text is not None and _same_path(name, base_text):
         return None  # mergekit lists the base among the models and skips it
     if isinstance(name, str) and "+" in name and not _exists(name):
-        doc.problem(path + ("model",), "'model+lora' references are not supported: merge the adapter into "
-                    "the model first and give its folder")
+        doc.problem(path + ("model",), "'model+lora' references are read with mergekit's semantics only (drop "
+                    "--semantics taskarith), or merge the adapter into the model first and give its folder")
         return None
     source = doc.checkpoint(path + ("model",), name)
     params = doc.mapping(path + ("parameters",), entry.get("parameters"), ("weight", "density"))

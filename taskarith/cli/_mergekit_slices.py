@@ -20,6 +20,7 @@ import torch
 from ..io import Checkpoint
 from ..merging._varying import Varying
 from ._document import Document, got
+from ._mergekit_inputs import folder_of, open_checkpoint, reference
 from ._mergekit_methods import REQUIRED
 from ._mergekit_params import _UNSET, evaluate
 
@@ -40,7 +41,11 @@ def layer_count(model: Path, names: list[str]) -> int:
     return max(found) + 1 if found else 1
 
 
-def _config(model: Path) -> dict:
+def _config(model) -> dict:
+    given = getattr(model, "config_json", None)  # an earlier merge of a multi-document config, not written yet
+    if given is not None:
+        return given
+    model = folder_of(model)
     path = model / "config.json" if model.is_dir() else model.parent / "config.json"
     try:
         data = json.loads(path.read_text())
@@ -52,10 +57,11 @@ def _config(model: Path) -> dict:
 class View:
     """A checkpoint assembled from others: each output name reads a tensor of some checkpoint."""
 
-    def __init__(self, sources: dict[str, tuple[Checkpoint, str]], path: Path):
+    def __init__(self, sources: dict[str, tuple[Checkpoint, str]], reference):
         self._sources = sources
-        self.path = path
-        self.paths = sorted({str(c.path) for c, _ in sources.values()})
+        self.path = folder_of(reference)
+        self.config_json = getattr(reference, "config_json", None)
+        self.paths = sorted({str(p) for c, _ in sources.values() for p in getattr(c, "paths", [c.path])})
         self.metadata: dict[str, str] = {}
 
     def __str__(self) -> str:
@@ -66,6 +72,10 @@ class View:
 
     def __contains__(self, name: object) -> bool:
         return name in self._sources
+
+    def source(self, name: str) -> tuple:
+        """The checkpoint and the name in it that output tensor ``name`` reads."""
+        return self._sources[name]
 
     def dtype(self, name: str) -> torch.dtype:
         ckpt, inner = self._sources[name]
@@ -101,14 +111,16 @@ class SliceLayout:
     def layers(self) -> int:
         return sum(s.sources[0][4][1] - s.sources[0][4][0] for s in self.slices)
 
-    def assemble(self, reference: Path, roles: list[list[int]]) -> list[View]:
+    def assemble(self, reference, roles: list[list[int]]) -> list[View]:
         """Views of the inputs: ``roles[s][i]`` is the source of slice ``s`` read as input ``i``.
 
         Also records, per output tensor, its slice, its position ``t`` and each input's source name."""
         ckpts = {}
 
-        def ckpt(path: Path) -> Checkpoint:
-            return ckpts.setdefault(path, Checkpoint(path))
+        def ckpt(path) -> Checkpoint:
+            if path not in ckpts:
+                ckpts[path] = open_checkpoint(path)
+            return ckpts[path]
 
         first = ckpt(self.slices[0].sources[0][2])
         early = [n for n in first.names() if not _LAYER.match(n) and any(e in n for e in _EARLY)]
@@ -157,7 +169,7 @@ class SliceLayout:
             return next(iter(values.values()), default)
         return Varying(values.__getitem__, f"mergekit setting of {key!r} over slices")
 
-    def config_updates(self, reference: Path) -> dict:
+    def config_updates(self, reference) -> dict:
         """``config.json`` keys that follow the output's layer count."""
         config = _config(reference)
         updates = {key: self.layers for key in _LAYER_KEYS if isinstance(config.get(key), int)}
@@ -206,14 +218,14 @@ def parse(doc: Document, data: dict) -> SliceLayout | None:
 
 def _source(doc: Document, where: tuple, src) -> tuple | None:
     src = doc.mapping(where, src, ("model", "layer_range", "parameters"))
-    path = doc.checkpoint(where + ("model",), src.get("model"))
+    path = reference(doc, where + ("model",), src.get("model"))
     span = src.get("layer_range")
     if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                                for x in span) and 0 <= span[0] < span[1]):
         doc.problem(where + ("layer_range",), f"expected [START, END] with 0 <= START < END, got {got(span)}")
         return None
     if path is not None:
-        total = layer_count(path, Checkpoint(path).names())
+        total = layer_count(path, open_checkpoint(path).names())
         if span[1] > total:
             doc.problem(where + ("layer_range",), f"{src.get('model')!r} has {total} layers; the range "
                         f"{span} runs past them")

@@ -67,7 +67,9 @@ def _add_merge(sub, common) -> None:
                                    "format or mergekit's, every mergekit method) says. The config is validated "
                                    "before any tensor is read; the merge runs out of core.")
     p.add_argument("config", metavar="CONFIG", help="merge config (.yaml, .yml or .json)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT",
+    p.add_argument("positional_output", nargs="?", metavar="OUT", help="the output, as mergekit-yaml takes it "
+                   "(same as -o)")
+    p.add_argument("-o", "--output", metavar="OUT",
                    help="model folder, or a .safetensors file (a task vector when merging vectors without a base)")
     p.add_argument("--max-memory", default=None, metavar="SIZE", help="memory budget of the out-of-core merge "
                    "(default 2GB)")
@@ -83,6 +85,9 @@ def _add_merge(sub, common) -> None:
     p.add_argument("--semantics", choices=["mergekit", "taskarith"], default="mergekit",
                    help="mergekit configs: reproduce mergekit's arithmetic (default), or run task_arithmetic, ties "
                    "and dare_ties as taskarith's own exact methods (see docs/cli.md)")
+    p.add_argument("-I", "--intermediate-dir", default=None, metavar="DIR",
+                   help="configs of several merges (mergekit-multi's) with an unnamed final merge: where the named "
+                   "merges go (DIR/NAME); the final one goes to -o. Without an unnamed one, each goes to OUT/NAME")
     _overwrite_flag(p)
     _mergekit_flags(p)
     p.set_defaults(run=_merge.merge)
@@ -120,9 +125,9 @@ _ALWAYS = {
     "--quiet": "accepted",
 }
 _IGNORED_VALUES = {
-    "--transformers-cache": "accepted (no effect: nothing is downloaded)",
-    "--lora-merge-cache": "accepted (no effect)",
-    "--lora-merge-dtype": "accepted (no effect)",
+    "--transformers-cache": "accepted (no effect: Hub models are read from the Hugging Face cache, HF_HUB_CACHE)",
+    "--lora-merge-cache": "accepted (no effect: MODEL+LORA is merged as it is read, no copy is written)",
+    "--lora-merge-dtype": "accepted (no effect: a LoRA is merged in the model's dtype, as by default in mergekit)",
     "--num-threads": "accepted (torch's threads are used)",
     "--write-threads": "accepted (no effect)",
 }

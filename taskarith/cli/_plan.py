@@ -31,7 +31,7 @@ class Plan:
     base_used: bool = True  # whether the method reads the base model (mergekit's linear does not)
     notes: list[str] = field(default_factory=list)  # said once the merge is written (a seed drawn for it)
     config: dict | None = None  # config.json keys the output changes (a layer count changed by slices)
-    files: dict[str, str] = field(default_factory=dict)  # text files written beside the weights
+    files: dict[str, str | bytes | None] = field(default_factory=dict)  # written beside the weights (None: not copied)
 
     def paths(self) -> list:
         """Every input path (the models behind slice views included)."""

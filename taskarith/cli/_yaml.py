@@ -20,7 +20,7 @@ try:
 except ImportError:  # JSON configs still work without PyYAML (without line numbers)
     yaml = None
 
-__all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "OutOfRange", "load", "read"]
+__all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "OutOfRange", "load", "load_all", "read"]
 
 MAX_BYTES = 256 << 10  # a config with a thousand models and long paths is ~100 KB
 MAX_DEPTH = 64
@@ -105,6 +105,35 @@ def load(text: str, name: str) -> tuple[object, dict[tuple, int], list[tuple]]:
             raise TaskArithError(f"{name}: {_yaml_problem(err, text)}") from None
         lines, duplicates = {}, []  # valid JSON that PyYAML reads otherwise (a key over 1024 characters)
     return data, lines, duplicates
+
+
+def load_all(text: str, name: str) -> list[tuple[object, dict[tuple, int], list[tuple], str]]:
+    """Every document of a YAML stream (``---`` between them; mergekit-multi's configs): per document its
+    data, the line of every key (in the whole file), the paths of duplicate keys, and its own text.
+
+    The limits of :func:`load` hold for the whole file: its size, and the values of all documents together.
+    JSON text is one document.
+    """
+    if len(text) > MAX_BYTES or "\0" in text or yaml is None:
+        return [(*load(text, name), text)]
+    text = text.removeprefix("\ufeff")
+    if _json(text, name)[1] is None:
+        return [(*load(text, name), text)]
+    documents = []
+    try:
+        loader = _Loader(text, name)
+        while loader.check_node():
+            node = loader.get_node()
+            lines, duplicates = {}, []
+            data, own = None, ""
+            if node is not None:
+                _walk(node, (), lines, duplicates)
+                data = loader.construct_document(node)
+                own = text[node.start_mark.index:node.end_mark.index]
+            documents.append((data, lines, duplicates, own))
+    except yaml.YAMLError as err:
+        raise TaskArithError(f"{name}: {_yaml_problem(err, text)}") from None
+    return documents or [(None, {}, [], text)]
 
 
 def _json(text: str, name: str):

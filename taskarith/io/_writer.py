@@ -111,15 +111,15 @@ def write_safetensors(path: str | os.PathLike, chunks: Iterable[tuple[str, Any]]
 
 
 def write_model(out: str | os.PathLike, chunks: list[tuple[str, Any]], *, shard_bytes: int,
-                like: str | os.PathLike | None = None, files: Mapping[str, str] | None = None,
+                like: str | os.PathLike | None = None, files: Mapping[str, str | bytes | None] | None = None,
                 config: Mapping[str, Any] | None = None) -> Path:
     """Write a Hugging Face model folder, atomically: ``model.safetensors``, or shards
     ``model-0000k-of-0000n.safetensors`` of at most ``shard_bytes`` (a larger tensor gets a shard of its
     own) and ``model.safetensors.index.json`` (``total_size``: the bytes of tensor data). The
     non-weight files of ``like`` (config, tokenizer, subfolders) are copied, and ``config.json``'s
-    dtype follows the written weights. ``files`` (name -> text) are written beside them (a model
-    card, the config a merge ran), and ``config`` updates top-level keys of ``config.json``
-    (a layer count changed by slicing)."""
+    dtype follows the written weights. ``files`` (name -> text or bytes) are written beside them (a
+    model card, the config a merge ran, a new tokenizer; None: a copied file of that name is left out),
+    and ``config`` updates top-level keys of ``config.json`` (a layer count changed by slicing)."""
     out = Path(out)
     shards = _plan_shards(chunks, shard_bytes)
     for _, shard in shards:
@@ -137,8 +137,13 @@ def write_model(out: str | os.PathLike, chunks: list[tuple[str, Any]], *, shard_
             _update_config_dtype(tmp / "config.json", chunks)
             if config:
                 _update_config(tmp / "config.json", config)
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        for name, content in (files or {}).items():
+            if content is None:
+                (tmp / name).unlink(missing_ok=True)
+            elif isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
     return out
 
 

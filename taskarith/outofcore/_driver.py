@@ -51,7 +51,7 @@ def merge_files(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     compute_dtype: torch.dtype | None = None,
-    files: Mapping[str, str] | None = None,
+    files: Mapping[str, str | bytes | None] | None = None,
     config: Mapping[str, object] | None = None,
     **options,
 ) -> Path:
@@ -81,7 +81,8 @@ def merge_files(
         overwrite: replace an existing ``out`` that taskarith did not write.
         compute_dtype: for methods of weights (``inputs="weights"``), the dtype the models' weights
             are converted to before the method runs (mergekit's ``dtype:``; default: as stored).
-        files: text files (name -> content) written into the output folder (a model card).
+        files: files (name -> text or bytes) written into the output folder (a model card, a tokenizer;
+            None: a file of the base of that name is not copied).
         config: top-level keys updated in the output's ``config.json``.
 
     Returns:
