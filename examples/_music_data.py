@@ -265,50 +265,82 @@ def to_split(images: np.ndarray, labels: np.ndarray) -> Split:
     return Split(x, torch.from_numpy(labels.astype(np.int64)))
 
 
-def load_data(args) -> dict:
-    """Load IDX files and split them: pretrain / validation / three task sets / evaluation."""
+def read_arrays(args) -> tuple[dict, list]:
+    """Find, check and read the IDX files: {train_/test_ images/labels: array}, provenance lines."""
     paths, provenance = locate_files(args)
     provenance += [f"{p}: {check_md5(p, args.dataset, not args.no_verify)}" for p in paths.values()]
-    arrays = {k: read_idx(p) for k, p in paths.items()}
-    rng = np.random.default_rng(args.split_seed)
+    return {k: read_idx(p) for k, p in paths.items()}, provenance
+
+
+def stratified(labels: np.ndarray, n: int, rng) -> np.ndarray:
+    """n indices drawn without replacement with each class's share of `labels` (largest remainder)."""
+    counts = np.bincount(labels, minlength=10)
+    quota = n * counts / counts.sum()
+    take = np.floor(quota).astype(int)
+    take[np.argsort(-(quota - take), kind="stable")[:n - take.sum()]] += 1
+    return np.concatenate([rng.choice(np.flatnonzero(labels == c), size=k, replace=False)
+                           for c, k in enumerate(take) if k])
+
+
+def split_data(arrays: dict, args, split_seed: int) -> dict:
+    """Split the arrays: pretrain / validation / three task sets / evaluation.
+
+    Full mode: the training split feeds pretraining, validation and the task sets; the whole test
+    split evaluates (its natural class mix). Test-split mode: the evaluation part is drawn first,
+    stratified to the test split's class mix, then the task sets, then validation and pretraining
+    from what is left, all disjoint."""
+    rng = np.random.default_rng(split_seed)
     full = "train_images" in arrays and "train_labels" in arrays
-    if full:  # the training split feeds pretraining, validation and tasks; the test split evaluates
+    if full:
         pool_x, pool_y = arrays["train_images"], arrays["train_labels"]
         eval_x, eval_y = arrays["test_images"], arrays["test_labels"]
-    else:  # test-split mode: carve every part out of the 10,000 test images, disjointly
+    else:
         pool_x, pool_y = arrays["test_images"], arrays["test_labels"]
     task_n = args.task_samples or (1000 if full else 300)
     val_n = args.val_size or (5000 if full else 1000)
 
-    # Task sets first (exclusive), then shuffle what is left into evaluation / validation / pretrain.
     taken = np.zeros(len(pool_y), dtype=bool)
+    if not full:
+        eval_idx = stratified(pool_y, min(args.eval_size, len(pool_y)), rng)
+        taken[eval_idx] = True
+        eval_x, eval_y = pool_x[eval_idx], pool_y[eval_idx]
     tasks = {}
-    for c in args.digits:
-        candidates = np.flatnonzero(pool_y == c)
+    for c in args.digits:  # task sets (exclusive), then the rest shuffled into validation / pretrain
+        candidates = np.flatnonzero((pool_y == c) & ~taken)
         if len(candidates) < task_n:
-            raise DataUnavailable(f"only {len(candidates)} samples of class {c}; "
-                                  f"lower --task-samples (asked for {task_n})")
+            raise DataUnavailable(f"only {len(candidates)} samples of class {c} left for its task set; "
+                                  f"lower --task-samples (asked for {task_n}) or --eval-size")
         idx = rng.choice(candidates, size=task_n, replace=False)
         taken[idx] = True
         tasks[c] = to_split(pool_x[idx], pool_y[idx])
     rest = rng.permutation(np.flatnonzero(~taken))
-    if not full:
-        eval_idx, rest = rest[:args.eval_size], rest[args.eval_size:]
-        eval_x, eval_y = pool_x[eval_idx], pool_y[eval_idx]
     val_idx, pre_idx = rest[:val_n], rest[val_n:]
     if len(pre_idx) < 1000:
         raise DataUnavailable(f"only {len(pre_idx)} samples left for pretraining; "
                               f"lower --val-size / --eval-size / --task-samples")
     note = None if full else (
         f"Test-split mode: only the {len(pool_y)}-image test split was found, so it is split "
-        f"disjointly into pretraining ({len(pre_idx)}), validation ({len(val_idx)}), task sets "
-        f"({task_n} per class, fewer than the study's 1000) and evaluation ({len(eval_y)}) parts.")
+        f"disjointly into evaluation ({len(eval_y)}, stratified to the test split's class mix), "
+        f"task sets ({task_n} per class, fewer than the study's 1000), validation ({len(val_idx)}) "
+        f"and pretraining ({len(pre_idx)}) parts.")
     share = dict(evaluation=float(np.isin(eval_y, args.digits).mean()),
                  source=float(np.isin(arrays["test_labels"], args.digits).mean()))
-    return dict(full=full, note=note, provenance=provenance, task_samples=task_n, task_share=share,
+    return dict(full=full, note=note, task_samples=task_n, task_share=share, split_seed=split_seed,
                 eval_class_counts=np.bincount(eval_y, minlength=10).tolist(),
                 pretrain=to_split(pool_x[pre_idx], pool_y[pre_idx]),
                 val=to_split(pool_x[val_idx], pool_y[val_idx]),
                 eval=to_split(eval_x, eval_y), tasks=tasks,
                 sizes=dict(pretrain=len(pre_idx), val=len(val_idx), eval=len(eval_y),
                            task_per_class=task_n))
+
+
+def seed_split(args, seed: int) -> int:
+    """The split seed of a study seed: --split-seed, plus the seed with --vary-split."""
+    return args.split_seed + seed if getattr(args, "vary_split", False) else args.split_seed
+
+
+def load_data(args, split_seed: int | None = None) -> dict:
+    """Read the IDX files and split them (split seed: --split-seed unless given)."""
+    arrays, provenance = read_arrays(args)
+    data = split_data(arrays, args, args.split_seed if split_seed is None else split_seed)
+    return dict(data, provenance=provenance)

@@ -8,7 +8,9 @@ import numpy as np
 GROUPS = ("overall", "task", "other")
 RULES = {"": "overall-rule λ", "@task": "task-aware λ", "_full": "λ = 1"}
 MERGE_LABEL = {"task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE",
-               "consolidated": "consolidated (IG)"}
+               "consolidated": "consolidated (IG)", "mask_ties": "control: TIES mask of the ctv's size",
+               "mask_random": "control: random mask of the ctv's size"}
+BASELINE_LABEL = {"replay": "replay", "last": "last layer only"}
 
 
 def arrow(order: str) -> str:
@@ -40,6 +42,10 @@ def label(name: str, results: dict) -> str:
         taus = " + ".join(f"τ{d}" for d in digits[:int(rest)])
         return {"gradual": f"pt + {taus}", "gradual_tuned": f"pt + λ({taus}), overall-rule λ",
                 "gradual_task": f"pt + λ({taus}), task-aware λ"}[kind]
+    if kind in BASELINE_LABEL:
+        what = "joint (same steps)" if rest == "joint" else (
+            f"sequential {arrow(rest)}" if ">" in rest else f"fine-tuned on {rest}")
+        return f"{BASELINE_LABEL[kind]}: {what}"
     if kind == "transfer":
         base, _, what = rest.partition(":")
         return {"base": f"θ_new ({base})", "base+tau": f"θ_new ({base}) + τ_joint",
@@ -55,13 +61,28 @@ def headline_names(results: dict) -> list:
     names = ["pretrained", "joint", "joint_equal_steps", seq_name(results), "gradual:3"]
     for merge in MERGE_LABEL:
         names += [merge, merge + "@task"] + ([merge + "_full"] if merge != "task_arithmetic" else [])
-    return names + ["negation"]
+    seq = seq_name(results).removeprefix("seq:")
+    return names + ["negation"] + [f"{k}:{w}" for k in BASELINE_LABEL for w in (seq, "joint")]
 
 
 def confusion_names(results: dict) -> list:
-    """Eight distinct models for the confusion-matrix panels, the λ = 1 ones included."""
-    return ["pretrained", "joint_equal_steps", seq_name(results), "gradual:3", "ties_full",
-            "consolidated_full", "task_arithmetic@task", "consolidated@task"]
+    """Candidate panels of the confusion-matrix figure, in order: the λ = 1 models included; the
+    figure leaves out a model whose matrix equals one already shown (and says so in that title)."""
+    seq = seq_name(results)
+    return ["pretrained", "joint_equal_steps", seq, "gradual:3", "ties_full", "dare_full",
+            "consolidated_full", "mask_ties_full", "task_arithmetic@task", "consolidated@task",
+            f"replay:{seq.removeprefix('seq:')}", "replay:joint"]
+
+
+def per_class_names(results: dict) -> list:
+    """Rows of the per-class figure: the stages in the order a reader follows them."""
+    digits = results["config"]["digits"]
+    d = [str(x) for x in digits]
+    seq = [f"seq:{'>'.join(d[:k])}" for k in (2, 3)]
+    return (["pretrained"] + [f"ft:{x}" for x in d] + seq + ["joint_equal_steps", "gradual:2", "gradual:3",
+            "task_arithmetic@task", "ties_full", "consolidated_full", "mask_ties_full", "mask_random_full",
+            "consolidated@task"] + [f"{k}:{'>'.join(d[:i])}" for k in BASELINE_LABEL for i in (1, 2, 3)]
+            + ["replay:joint", "last:joint", "negation"])
 
 
 def stage_rows(results: dict) -> list:
@@ -85,6 +106,8 @@ def stage_rows(results: dict) -> list:
             if merge + suffix in methods:
                 rows.append(("merges", label(merge + suffix, results), merge + suffix))
     rows.append(("negation", label("negation", results), "negation"))
+    for kind, text in BASELINE_LABEL.items():
+        rows += [(f"baseline: {text}", label(n, results), n) for n in methods if n.startswith(kind + ":")]
     return rows
 
 
@@ -92,7 +115,7 @@ def plot_order(results: dict) -> list:
     """Every evaluated model except the gradual-application steps, grouped for reading."""
     names = list(results["summary"]["methods"])
     first = ["pretrained", "joint", "joint_equal_steps"]
-    groups = {"seq:": 1, "ft:": 2, "transfer:": 4}  # everything else (merges, negation): 3
+    groups = {"seq:": 1, "ft:": 2, "replay:": 4, "last:": 4, "transfer:": 5}  # merges, negation: 3
 
     def rank(n):
         if n in first:

@@ -21,6 +21,8 @@ from pathlib import Path
 from _music_names import label, lam_cell, pm, seq_name
 from _music_report import (
     METRIC_HEADER,
+    baseline_lines,
+    control_lines,
     forgetting_table,
     headline_table,
     lambda_table,
@@ -32,6 +34,7 @@ from _music_report import (
     transfer_table,
     verdict_lines,
 )
+from _music_sweep import sweep_answer, sweep_table, verdict_matrix
 from _music_verdicts import NOT_JUDGED, pp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +49,10 @@ def run_line(results: dict) -> str:
     sizes = d["sizes"]
     share = d.get("task_share")
     mix = (f" The task classes are {100 * share['evaluation']:.1f}% of the evaluation images "
-           f"({100 * share['source']:.1f}% of the test split)." if share else "")
+           f"({100 * share['source']:.1f}% of the test split" + ("; the evaluation part is stratified to "
+           "its class mix" if d["mode"] == "test-split" else "") + ")." if share else "")
+    if d.get("split_seeds") and len(set(d["split_seeds"].values())) > 1:
+        mix += " The data split varies with the seed (--vary-split)."
     return (f"{d['dataset']}, {d['mode']} mode: {sizes['pretrain']} pretraining, {sizes['val']} "
             f"validation, {sizes['task_per_class']} images per task class, {sizes['eval']} evaluation "
             f"images.{mix} " + setup_line(results) + " " + machine_line(results))
@@ -55,13 +61,17 @@ def run_line(results: dict) -> str:
 def readme_block(results: dict) -> str:
     """Accuracy per task of the main models, with λ, and each verdict with its deciding difference."""
     digits, per_task = results["config"]["digits"], results["summary"]["per_task"]
+    seq = seq_name(results).removeprefix("seq:")
     names = ["pretrained", "joint_equal_steps", seq_name(results), "gradual:3", "task_arithmetic",
              "task_arithmetic@task", "ties@task", "ties_full", "dare@task", "consolidated@task",
-             "consolidated_full"]
-    rows = [[label(n, results), lam_cell(results, n), pm(per_task[n]["overall"])]
-            + [pm(per_task[n][str(d)]) for d in digits] + [pm(per_task[n]["other"])] for n in names]
+             "consolidated_full", "mask_ties_full", "mask_random_full", f"replay:{seq}", "replay:joint",
+             f"last:{seq}", "last:joint"]
+    rows = [[label(n, results), lam_cell(results, n), pm(per_task[n]["overall"]), pm(per_task[n]["balanced"])]
+            + [pm(per_task[n][str(d)]) for d in digits] + [pm(per_task[n]["other"])]
+            for n in names if n in per_task]
     L = [f"`{results['command']}`", "", run_line(results), ""]
-    L += table(["model", "λ", "all classes"] + [f"on {d}" for d in digits] + ["other classes"], rows)
+    L += table(["model", "λ", "all classes", "balanced"] + [f"on {d}" for d in digits] + ["other classes"],
+               rows)
     cmps = results["summary"]["comparisons"]
     for v in results["verdicts"]:
         head = "NOT JUDGED" if v["verdict"] == NOT_JUDGED else v["verdict"].upper()
@@ -83,6 +93,9 @@ def study_block(name: str, results: dict) -> str:
     L += ["Forgetting in the sequential runs (accuracy on a task right after its stage minus at "
           "the end; BWT = minus the mean forgetting of the first two tasks):", ""]
     L += forgetting_table(results)
+    L += ["Baselines for the single-class collapse:", ""] + baseline_lines(results)
+    L += ["The consolidated vector against a TIES mask and a random mask keeping as many entries:",
+          ""] + control_lines(results)
     L += ["λ per seed under each rule:", ""] + lambda_table(results)
     tr = [f"transfer:{k}:{w}" for k in ("independent", "continued") for w in ("base", "base+tau", "finetuned")]
     L += ["Transfer (τ_joint from pt applied to θ_new):", ""]
@@ -92,9 +105,20 @@ def study_block(name: str, results: dict) -> str:
                 "accuracy_curves.png": "Validation accuracy per epoch of every training run",
                 "loss_curves.png": "Training and validation loss per epoch",
                 "confusion_matrices.png": "Confusion matrices, summed over seeds, row-normalised",
+                "per_class_stages.png": "Per-class accuracy across stages (mean over seeds)",
                 "lambda_selection.png": "Choosing λ on the validation split (merges, negation)"}
     for fig in results["figures"]:
         L += [f"![{captions.get(fig, fig)}](figures/study/{name}-{fig})", ""]
+    return "\n".join(L).rstrip()
+
+
+def sweep_block(name: str, results: dict, figures: bool) -> str:
+    """A sweep's section: the answer per setting, the table, every verdict per setting."""
+    L = [f"`{results['command']}`", "", run_line(results), "", f"**{sweep_answer(results)}**", ""]
+    L += sweep_table(results)
+    if figures:
+        L += [f"![Fine-tuning sweep](figures/study/{name}-sweep.png)", "",
+              "Every verdict, per fine-tuning setting:", ""] + verdict_matrix(results)
     return "\n".join(L).rstrip()
 
 
@@ -138,6 +162,10 @@ def render(paths, targets=TARGETS, figures=FIGURES) -> dict:
         Path(figures).mkdir(parents=True, exist_ok=True)
         for fig in results["figures"]:
             shutil.copyfile(path.parent / fig, Path(figures) / f"{name}-{fig}")
+        if "sweep" in results:
+            blocks[f"readme-sweep:{name}"] = sweep_block(name, results, figures=False)
+            blocks[f"sweep:{name}"] = sweep_block(name, results, figures=True)
+            continue
         blocks[f"readme:{name}"] = readme_block(results)
         blocks[f"study:{name}"] = study_block(name, results)
         runs.append((name, results))

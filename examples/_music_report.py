@@ -26,13 +26,65 @@ def metric_rows(results: dict, names: list) -> list:
 
 
 def headline_table(results: dict, names=None) -> list:
-    """Overall / task / other accuracy and macro F1 with the λ column."""
+    """Overall / balanced / task / other accuracy and macro F1 with the λ column."""
     methods = results["summary"]["methods"]
-    rows = [[label(n, results), lam_cell(results, n)]
-            + [pm(methods[n][g]["accuracy"]) for g in GROUPS] + [pm(methods[n]["overall"]["f1"])]
+    rows = [[label(n, results), lam_cell(results, n), pm(methods[n]["overall"]["accuracy"]),
+             pm(methods[n]["overall"]["recall"])]
+            + [pm(methods[n][g]["accuracy"]) for g in GROUPS[1:]] + [pm(methods[n]["overall"]["f1"])]
             for n in names or headline_names(results)]
-    return table(["model", "λ", "accuracy, all", "accuracy, task classes", "accuracy, other classes",
-                  "macro F1"], rows)
+    return table(["model", "λ", "accuracy, all", "balanced accuracy", "accuracy, task classes",
+                  "accuracy, other classes", "macro F1"], rows)
+
+
+def per_task_table(results: dict, names: list) -> list:
+    """Accuracy on each task class, the other classes, all, and balanced, with λ."""
+    digits, per_task = results["config"]["digits"], results["summary"]["per_task"]
+    rows = [[label(n, results), lam_cell(results, n)]
+            + [pm(per_task[n][k]) for k in [str(d) for d in digits] + ["other", "overall", "balanced"]]
+            for n in names if n in per_task]
+    return table(["model", "λ"] + [f"on {d}" for d in digits] + ["other classes", "all", "balanced"], rows)
+
+
+CONTROL_NAMES = [m + s for s in ("_full", "@task", "") for m in ("consolidated", "mask_ties", "mask_random")]
+
+
+def control_lines(results: dict) -> list:
+    """The ctv against a TIES mask and a random mask keeping as many entries, and the IG figures."""
+    seeds = list(results["seeds"].values())
+    ig = [g for s in seeds for g in s["consolidation"].get("ig", [])]
+    kept = [k for s in seeds for k in s["consolidation"].get("kept", [])]
+    L = per_task_table(results, CONTROL_NAMES)
+    if ig:
+        steps = sorted({g["steps"] for g in ig})
+        L += [f"Integrated gradients: {', '.join(map(str, steps))} integration points (doubled from "
+              f"--ig-steps {results['config']['ig_steps']} until the completeness gap |Σ IG − gain| / "
+              f"|gain| is ≤ {results['config']['ig_rtol']:g}, at most --ig-max-steps "
+              f"{results['config']['ig_max_steps']}); largest gap over seeds and tasks "
+              f"{max(g['relative_gap'] for g in ig):.2g}"
+              + (" — ABOVE the tolerance" if max(g['relative_gap'] for g in ig) > results['config']['ig_rtol']
+                 else "") + f". Entries kept per task vector: {100 * min(kept):.1f}–{100 * max(kept):.1f}% "
+              f"(--ctv-density {results['config']['ctv_density']:g}; fewer only where fewer "
+              "attributions are positive); both controls keep exactly as many.", ""]
+    keys = [k for k in results["summary"]["comparisons"] if k.startswith("ctv − ")
+            and ("mask" in k)]
+    return L + comparison_rows(results, keys)
+
+
+def baseline_lines(results: dict) -> list:
+    digits = results["config"]["digits"]
+    d = ">".join(map(str, digits))
+    names = ["pretrained", f"seq:{d}", "joint_equal_steps"] + [
+        f"{k}:{'>'.join(map(str, digits[:i]))}" for k in ("replay", "last") for i in (1, 2, 3)] + [
+        "replay:joint", "last:joint"]
+    st = next(iter(results["seeds"].values()))["steps"].get("baselines", {})
+    L = [f"Replay: each fine-tuning run's data plus {results['config']['replay_per_class']} "
+         "pretraining images of every class that run's data lacks (one fixed buffer per seed). Last "
+         "layer only: fc3 trained, the rest frozen. Same optimizer, lr and epochs as the plain "
+         "fine-tuning; each joint run takes its sequential run's step count ("
+         + ", ".join(f"{k} {v}" for k, v in st.items()) + " steps).", ""]
+    L += per_task_table(results, names)
+    keys = [k for k in results["summary"]["comparisons"] if k.startswith(("replay", "last layer"))]
+    return L + comparison_rows(results, keys)
 
 
 def stage_table(results: dict) -> list:
@@ -114,10 +166,13 @@ def rules_text(results: dict) -> str:
 
 def setup_line(results: dict) -> str:
     tr, cfg = results["training"], results["config"]
+    ft = tr["finetune"]
+    how = (f"{ft['optimizer']} lr {ft['lr']:g}" if "sweep" not in ft else
+           "SGD (momentum 0.9) and Adam at lr " + ", ".join(sorted({f"{s['lr']:g}" for s in ft["sweep"]},
+                                                                   key=float, reverse=True)))
     return (f"Pretraining {tr['pretrain']['optimizer']} lr {tr['pretrain']['lr']:g}, "
-            f"{tr['pretrain']['epochs']} epochs; fine-tuning {tr['finetune']['optimizer']} lr "
-            f"{tr['finetune']['lr']:g}, {tr['finetune']['epochs']} epochs per task; batch "
-            f"{tr['batch_size']}; seeds {cfg['seeds']}.")
+            f"{tr['pretrain']['epochs']} epochs; fine-tuning {how}, {ft['epochs']} epochs per task; "
+            f"batch {tr['batch_size']}; seeds {cfg['seeds']}.")
 
 
 def machine_line(results: dict) -> str:
@@ -182,6 +237,9 @@ def write_report(results: dict, out: Path) -> None:
     L += ["All six orders:", ""] + table(METRIC_HEADER, metric_rows(results, orders + ["joint",
                                                                                       "joint_equal_steps"]))
 
+    L += ["## Baselines for the single-class collapse: replay and last layer only", ""]
+    L += baseline_lines(results)
+
     L += ["## Task vectors and λ", ""]
     norms = {d: np.mean([s["tau_norm"][str(d)] for s in seeds]) for d in digits}
     L += ["‖τ‖: " + ", ".join(f"τ{d} {v:.2f}" for d, v in norms.items()) + ". Cosines: "
@@ -198,6 +256,12 @@ def write_report(results: dict, out: Path) -> None:
     grad = ["pretrained"] + [f"{p}:{k}" for p in ("gradual", "gradual_tuned", "gradual_task")
                              for k in (1, 2, 3)]
     L += table(METRIC_HEADER, metric_rows(results, grad)) + ["![gradual](gradual.png)", ""]
+
+    L += ["## The consolidated vector against its controls (mean ± std over seeds, %)", ""]
+    L += ["Each control keeps from every task vector as many entries as the ctv keeps: the largest "
+          "magnitudes (TIES mask) or a uniformly random set (random mask), then elects signs by the "
+          "sum and averages what agrees; at λ = 1 and at both tuned λ.", ""]
+    L += control_lines(results)
 
     f = cfg["forget"]
     L += [f"## Task negation: forget {f}", ""]
@@ -227,7 +291,7 @@ def write_report(results: dict, out: Path) -> None:
         L += table(["model", "λ"] + names, [[label(n, results), lam_cell(results, n)]
                                             + [f"{100 * v:.1f}" for v in summ["per_class"][n][metric]]
                                             for n in headline_names(results)])
-    L += ["![confusion](confusion_matrices.png)", ""]
+    L += ["![per-class accuracy](per_class_stages.png)", "", "![confusion](confusion_matrices.png)", ""]
 
     L += ["## All models (mean ± std over seeds, %)", ""]
     L += [("Task classes: accuracy over the images of the task classes; macro precision/recall/F1 "
@@ -245,8 +309,12 @@ def write_report(results: dict, out: Path) -> None:
     L += [f"- split sizes: {data['sizes']} (split seed {cfg['split_seed']})",
           f"- evaluation images per class: {data['eval_class_counts']}; the task classes are "
           f"{100 * data['task_share']['evaluation']:.1f}% of them ({100 * data['task_share']['source']:.1f}% "
-          f"of the test split: task sets are drawn first, so in test-split mode the evaluation split "
-          f"holds fewer task-class images than the natural mix)",
+          f"of the test split; in test-split mode the evaluation part is drawn first, stratified to "
+          f"the test split's class mix). Balanced accuracy: the mean of the ten per-class accuracies "
+          f"(macro recall), which does not depend on the mix",
+          f"- split seed per study seed: {data.get('split_seeds')}"
+          + (" (--vary-split)" if cfg.get("vary_split") else " (fixed: seeds vary initialisation and "
+                                                             "shuffling only)"),
           "- pixels scaled to [-1, 1] (x/127.5 − 1, the same as ToTensor + Normalize(0.5, 0.5))", ""]
     (out / "report.md").write_text("\n".join(L))
 

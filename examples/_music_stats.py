@@ -6,7 +6,9 @@ Model keys (results['seeds'][seed]['metrics']): pretrained, joint, joint_equal_s
 order; its first stage is ft:<a>); gradual:<k> (pt + the first k task vectors, λ = 1),
 gradual_tuned:<k> / gradual_task:<k> (the same with task arithmetic's λ of the overall / the
 task-aware rule); task_arithmetic, ties, dare, consolidated (λ of the overall rule), the same with
-"@task" (task-aware rule) and ties_full, dare_full, consolidated_full (λ = 1); negation; transfer:*.
+"@task" (task-aware rule) and ties_full, dare_full, consolidated_full (λ = 1); mask_ties and
+mask_random (the ctv's controls, with the same suffixes); replay:<stages> / replay:joint and
+last:<stages> / last:joint (the collapse baselines); negation; transfer:*.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import math
 
 import numpy as np
 
-MERGES = ("task_arithmetic", "ties", "dare", "consolidated")
-MERGE_TEXT = dict(task_arithmetic="task arithmetic", ties="TIES", dare="DARE", consolidated="ctv")
+MERGES = ("task_arithmetic", "ties", "dare", "consolidated", "mask_ties", "mask_random")
+MERGE_TEXT = dict(task_arithmetic="task arithmetic", ties="TIES", dare="DARE", consolidated="ctv",
+                  mask_ties="TIES mask", mask_random="random mask")
+CONTROLS = ("mask_ties", "mask_random")  # the ctv's controls: same kept count, another mask
 TIE = 1e-12  # |difference| at or below this is a tie (accuracies are ratios of counts)
 
 
@@ -110,8 +114,10 @@ def summarize(per_seed: list, args) -> dict:
                      for k in ("precision", "recall", "f1")} for n in names}
     confusions = {n: np.sum([s["metrics"][n]["confusion"] for s in per_seed], 0).tolist()
                   for n in names}
+    # balanced: the mean of the ten per-class accuracies (macro recall), whatever the class mix
     per_task = {n: dict({str(c): mean_std(on(n, c)) for c in digits}, other=mean_std(acc(n, "other")),
-                        overall=mean_std(acc(n)), **{"lambda": lam(n)}) for n in names}
+                        overall=mean_std(acc(n)), balanced=mean_std(get(n, "overall", "recall")),
+                        **{"lambda": lam(n)}) for n in names}
 
     # Sequential stages and forgetting: for task t learned at stage i of an order, forgetting is
     # its accuracy right after stage i minus its accuracy at the end (> 0: forgotten); backward
@@ -145,6 +151,23 @@ def summarize(per_seed: list, args) -> dict:
         cmp[f"ctv (λ 1) − pretrained, F1 of class {c}"] = paired(
             on("consolidated_full", c, "f1"), on("pretrained", c, "f1"), B)
     cmp["ctv (λ 1) − pt+τ1+τ2+τ3 (λ 1)"] = paired(acc("consolidated_full"), acc("gradual:3"), B)
+    for ctrl in CONTROLS:  # the ctv against a mask of the same size chosen otherwise
+        text = MERGE_TEXT[ctrl]
+        for suffix, rule in (("_full", "λ 1"), ("@task", "task-aware λ"), ("", "overall-rule λ")):
+            both = (None if suffix == "_full" else  # λ = 0 for both: both are pt
+                    [max(a, b) for a, b in zip(lam("consolidated" + suffix), lam(ctrl + suffix))])
+            for group, what in (("task", "the task classes"), ("overall", "all classes")):
+                c = cmp[f"ctv − {text} ({rule}), accuracy on {what}"] = paired(
+                    acc("consolidated" + suffix, group), acc(ctrl + suffix, group), B, both)
+                if "by_construction" in c:
+                    c["by_construction"] = ("λ = 0 for both in every seed: both are the pretrained "
+                                            "model, so the difference is 0 by construction")
+    for kind, text in (("replay", "replay"), ("last", "last layer only")):  # collapse baselines
+        if f"{kind}:joint" in names:
+            cmp[f"{text}: sequential − joint (equal steps)"] = paired(
+                acc(f"{kind}:{'>'.join(map(str, digits))}"), acc(f"{kind}:joint"), B)
+            cmp[f"{text} sequential − plain sequential"] = paired(
+                acc(f"{kind}:{'>'.join(map(str, digits))}"), acc(seq), B)
     for m in MERGES:
         text = MERGE_TEXT[m]
         cmp[f"{text} (overall-rule λ) − pretrained"] = paired(acc(m), acc("pretrained"), B, lam(m))

@@ -116,15 +116,18 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def train(model, data: Split, *, optimizer: str, lr: float, batch_size: int, seed: int, val: Split,
-          task_classes, epochs=None, steps=None) -> dict:
-    """Train `model` in place for `epochs` epochs or exactly `steps` optimizer steps.
+          task_classes, epochs=None, steps=None, last_layer_only=False) -> dict:
+    """Train `model` in place for `epochs` epochs or exactly `steps` optimizer steps (only the
+    output layer with `last_layer_only`: the others are frozen).
 
     Shuffles come from a generator seeded with `seed` (the same role as a DataLoader's
     generator; indexing in-memory tensors is much faster than a DataLoader for this MLP).
     Returns the curve: per epoch, mean training loss and validation loss/accuracies; epoch 0 is
     the model before training.
     """
-    opt = make_optimizer(optimizer, model.parameters(), lr)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not last_layer_only or name.startswith("fc3."))
+    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr)
     gen = torch.Generator().manual_seed(seed)
     n, bs = len(data), batch_size
     total = steps if steps is not None else epochs * math.ceil(n / bs)
@@ -158,6 +161,8 @@ def train(model, data: Split, *, optimizer: str, lr: float, batch_size: int, see
         curve["train_loss"].append(float(loss_sum) / batches)
         for k, v in quick_eval(model, val, task_classes).items():
             curve[k].append(v)
+    for p in model.parameters():
+        p.requires_grad_(True)
     return curve
 
 
@@ -170,13 +175,17 @@ HAS_CONSOLIDATE = hasattr(ta, "consolidate")
 HAS_CAPTUM = importlib.util.find_spec("captum") is not None  # integrated gradients need it
 
 
-def merged_vectors(vectors, pretrained, val: Split, args, seed) -> tuple[dict, dict]:
-    """TIES, DARE and IG-consolidated vectors (scale 1; lambda is tuned when applying).
+def merged_vectors(vectors, pretrained, val: Split, args, seed) -> tuple[dict, dict, dict]:
+    """TIES, DARE, the IG-consolidated vector and its two controls (scale 1; lambda is tuned when
+    applying). Returns (vectors, stand-in notes, consolidation details).
 
-    Where taskarith (or captum) lacks a feature, the plain sum stands in and the note says so.
-    """
+    The controls keep, from each task vector, exactly as many entries as the ctv keeps from it
+    (⌊density·n⌋, fewer where fewer attributions are positive): `mask_ties` the largest
+    magnitudes, `mask_random` a uniformly random set; both elect signs by the sum (TIES) and
+    average what agrees, as the ctv does. Where taskarith (or captum) lacks a feature, the plain
+    sum stands in and the note says so."""
     plain = ta.TaskVector.sum(vectors)
-    out, notes = {}, {}
+    out, notes, info = {}, {}, {}
     if HAS_MERGE:
         out["ties"] = ta.merge(vectors, method="ties", density=args.ties_density, scale=1.0)
         out["dare"] = ta.merge(vectors, method="dare", drop=args.dare_drop,
@@ -188,16 +197,56 @@ def merged_vectors(vectors, pretrained, val: Split, args, seed) -> tuple[dict, d
         # Score each entry of tau_c by integrated gradients of task c's log-likelihood along
         # pt -> pt + tau_c, on the validation images of class c (never seen in fine-tuning);
         # keep each vector's best-scoring entries and merge them.
-        attributions = [ta.attribution.integrated_gradients(
-                            pretrained, pretrained, tau, (val.x[val.y == c], val.y[val.y == c]),
-                            n_steps=args.ig_steps)
-                        for c, tau in zip(args.digits, vectors)]
+        attributions = []
+        info["ig"] = []
+        for c, tau in zip(args.digits, vectors):
+            attr, steps = ig_until_complete(pretrained, tau, val.x[val.y == c], val.y[val.y == c], args)
+            attributions.append(attr)
+            info["ig"].append(dict(task=c, steps=steps, relative_gap=attr.relative_gap, gain=attr.gain))
         out["consolidated"] = ta.consolidate(vectors, attributions, density=args.ctv_density)
+        kept = [min(math.floor(args.ctv_density * tau.numel()),
+                    sum(int((a > 0).sum()) for _, a in attr.items()))
+                for tau, attr in zip(vectors, attributions)]
+        info["kept"] = [k / tau.numel() for k, tau in zip(kept, vectors)]
+        gen = torch.Generator().manual_seed(derive_seed(seed, "random mask"))
+        for name, score in (("mask_ties", lambda t: t.abs()),
+                            ("mask_random", lambda t: torch.rand(t.shape, generator=gen))):
+            scores = [{n: v.to(tau.device) for n, v in top_entries(
+                          {n: score(t.detach().cpu().float()) for n, t in tau.items()}, k).items()}
+                      for tau, k in zip(vectors, kept)]
+            out[name] = ta.consolidate(vectors, scores, density=args.ctv_density, select="positive",
+                                       resolve="sign_sum", merge="disjoint_mean")
     else:
-        out["consolidated"] = plain
-        notes["consolidated"] = ("taskarith.consolidate is not available" if not HAS_CONSOLIDATE
-                                 else "captum is not installed") + ": plain sum stands in"
-    return out, notes
+        for name in ("consolidated", "mask_ties", "mask_random"):
+            out[name] = plain
+            notes[name] = ("taskarith.consolidate is not available" if not HAS_CONSOLIDATE
+                           else "captum is not installed") + ": plain sum stands in"
+    return out, notes, info
+
+
+def ig_until_complete(pretrained, tau, x, y, args):
+    """Integrated gradients with --ig-steps points, doubled until the relative completeness gap is
+    at most --ig-rtol or --ig-max-steps is reached (the gap is reported either way)."""
+    steps = args.ig_steps
+    while True:
+        attr = ta.attribution.integrated_gradients(pretrained, pretrained, tau, (x, y), n_steps=steps,
+                                                   check_completeness=False)
+        if attr.relative_gap <= args.ig_rtol or steps * 2 > args.ig_max_steps:
+            return attr, steps
+        steps *= 2
+
+
+def top_entries(scores: dict, k: int) -> dict:
+    """Scores with exactly the k largest entries (over the whole vector) positive, the rest -1."""
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    keep = torch.full_like(flat, -1.0)
+    idx = torch.topk(flat, k).indices
+    keep[idx] = 1.0 + torch.arange(k, 0, -1, dtype=flat.dtype)  # positive, ranked
+    out, at = {}, 0
+    for n, s in scores.items():
+        out[n] = keep[at:at + s.numel()].reshape(s.shape)
+        at += s.numel()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

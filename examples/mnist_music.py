@@ -21,12 +21,14 @@ inconclusive) by rules fixed in advance (_music_verdicts.py) when there are at l
     python examples/mnist_music.py --data-dir ../shared/data/mnist-t10k     # MNIST test split only
     python examples/mnist_music.py --dataset fashion-mnist                   # Debian's dataset-fashion-mnist
     python examples/mnist_music.py --quick --data-dir ../shared/data/mnist-t10k   # smoke test, < 1 minute
-    python examples/mnist_music.py --render runs/mnist-t10k/results.json     # tables into README/docs
+    python examples/mnist_music.py --sweep --data-dir ../shared/data/mnist-t10k   # SGD/Adam × 4 lr, ~10 min
+    python examples/mnist_music.py --render runs/mnist-t10k runs/mnist-t10k-sweep  # tables into README/docs
 
 Writes results.json, report.md and PNG figures to --out (default runs/<timestamp>). The modules
-beside it: _music_data (files, splits), _music_train (model, training, merges, λ rules),
-_music_stats (summaries, comparisons), _music_verdicts, _music_figures, _music_report (report.md)
-and _music_render (the README/docs tables, generated from results.json).
+beside it: _music_data (files, splits), _music_train (model, training, merges, the ctv's controls,
+λ rules), _music_baselines (replay, last layer only), _music_stats (summaries, comparisons),
+_music_verdicts, _music_sweep (--sweep), _music_figures, _music_report (report.md) and
+_music_render (the README/docs tables, generated from results.json).
 """
 
 from __future__ import annotations
@@ -52,12 +54,14 @@ import _music_render  # isort: skip
 import _music_report  # isort: skip
 from _music_cli import QUICK, build_parser, parse_args  # isort: skip
 from _music_data import (CLASS_NAMES, DataUnavailable, Split, check_md5, load_data,  # isort: skip
-                         locate_files, read_idx, to_split)
+                         locate_files, read_arrays, read_idx, seed_split, split_data, to_split)
 from _music_stats import MERGES, summarize  # isort: skip
 from _music_train import (HAS_CAPTUM, HAS_CONSOLIDATE, HAS_MERGE, confusion, derive_seed,  # isort: skip
                           evaluate, lambda_sweep, merged_vectors, model_from_state, new_model, scores,
                           train, tune_lambda, tune_lambda_task, tune_negation)
 from _music_verdicts import not_judged_reason, verdicts  # isort: skip
+from _music_baselines import run_baselines  # isort: skip
+from _music_sweep import SETTINGS, fig_sweep, setting_args, sweep_answer, sweep_results, write_sweep_report  # isort: skip
 
 # What the tests and a reader use from here (the study's API lives in the sibling modules).
 __all__ = ["QUICK", "DataUnavailable", "build_parser", "check_md5", "load_data", "locate_files", "main",
@@ -68,7 +72,9 @@ __all__ = ["QUICK", "DataUnavailable", "build_parser", "check_md5", "load_data",
 # One seed of the study
 # ---------------------------------------------------------------------------------------------
 
-def run_seed(seed: int, data: dict, args, device, log) -> dict:
+def run_seed(seed: int, data: dict, args, device, log, cache: dict | None = None) -> dict:
+    """The whole protocol for one seed. `cache` (a dict) keeps the pretrained models per seed, so
+    that the settings of a sweep share them: pretraining does not depend on fine-tuning."""
     digits, val, ev = args.digits, data["val"], data["eval"]
     tasks = data["tasks"]
     models, curves, extra = {}, {}, {}
@@ -86,14 +92,24 @@ def run_seed(seed: int, data: dict, args, device, log) -> dict:
             f"{curves[name]['val_acc'][-1]:.3f}  ({time.perf_counter() - t0:.1f}s)")
         return model
 
+    fit.steps = lambda name: curves[name]["step"][-1]
+
     # Pretraining: the main model, an independently seeded one, and one that continued from pt
     # (a fresh optimizer, more epochs on the same data): the two second models for transfer.
-    pt = fit(new_model(seed, "pretrained", device), data["pretrain"], "pretrain", "pretrain",
-             epochs=args.pretrain_epochs)
-    pt_ind = fit(new_model(seed, "independent", device), data["pretrain"],
-                 "pretrain (independent)", "pretrain", epochs=args.pretrain_epochs)
-    pt_cont = fit(copy.deepcopy(pt), data["pretrain"], "pretrain (continued)", "pretrain",
-                  epochs=args.continue_epochs)
+    pre = ("pretrain", "pretrain (independent)", "pretrain (continued)")
+    if cache is not None and seed in cache:
+        pt, pt_ind, pt_cont = (model_from_state(copy.deepcopy(st), device) for st in cache[seed]["states"])
+        curves.update(copy.deepcopy(cache[seed]["curves"]))
+    else:
+        pt = fit(new_model(seed, "pretrained", device), data["pretrain"], pre[0], "pretrain",
+                 epochs=args.pretrain_epochs)
+        pt_ind = fit(new_model(seed, "independent", device), data["pretrain"], pre[1], "pretrain",
+                     epochs=args.pretrain_epochs)
+        pt_cont = fit(copy.deepcopy(pt), data["pretrain"], pre[2], "pretrain",
+                      epochs=args.continue_epochs)
+        if cache is not None:
+            cache[seed] = dict(states=[copy.deepcopy(m.state_dict()) for m in (pt, pt_ind, pt_cont)],
+                               curves=copy.deepcopy({k: curves[k] for k in pre}))
     models["pretrained"] = pt
 
     # Fine-tuning along every order of the three tasks. A prefix (e.g. 3>4) is trained once:
@@ -125,6 +141,10 @@ def run_seed(seed: int, data: dict, args, device, log) -> dict:
     extra["steps"] = dict(sequential=seq_steps, joint=curves["joint"]["step"][-1],
                           joint_equal_steps=seq_steps)
 
+    # Baselines for the single-class collapse: replay and last-layer-only fine-tuning.
+    baselines, extra["steps"]["baselines"] = run_baselines(fit, pt, tasks, data["pretrain"], args, seed)
+    models.update(baselines)
+
     # Task vectors, all through taskarith.
     taus = {c: ta.TaskVector.from_models(pt, stages[(c,)]) for c in digits}
     vectors = [taus[c] for c in digits]
@@ -136,7 +156,7 @@ def run_seed(seed: int, data: dict, args, device, log) -> dict:
     # overall accuracy, and task-aware (best task-class accuracy while the other classes keep >=
     # --control-threshold of pt's). The merges are also applied whole (lambda 1).
     candidates = {"task_arithmetic": ta.TaskVector.sum(vectors)}
-    merged, extra["stand_in"] = merged_vectors(vectors, pt, val, args, seed)
+    merged, extra["stand_in"], extra["consolidation"] = merged_vectors(vectors, pt, val, args, seed)
     candidates.update(merged)
     pt_conf = confusion(pt, val)
     pt_other_tasks = scores(pt_conf, [c for c in range(10) if c not in digits])["accuracy"]
@@ -226,6 +246,13 @@ def machine(device) -> dict:
     return out
 
 
+def on_device(data: dict, device) -> dict:
+    out = dict(data, tasks={c: s.to(device) for c, s in data["tasks"].items()})
+    for key in ("pretrain", "val", "eval"):
+        out[key] = data[key].to(device)
+    return out
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.render:
@@ -244,32 +271,43 @@ def main(argv=None) -> dict | None:
                           else "cpu" if args.device == "auto" else args.device)
     out = args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
-    try:
-        data = load_data(args)
+    try:  # every split is made before any training, so a data problem stops the run at once
+        arrays, provenance = read_arrays(args)
+        split_seeds = list(dict.fromkeys(seed_split(args, s) for s in args.seeds))
+        data = {s: split_data(arrays, args, s) for s in split_seeds[:1]}
+        for s in split_seeds[1:]:
+            split_data(arrays, args, s)
     except DataUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    first = data[split_seeds[0]]
     torch.set_num_threads(args.threads or 1)
     no_verdicts = not_judged_reason(args)
     if args.quick:
         log("SMOKE TEST (--quick): small settings to check that everything runs; no verdicts")
-    for line in data["provenance"] + ([data["note"]] if data["note"] else []):
+    for line in provenance + ([first["note"]] if first["note"] else []):
         log(line)
-    for key in ("pretrain", "val", "eval"):
-        data[key] = data[key].to(device)
-    data["tasks"] = {c: s.to(device) for c, s in data["tasks"].items()}
-    log(f"device {device}; splits {data['sizes']}; pretraining {args.optimizer} lr {args.pretrain_lr:g}, "
-        f"fine-tuning {args.ft_optimizer} lr {args.ft_lr:g}; taskarith merge: "
+    settings = SETTINGS if args.sweep else [(args.ft_optimizer, args.ft_lr)]
+    log(f"device {device}; splits {first['sizes']} (split seed "
+        + (f"--split-seed + seed: {split_seeds}" if args.vary_split else str(args.split_seed))
+        + f"); pretraining {args.optimizer} lr {args.pretrain_lr:g}; fine-tuning "
+        + ", ".join(f"{o} lr {lr:g}" for o, lr in settings) + "; taskarith merge: "
         f"{'yes' if HAS_MERGE else 'no (plain sum stands in)'}, consolidate: "
         f"{'yes' if HAS_CONSOLIDATE and HAS_CAPTUM else 'no (plain sum stands in)'}")
 
-    per_seed = []
+    per_setting, cache = {s: [] for s in settings}, {}
     for i, seed in enumerate(args.seeds, start=1):
-        log(f"seed {seed} ({i}/{len(args.seeds)})")
-        per_seed.append(run_seed(seed, data, args, device, log))
+        split_seed = seed_split(args, seed)
+        if split_seed not in data:  # one split in memory at a time
+            data = {split_seed: split_data(arrays, args, split_seed)}
+        seed_data = on_device(data[split_seed], device)
+        for opt, lr in settings:
+            log(f"seed {seed} ({i}/{len(args.seeds)})" + (f", fine-tuning {opt} lr {lr:g}" if args.sweep else ""))
+            per_setting[(opt, lr)].append(run_seed(seed, seed_data, setting_args(args, opt, lr), device,
+                                                   (lambda msg: None) if args.sweep else log, cache))
+        cache.pop(seed, None)
 
-    summary = summarize(per_seed, args)
-    stand_in = per_seed[0]["stand_in"]
+    stand_in = per_setting[settings[0]][0]["stand_in"]
     momentum = dict(sgd=0.9)
     results = dict(
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -283,27 +321,42 @@ def main(argv=None) -> dict | None:
                           momentum=momentum.get(args.ft_optimizer)),
             batch_size=args.batch_size),
         versions=versions(), device=str(device), machine=machine(device), started=started_at,
-        data=dict(dataset=args.dataset, mode="full" if data["full"] else "test-split",
-                  note=data["note"], provenance=data["provenance"], sizes=data["sizes"],
-                  task_share=data["task_share"], eval_class_counts=data["eval_class_counts"],
+        data=dict(dataset=args.dataset, mode="full" if first["full"] else "test-split",
+                  note=first["note"], provenance=provenance, sizes=first["sizes"],
+                  split_seeds={str(s): seed_split(args, s) for s in args.seeds},
+                  task_share=first["task_share"], eval_class_counts=first["eval_class_counts"],
                   class_names=CLASS_NAMES[args.dataset]),
         library=dict(merge=HAS_MERGE, consolidate=HAS_CONSOLIDATE, captum=HAS_CAPTUM,
-                     stand_in=stand_in, merges=list(MERGES)),
-        seeds={str(s): r for s, r in zip(args.seeds, per_seed)},
-        summary=summary, verdicts=verdicts(summary, args, stand_in))
+                     stand_in=stand_in, merges=list(MERGES)))
+    if args.sweep:
+        results["training"]["finetune"] = dict(sweep=[dict(optimizer=o, lr=lr, momentum=momentum.get(o))
+                                                       for o, lr in settings], epochs=args.epochs)
+        results["sweep"] = sweep_results(per_setting, args)
+    else:
+        per_seed = per_setting[settings[0]]
+        summary = summarize(per_seed, args)
+        results.update(seeds={str(s): r for s, r in zip(args.seeds, per_seed)}, summary=summary,
+                       verdicts=verdicts(summary, args, stand_in))
     results["seconds"] = dict(study=time.perf_counter() - started)
 
     out.mkdir(parents=True, exist_ok=True)
     log("writing figures and report")
-    results["figures"] = _music_figures.write_figures(results, out)
-    results["seconds"]["total"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    _music_report.write_report(results, out)
-    if no_verdicts:
-        log(f"{no_verdicts} (claims and their numbers are in report.md)")
+    if args.sweep:
+        results["figures"] = [fig_sweep(results, out)]
+        results["seconds"]["total"] = time.perf_counter() - started
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        write_sweep_report(results, out)
+        log(sweep_answer(results))
     else:
-        for v in results["verdicts"]:
-            log(f"{v['verdict'].upper():<12} {v['claim']}")
+        results["figures"] = _music_figures.write_figures(results, out)
+        results["seconds"]["total"] = time.perf_counter() - started
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        _music_report.write_report(results, out)
+        if no_verdicts:
+            log(f"{no_verdicts} (claims and their numbers are in report.md)")
+        else:
+            for v in results["verdicts"]:
+                log(f"{v['verdict'].upper():<12} {v['claim']}")
     log(f"done: {out / 'report.md'}")
     return results
 

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 DATA = ROOT.parent / "shared" / "data" / "mnist-t10k"
-FIGURES = ["confusion_matrices.png", "loss_curves.png", "accuracy_curves.png", "gradual.png",
-           "methods.png", "lambda_selection.png"]
+FIGURES = ["confusion_matrices.png", "per_class_stages.png", "loss_curves.png", "accuracy_curves.png",
+           "gradual.png", "methods.png", "lambda_selection.png"]
 DIGITS = [3, 4, 7]
 ORDERS = [">".join(map(str, o)) for o in itertools.permutations(DIGITS)]
 
@@ -58,6 +58,8 @@ def music(study):
         stats = importlib.import_module("_music_stats")
         verdicts = importlib.import_module("_music_verdicts")
         render = importlib.import_module("_music_render")
+        train = importlib.import_module("_music_train")
+        sweep = importlib.import_module("_music_sweep")
     return Modules
 
 
@@ -213,6 +215,103 @@ def test_lambda_rules_and_no_comparison_zero_by_construction(quick_run):
             assert "0 (= pt)" in head and f"{s} (overall-rule λ) − pretrained | λ = 0 in every seed" in report
 
 
+def test_controls_baselines_and_balanced_accuracy(quick_run):
+    """The ctv's controls (TIES and random mask of its size, λ 1 and tuned), the collapse
+    baselines (replay, last layer only; sequential stages and joint), balanced accuracy, IG gaps."""
+    results, out, _ = quick_run
+    per_task, cmps = results["summary"]["per_task"], results["summary"]["comparisons"]
+    for ctrl in ("mask_ties", "mask_random"):
+        for suffix in ("", "@task", "_full"):
+            assert ctrl + suffix in per_task
+        text = "TIES" if ctrl == "mask_ties" else "random"
+        for rule in ("λ 1", "task-aware λ"):
+            assert f"ctv − {text} mask ({rule}), accuracy on the task classes" in cmps
+    for kind in ("replay", "last"):
+        for name in (f"{kind}:3", f"{kind}:3>4", f"{kind}:3>4>7", f"{kind}:joint"):
+            assert name in per_task, name
+    assert "replay: sequential − joint (equal steps)" in cmps
+    assert "last layer only: sequential − joint (equal steps)" in cmps
+    steps = results["seeds"]["0"]["steps"]["baselines"]
+    curves = results["seeds"]["0"]["curves"]
+    assert curves["replay:joint"]["step"][-1] == steps["replay"]
+    assert steps["replay"] == sum(curves[f"replay:{s}"]["step"][-1] for s in ("3", "3>4", "3>4>7"))
+    seed0 = results["seeds"]["0"]["metrics"]["joint"]
+    assert per_task["joint"]["balanced"]["values"][0] == pytest.approx(np.mean(seed0["per_class"]["recall"]))
+    for seed in results["seeds"].values():
+        info = seed["consolidation"]
+        assert len(info["ig"]) == 3 and len(info["kept"]) == 3
+        cfg = results["config"]
+        for g in info["ig"]:
+            assert g["relative_gap"] <= cfg["ig_rtol"] or g["steps"] * 2 > cfg["ig_max_steps"]
+    report = (out / "report.md").read_text()
+    for heading in ("## Baselines for the single-class collapse", "## The consolidated vector against its controls"):
+        assert heading in report
+    assert "balanced accuracy" in report and "Integrated gradients:" in report
+
+
+def test_evaluation_split_is_stratified_and_can_vary_with_the_seed(study, music):
+    _need_data()
+    args = study.parse_args(["--data-dir", str(DATA), "--no-download"])
+    arrays, _ = music.data.read_arrays(args)
+    a, b = (music.data.split_data(arrays, args, s) for s in (0, 1))
+    source = np.bincount(arrays["test_labels"], minlength=10) / len(arrays["test_labels"])
+    for d in (a, b):
+        counts = np.asarray(d["eval_class_counts"])
+        assert counts.sum() == 3000 and np.all(np.abs(counts - 3000 * source) <= 1)
+        assert abs(d["task_share"]["evaluation"] - d["task_share"]["source"]) < 0.001
+        assert d["sizes"] == dict(pretrain=5100, val=1000, eval=3000, task_per_class=300)
+    assert not study.torch.equal(a["tasks"][3].x, b["tasks"][3].x)
+    assert music.data.seed_split(args, 3) == 0
+    varied = study.parse_args(["--vary-split", "--split-seed", "10"])
+    assert [music.data.seed_split(varied, s) for s in (0, 3)] == [10, 13]
+
+
+def test_last_layer_only_training_changes_only_the_output_layer(music):
+    torch = music.train.torch
+    model = music.train.new_model(0, "x", "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    split = music.data.Split(torch.randn(64, 784), torch.full((64,), 3))
+    music.train.train(model, split, optimizer="adam", lr=1e-2, batch_size=16, seed=0, val=split,
+                      task_classes=[3, 4, 7], epochs=1, last_layer_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) != k.startswith("fc3."), k
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_control_masks_keep_exactly_k_entries(music):
+    torch = music.train.torch
+    scores = {"a": torch.tensor([[0.5, -2.0], [3.0, 0.1]]), "b": torch.tensor([1.0, 0.2, -0.3])}
+    kept = music.train.top_entries({n: s.abs() for n, s in scores.items()}, 3)
+    positive = {n: (v > 0).nonzero().flatten().tolist() for n, v in
+                {n: t.flatten() for n, t in kept.items()}.items()}
+    assert positive == {"a": [1, 2], "b": [0]}  # |−2|, 3 and 1: the three largest magnitudes
+
+
+def test_sweep_smoke_reports_every_setting_without_verdicts(study, music, tmp_path):
+    _need_data()
+    results, stdout = _run(study, ["--quick", "--sweep", "--seeds", "0", "--epochs", "1", "--pretrain-epochs", "1",
+                                   "--data-dir", str(DATA), "--out", str(tmp_path), "--no-download"])
+    settings = results["sweep"]["settings"]
+    assert [(s["optimizer"], s["lr"]) for s in settings] == music.sweep.SETTINGS
+    assert len(settings) == 8 and not results["sweep"]["judged"]
+    pre = [s["summary"]["per_task"]["pretrained"]["overall"]["mean"] for s in settings]
+    assert len(set(pre)) == 1, "pretraining must not depend on the fine-tuning setting"
+    for s in settings:
+        assert s["h0_new"] == s["summary"]["comparisons"]["sequential − joint (equal steps)"]
+        assert all(v["verdict"] == "not judged" for v in s["verdicts"])
+    report = (tmp_path / "report.md").read_text()
+    assert "NOT JUDGED" in report and "SGD lr 1e-2" in report and "Adam lr 1e-5" in report
+    assert (tmp_path / "sweep.png").is_file() and "CONFIRMED" not in stdout and "REFUTED" not in stdout
+    assert study.parse_args(["--sweep"]).seeds == list(range(10)) and study.parse_args([]).seeds == [0, 1, 2, 3, 4]
+
+
+def test_sweep_readings(music):
+    r = music.sweep.reading
+    assert [r(dict(ci=[-0.05, -0.03]), 0.02), r(dict(ci=[-0.01, 0.01]), 0.02), r(dict(ci=[-0.03, 0.01]), 0.02),
+            r(dict(ci=[0.001, 0.01]), 0.02), r(dict(ci=[0.01, 0.05]), 0.02)] == \
+        ["refuted", "tie", "inconclusive", "confirmed, by less than the margin", "confirmed"]
+
+
 def test_sgd_finetuning_of_an_adam_pretrained_model(study, quick_run, tmp_path):
     """--ft-optimizer / --ft-lr change the fine-tuning runs only: pretraining stays the same."""
     results, _, _ = quick_run
@@ -241,7 +340,12 @@ def test_quick_study_is_deterministic(study, quick_run):
     results, _, _ = quick_run
     args = study.parse_args(["--quick", "--data-dir", str(DATA), "--no-download"])
     data = study.load_data(args)
-    again = study.run_seed(0, data, args, study.torch.device("cpu"), log=lambda msg: None)
+    threads = study.torch.get_num_threads()
+    study.torch.set_num_threads(1)  # as main() does: float sums depend on the thread count
+    try:
+        again = study.run_seed(0, data, args, study.torch.device("cpu"), log=lambda msg: None)
+    finally:
+        study.torch.set_num_threads(threads)
     first = results["seeds"]["0"]["metrics"]
     for model in ("pretrained", "joint", "seq:3>4>7", "seq:3>4", "task_arithmetic", "ties@task",
                   "negation"):
