@@ -20,7 +20,7 @@ from ..merging._registry import lookup
 from . import _hub, _yaml
 from ._plan import DTYPES
 
-__all__ = ["Document", "got", "show"]
+__all__ = ["Document", "exists", "got", "show"]
 
 _SHOWN = 20  # problems listed in one message; values are shown up to _SHORT characters
 _SHORT = 80
@@ -30,6 +30,14 @@ _REFUSED = {
     "tokenizer": "'tokenizer' blocks are not supported: the output takes the base model's tokenizer files",
     "chat_template": "'chat_template' is not supported: the output takes the base model's files",
 }
+
+
+def exists(value: str) -> bool:
+    """Whether ``value`` names an existing path (False for text no path can be: a NUL byte, ...)."""
+    try:
+        return Path(value).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def got(value) -> str:

@@ -20,7 +20,7 @@ from ..errors import TaskArithError
 from ..io import Checkpoint
 from ..lora import _merge_terms
 from . import _hub
-from ._document import Document, got, show
+from ._document import Document, exists, got, show
 
 __all__ = ["LoraView", "folder_of", "open_checkpoint", "reference", "same"]
 
@@ -39,7 +39,7 @@ def reference(doc: Document, where: tuple, value):
         model = _text(doc, where + ("model",), entry.get("model"))
         lora = _text(doc, where + ("lora",), entry["lora"]) if entry.get("lora") is not None else None
         model_at, lora_at = where + ("model",), where + ("lora",)
-    elif isinstance(value, str) and "+" in value and not _exists(value):
+    elif isinstance(value, str) and "+" in value and not exists(value):
         parts = value.split("+")
         if len(parts) != 2 or not all(parts):
             doc.problem(where, f"expected MODEL+LORA (one '+' between the model and its adapter), got {show(value)}")
@@ -99,12 +99,6 @@ def _adapter(doc: Document, where: tuple, text: str) -> Path | None:
         return None
     return folder
 
-
-def _exists(value: str) -> bool:
-    try:
-        return Path(value).exists()
-    except (OSError, ValueError):
-        return False
 
 
 def open_checkpoint(source):

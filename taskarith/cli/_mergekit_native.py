@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ._document import Document, got, show
+from ._document import Document, exists, got, show
 from ._plan import Plan
 
 __all__ = ["MERGEKIT_KEYS", "MERGEKIT_METHODS", "plan"]
@@ -96,7 +96,7 @@ def _model(doc: Document, path: tuple, entry, base_text, defaults: dict) -> tupl
         return None
     if name is not None and base_text is not None and _same_path(name, base_text):
         return None  # mergekit lists the base among the models and skips it
-    if isinstance(name, str) and "+" in name and not _exists(name):
+    if isinstance(name, str) and "+" in name and not exists(name):
         doc.problem(path + ("model",), "'model+lora' references are read with mergekit's semantics only (drop "
                     "--semantics taskarith), or merge the adapter into the model first and give its folder")
         return None
@@ -128,12 +128,6 @@ def _same_path(a, b) -> bool:
     except (OSError, ValueError, RuntimeError):  # a NUL byte, an unknown ~user: checkpoint() reports it
         return False
 
-
-def _exists(value: str) -> bool:
-    try:
-        return Path(value).exists()
-    except (OSError, ValueError):
-        return False
 
 
 # ------------------------------------------------------------ translation
