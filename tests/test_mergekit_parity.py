@@ -300,6 +300,18 @@ def _frankenmerge(f: ModelFamily) -> dict:
             "dtype": "float32"}
 
 
+def _slices_own_base(f: ModelFamily) -> dict:
+    """SLERP over two slices, each naming its own base_model (ft0's layers, then the base's)."""
+    n = f.num_layers
+    half = n // 2
+    ft0, ft1, base = str(f.finetuned[0]), str(f.finetuned[1]), str(f.base)
+    return {"merge_method": "slerp", "base_model": base,
+            "slices": [{"sources": [{"model": ft0, "layer_range": [0, half]}, {"model": ft1, "layer_range": [0, half]}],
+                        "base_model": ft0, "residual_weight": 0.5},
+                       {"sources": [{"model": base, "layer_range": [half, n]}, {"model": ft1, "layer_range": [half, n]}]}],
+            "parameters": {"t": [0.2, 0.8]}, "dtype": "float32"}
+
+
 def _tokenizer_union(f: ModelFamily) -> dict:
     """Every model's tokens; the chat template most models carry (ft0's, the only one)."""
     return {**_task_arithmetic_lambda(f), "tokenizer_source": "union", "chat_template": "auto"}
@@ -381,6 +393,7 @@ CASES = [
     Case("ram", "llama", "exact", _ram),
     Case("ramplus_tl", "gpt2", "exact", _ramplus_tl),
     Case("passthrough_frankenmerge", "llama", "exact", _frankenmerge),
+    Case("slices_own_base", "llama", "exact", _slices_own_base),
     Case("task_arithmetic_bf16", "mistral_bf16", "bf16", _bf16(_task_arithmetic)),
     Case("linear_bf16", "mistral_bf16", "bf16", _bf16(_linear)),
     Case("slerp_bf16", "mistral_bf16", "bf16", _bf16(_slerp_models)),

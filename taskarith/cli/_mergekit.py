@@ -114,12 +114,13 @@ def _sliced(doc, spec, name, data, base_text, base, top) -> tuple | None:
         sl.params = _parameters(doc, sl.where + ("parameters",), sl.params, spec, name)
         paths = [src[2] for src in sl.sources]
         fake = [(src[0], src[1], src[2], src[3]) for src in sl.sources]
-        inputs, base_used = _inputs(doc, spec, name, fake, base_text, base, appended=False)
+        own_text, own = (sl.base_text, sl.base) if sl.base_text is not None else (base_text, base)
+        inputs, base_used = _inputs(doc, spec, name, fake, own_text, own, appended=False)
         if not inputs:
             return None
         order = [paths.index(p) for _, p, _ in inputs]
-        if base_used:
-            order.append(next(i for i, p in enumerate(paths) if _same(p, base)))
+        if base_used:  # the slice's base_model, else the config's, read from this slice's sources
+            order.append(next(i for i, p in enumerate(paths) if _same(p, own)))
         roles.append(order)
     if len({len(r) for r in roles}) > 1:
         doc.problem(("slices",), f"every slice must give {name} the same number of models, got "

@@ -99,6 +99,8 @@ class Slice:
     sources: list  # (where, text, path, params, (start, end))
     params: dict
     where: tuple
+    base_text: str | None = None  # the slice's own base_model, where it names one
+    base: Path | None = None
 
 
 @dataclass
@@ -191,9 +193,11 @@ def parse(doc: Document, data: dict) -> SliceLayout | None:
     for s, entry in enumerate(slices):
         where = ("slices", s)
         entry = doc.mapping(where, entry, ("sources", "parameters", "base_model", "residual_weight"))
-        for key in ("base_model", "residual_weight"):
-            if entry.get(key) is not None:
-                doc.problem(where + (key,), f"a slice's own '{key}' is not supported: set it for the whole config")
+        if entry.get("residual_weight") is not None:
+            doc.warn(f"{doc.where(where + ('residual_weight',))}: residual_weight has no effect (mergekit 0.1.5 "
+                     "reads it nowhere); ignored")
+        base_text = entry.get("base_model")
+        base = doc.checkpoint(where + ("base_model",), base_text) if base_text is not None else None
         sources = entry.get("sources")
         if not isinstance(sources, list) or not sources:
             doc.problem(where + ("sources",), "expected a non-empty list of '- model: PATH, layer_range: [A, B]'")
@@ -208,7 +212,7 @@ def parse(doc: Document, data: dict) -> SliceLayout | None:
             doc.problem(where + ("parameters",), f"expected a mapping of parameter: value, got {got(params)}")
             params = {}
         if len(checked) == len(sources):
-            parsed.append(Slice(checked, params, where))
+            parsed.append(Slice(checked, params, where, base_text, base))
     if len(parsed) != len(slices):
         return None
     layout = SliceLayout(parsed)
