@@ -20,7 +20,7 @@ from ..merging._registry import lookup
 from . import _hub, _yaml
 from ._plan import DTYPES
 
-__all__ = ["Document", "exists", "got", "show"]
+__all__ = ["Document", "exists", "got", "locate", "show"]
 
 _SHOWN = 20  # problems listed in one message; values are shown up to _SHORT characters
 _SHORT = 80
@@ -131,7 +131,7 @@ class Document:
             return self.outputs[_hub.split_revision(value)[0]]  # an earlier document's merge, by its name
         shown = show(value)
         try:  # relative paths are relative to the current directory, as in mergekit
-            p = _locate(value, vector)
+            p = locate(value, vector=vector)
             exists, is_file = p.exists(), p.is_file()
             is_model = is_file or (p / SINGLE_FILE).is_file() or (p / SHARD_INDEX).is_file()
         except TaskArithError as err:  # a Hub id neither cached nor downloaded
@@ -172,10 +172,10 @@ class Document:
             return options
 
 
-def _locate(value: str, vector: bool) -> Path:
-    """The local path ``value`` names: itself where it exists; else, for a model, ``PATH@REVISION`` of an
-    existing local path (the revision ignored, as mergekit does) or a Hub id (``org/name[@revision]``)
-    from the Hugging Face cache, downloaded there unless offline."""
+def locate(value: str, *, vector: bool = False, what: str = "model") -> Path:
+    """The local path ``value`` names: itself where it exists; else, for a model (or an adapter: ``what``),
+    ``PATH@REVISION`` of an existing local path (the revision ignored, as mergekit does) or a Hub id
+    (``org/name[@revision]``) from the Hugging Face cache, downloaded there unless offline."""
     p = Path(value).expanduser()
     if vector or p.exists():
         return p
@@ -183,5 +183,5 @@ def _locate(value: str, vector: bool) -> Path:
     if revision is not None and Path(name).expanduser().exists():
         return Path(name).expanduser()
     if _hub.is_repo_id(name):
-        return _hub.snapshot(name, revision)
+        return _hub.snapshot(name, revision, what=what)
     return p

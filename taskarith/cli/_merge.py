@@ -12,7 +12,7 @@ import torch
 
 from .. import _extract, merging, outofcore, runtime
 from ..errors import BaseMismatchError, TaskArithError
-from ..io import Checkpoint, load_state_dict, scratch_folder
+from ..io import Checkpoint, load_state_dict, open_checkpoint, scratch_folder
 from ..vector import TaskVector
 from . import _config, _mergekit_multi, _yaml
 from ._document import Document
@@ -69,18 +69,24 @@ def _merge_weights(plan, out: Path, args) -> None:
     common = dict(weights=plan.weights, dtype=plan.dtype, compute_dtype=plan.compute_dtype,
                   max_memory=args.max_memory or "2GB", progress=args.progress, overwrite=True,
                   device=args.compute_device or args.device or "cpu", **plan.options)
+    _merge_models(plan, out, shard, {"files": plan.files, "config": plan.config}, **common)
+
+
+def _merge_models(plan, out: Path, shard_size, folder_only: dict, **kwargs) -> None:
+    """Models merged out of core into a model folder (with ``folder_only``'s arguments: the files written
+    beside the weights), or, where ``out`` is a .safetensors path, into that one file."""
     if out.suffix != ".safetensors":
-        outofcore.merge_files(plan.base, plan.sources, out, plan.method, shard_size=shard, files=plan.files,
-                              config=plan.config, **common)
+        outofcore.merge_files(plan.base, plan.sources, out, plan.method, shard_size=shard_size, **folder_only,
+                              **kwargs)
         return
-    with scratch_folder(out) as tmp:
+    with scratch_folder(out) as tmp:  # merge into an unsharded folder, keep its weights
         folder = outofcore.merge_files(plan.base, plan.sources, tmp / "model", plan.method, shard_size=1 << 62,
-                                       **common)
+                                       **kwargs)
         os.replace(folder / "model.safetensors", out)
 
 
 def _widest(reference) -> torch.dtype:
-    ckpt = reference if hasattr(reference, "names") else Checkpoint(reference)
+    ckpt = open_checkpoint(reference)
     floats = [ckpt.dtype(n) for n in ckpt.names() if ckpt.dtype(n).is_floating_point]
     return max(floats, key=lambda d: d.itemsize, default=torch.float32)
 
@@ -123,23 +129,17 @@ def _base_probe(base: Checkpoint, vector: Checkpoint) -> dict[str, torch.Tensor]
 def _merge_out_of_core(plan, out: Path, max_memory, shard_size, progress) -> None:
     runtime.hold_freed_memory()  # this process only merges: reuse freed memory, fewer page faults
     common = dict(weights=plan.weights, max_memory=max_memory, progress=progress, overwrite=True, **plan.options)
-    if plan.kind == "models" and out.suffix != ".safetensors":
-        outofcore.merge_files(plan.base, plan.sources, out, plan.method, dtype=plan.dtype,
-                              shard_size=shard_size, **common)
+    if plan.kind == "models":
+        _merge_models(plan, out, shard_size, {}, dtype=plan.dtype, **common)
         return
     if plan.base is None:
         outofcore.merge_files(None, plan.sources, out, plan.method, dtype=plan.dtype, **common)
         return
-    with scratch_folder(out) as tmp:
-        if plan.kind == "models":  # one file: merge into an unsharded folder, keep its weights
-            folder = outofcore.merge_files(plan.base, plan.sources, tmp / "model", plan.method,
-                                           dtype=plan.dtype, shard_size=1 << 62, **common)
-            os.replace(folder / "model.safetensors", out)
-        else:  # vectors onto a base: merge the vectors out of core, then apply
-            merged = outofcore.merge_files(None, plan.sources, tmp / "merged.safetensors", plan.method, **common)
-            vector = TaskVector.load(merged)
-            save_model(applied(load_state_dict(plan.base), vector, plan.dtype), out, like=plan.base,
-                       shard_size=shard_size)
+    with scratch_folder(out) as tmp:  # vectors onto a base: merge the vectors out of core, then apply
+        merged = outofcore.merge_files(None, plan.sources, tmp / "merged.safetensors", plan.method, **common)
+        vector = TaskVector.load(merged)
+        save_model(applied(load_state_dict(plan.base), vector, plan.dtype), out, like=plan.base,
+                   shard_size=shard_size)
 
 
 def _merge_in_memory(plan, out: Path, device: torch.device, shard_size) -> None:

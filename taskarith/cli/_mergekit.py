@@ -13,8 +13,10 @@ import secrets
 
 from .. import merging
 from ..errors import TaskArithError
+from ..io import open_checkpoint
 from . import _mergekit_card, _mergekit_inputs, _mergekit_native, _mergekit_slices, _mergekit_vocab
 from ._document import Document, got, show
+from ._mergekit_inputs import same
 from ._mergekit_methods import REQUIRED, TABLE, MergekitMethod, option_name
 from ._mergekit_params import _UNSET, Resolver, check_setting
 from ._plan import Plan
@@ -96,7 +98,7 @@ def _names(doc: Document, reference) -> list[str] | None:
     if doc.problems:
         return None
     try:
-        return _mergekit_inputs.open_checkpoint(reference).names()
+        return open_checkpoint(reference).names()
     except TaskArithError as err:
         doc.problem(("base_model",), str(err))
         return None
@@ -120,7 +122,7 @@ def _sliced(doc, spec, name, data, base_text, base, top) -> tuple | None:
             return None
         order = [paths.index(p) for _, p, _ in inputs]
         if base_used:  # the slice's base_model, else the config's, read from this slice's sources
-            order.append(next(i for i, p in enumerate(paths) if _same(p, own)))
+            order.append(next(i for i, p in enumerate(paths) if same(p, own)))
         roles.append(order)
     if len({len(r) for r in roles}) > 1:
         doc.problem(("slices",), f"every slice must give {name} the same number of models, got "
@@ -175,11 +177,11 @@ def _inputs(doc: Document, spec: MergekitMethod, name: str, entries: list, base_
     listed = [(w, p, params) for w, t, p, params in entries]
     if base is None or spec.base == "ignored":
         inputs = listed
-        if appended and base is not None and not any(p is not None and _same(p, base) for _, p, _ in listed):
+        if appended and base is not None and not any(p is not None and same(p, base) for _, p, _ in listed):
             inputs = listed + [(("base_model",), base, {})]
         base_used = False
     else:
-        inputs = [(w, p, params) for w, p, params in listed if p is None or not _same(p, base)]
+        inputs = [(w, p, params) for w, p, params in listed if p is None or not same(p, base)]
         base_used = True
         if listed and not inputs:
             doc.problem(("models",), "no model to merge besides the base model: list the fine-tuned models")
@@ -261,7 +263,3 @@ def _seed(doc: Document, data: dict, seed) -> tuple[int, str | None]:
         chosen = secrets.randbelow(2**31)
         return chosen, f"random seed {chosen} (pass --seed {chosen} to repeat this merge)"
     return chosen, None
-
-
-def _same(a, b) -> bool:
-    return _mergekit_inputs.same(a, b)

@@ -22,9 +22,9 @@ import threading
 import torch
 
 from ..errors import TaskArithError
-from ..io import Checkpoint
+from ..io import Checkpoint, open_checkpoint
 from ._document import show
-from ._mergekit_inputs import folder_of, open_checkpoint
+from ._mergekit_inputs import folder_of
 from ._mergekit_slices import _LAYER
 
 __all__ = ["Aligned", "Aligner", "model_key", "origins"]

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from ..errors import TaskArithError
-from ..io import Checkpoint
+from ..io import open_checkpoint
 from ..lora import _merge_terms
-from . import _hub
-from ._document import Document, exists, got, show
+from ._document import Document, exists, got, locate, show
 
 __all__ = ["LoraView", "folder_of", "open_checkpoint", "reference", "same"]
 
@@ -79,13 +78,7 @@ def _adapter(doc: Document, where: tuple, text: str) -> Path | None:
     """The folder of a LoRA adapter: local, or a Hub id from the cache (downloaded unless offline)."""
     shown = show(text)
     try:
-        folder = Path(text).expanduser()
-        if not folder.exists():
-            name, revision = _hub.split_revision(text)
-            if revision is not None and Path(name).expanduser().exists():
-                folder = Path(name).expanduser()
-            elif _hub.is_repo_id(name):
-                folder = _hub.snapshot(name, revision, what="adapter")
+        folder = locate(text, what="adapter")
         found = (folder / _ADAPTER_CONFIG).is_file()
     except TaskArithError as err:
         doc.problem(where, str(err))
@@ -98,12 +91,6 @@ def _adapter(doc: Document, where: tuple, text: str) -> Path | None:
         doc.problem(where, f"{what}: {shown}")
         return None
     return folder
-
-
-
-def open_checkpoint(source):
-    """A checkpoint-like object for a path, or the object itself (a view, an earlier merge's output)."""
-    return source if hasattr(source, "names") and hasattr(source, "tensor") else Checkpoint(source)
 
 
 def folder_of(source) -> Path:

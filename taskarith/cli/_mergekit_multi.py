@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from ..errors import TaskArithError
-from ..io import check_output
+from ..io import check_output, open_checkpoint
 from ..io._paths import is_within
 from . import _config, _mergekit_slices
 from ._document import Document, show
-from ._mergekit_inputs import open_checkpoint
 from ._output import log
 
 __all__ = ["Pending", "merge"]

@@ -105,7 +105,7 @@ class Resolver:
     def for_layers(cls, tensors: Sequence[str], layers: int) -> Resolver:
         return cls(tensors, lambda name: layer_position(name, layers))
 
-    def value(self, name: str, chain: Sequence, default, *, rename: Callable[[str], str] = lambda n: n):
+    def value(self, name: str, chain: Sequence, default):
         """The parameter ``name`` from the settings in ``chain`` (most specific first): a plain value
         when it is the same everywhere, a :class:`Varying` otherwise; ``REQUIRED`` where some tensor
         gets no value and the parameter has no default (the caller reports it)."""
@@ -116,18 +116,30 @@ class Resolver:
             return _typed(name, present[0])
 
         def rule(tensor: str):
-            t = self.position(tensor)
-            for setting in present:
-                value = evaluate(setting, name, rename(tensor), t)
-                if value is not _UNSET:
-                    return value
-            return default
+            return first(present, name, tensor, self.position(tensor), default)
 
-        values = {tensor: rule(tensor) for tensor in self.tensors}
-        if any(v is REQUIRED for v in values.values()):
-            return REQUIRED
-        distinct = set(values.values())
-        if len(distinct) == 1:
-            return distinct.pop()
-        return Varying(lambda tensor: values[tensor] if tensor in values else rule(tensor),
-                       f"mergekit setting of {name!r}")
+        return collapse({tensor: rule(tensor) for tensor in self.tensors}, name, default, fallback=rule)
+
+
+def first(chain: Sequence, name: str, tensor: str, t: float, default):
+    """The value of the first setting in ``chain`` (most specific first) that gives one for ``tensor``."""
+    for setting in chain:
+        if setting is not _UNSET:
+            value = evaluate(setting, name, tensor, t)
+            if value is not _UNSET:
+                return value
+    return default
+
+
+def collapse(values: dict, name: str, default, *, fallback: Callable[[str], object] | None = None):
+    """Per-tensor values as one option value: ``REQUIRED`` where a tensor has none, the value itself
+    where all agree, else a :class:`Varying` (``fallback`` gives the value of a tensor not listed)."""
+    if any(v is REQUIRED for v in values.values()):
+        return REQUIRED
+    if len(set(map(repr, values.values()))) <= 1:
+        return next(iter(values.values()), default)
+
+    def rule(tensor: str):
+        return values[tensor] if tensor in values or fallback is None else fallback(tensor)
+
+    return Varying(rule, f"mergekit setting of {name!r}")

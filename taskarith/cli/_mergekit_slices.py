@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..io import Checkpoint
-from ..merging._varying import Varying
+from ..io import Checkpoint, open_checkpoint
 from ._document import Document, got
-from ._mergekit_inputs import folder_of, open_checkpoint, reference
-from ._mergekit_methods import REQUIRED
-from ._mergekit_params import _UNSET, evaluate
+from ._mergekit_inputs import folder_of, reference
+from ._mergekit_params import _UNSET, collapse, first
 
 __all__ = ["SliceLayout", "View", "layer_count", "parse"]
 
@@ -157,19 +155,8 @@ class SliceLayout:
             sl = self.slices[s]
             own = sl.sources[roles[s][index]][3].get(key, _UNSET) if index is not None else _UNSET
             tensor = inner[index] if index is not None else name
-            value = _UNSET
-            for setting in (own, sl.params.get(key, _UNSET), top.get(key, _UNSET)):
-                if setting is not _UNSET:
-                    value = evaluate(setting, key, tensor, t)
-                    if value is not _UNSET:
-                        break
-            values[name] = default if value is _UNSET else value
-        if any(v is REQUIRED for v in values.values()):
-            return REQUIRED
-        distinct = set(map(repr, values.values()))
-        if len(distinct) <= 1:
-            return next(iter(values.values()), default)
-        return Varying(values.__getitem__, f"mergekit setting of {key!r} over slices")
+            values[name] = first((own, sl.params.get(key, _UNSET), top.get(key, _UNSET)), key, tensor, t, default)
+        return collapse(values, key, default)
 
     def config_updates(self, reference) -> dict:
         """``config.json`` keys that follow the output's layer count."""

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from ..errors import TaskArithError
+from ..io import open_checkpoint
 from ._document import Document, got, show
 from ._mergekit_align import Aligned, Aligner, model_key, origins
-from ._mergekit_inputs import folder_of, open_checkpoint, reference
+from ._mergekit_inputs import folder_of, reference
 from ._mergekit_slices import _config
 from ._mergekit_templates import NAMED
 

@@ -39,14 +39,14 @@ from ._paths import (
     remove_stale,
     scratch_folder,
 )
-from ._reader import SHARD_INDEX, SINGLE_FILE, Checkpoint
+from ._reader import SHARD_INDEX, SINGLE_FILE, Checkpoint, open_checkpoint
 from ._writer import Lazy, copy_extras, parse_bytes, write_model, write_safetensors
 
 atomic_path = atomic_file  # the name earlier releases exported
 
 __all__ = [
     "MARKER", "PICKLE_SUFFIXES", "SHARD_INDEX", "SINGLE_FILE", "Checkpoint", "Lazy", "Source", "atomic_file", "atomic_folder",
-    "atomic_path", "check_output", "copy_extras", "is_taskarith_file", "load_state_dict", "parse_bytes",
+    "atomic_path", "check_output", "copy_extras", "is_taskarith_file", "load_state_dict", "open_checkpoint", "parse_bytes",
     "read_safetensors", "remove_stale", "scratch_folder", "write_model", "write_safetensors",
 ]
 

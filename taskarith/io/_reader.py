@@ -178,6 +178,12 @@ class Checkpoint:
             pass  # only a hint
 
 
+def open_checkpoint(source) -> Checkpoint:
+    """A :class:`Checkpoint` of a path; an object that already reads like one (a view assembling the
+    tensors of several checkpoints) is returned as it is."""
+    return source if hasattr(source, "names") and hasattr(source, "tensor") else Checkpoint(source)
+
+
 def _locate(path: Path) -> tuple[dict[str | None, Path], dict[str, str] | None]:
     """The weight files of ``path`` (shard name -> file) and, for a sharded folder, the weight map."""
     if path.is_dir():

@@ -25,7 +25,7 @@ import torch
 from .. import _extract, _flat
 from ..backends import _numba
 from ..errors import NonFiniteError, ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
-from ..io import Checkpoint, Lazy, check_output, parse_bytes, write_model, write_safetensors
+from ..io import Checkpoint, Lazy, check_output, open_checkpoint, parse_bytes, write_model, write_safetensors
 from ..merging import _checks, _engine, _registry, linear
 from ..merging._spec import promote
 from ..merging._trim import trim_plans
@@ -101,8 +101,8 @@ def merge_files(
     if spec.needs_base and base is None:
         raise TaskArithError(f"merge method {method!r} reads the pretrained weights: merge fine-tuned models onto "
                              f"a base (merge_files(base, models, ...)), not task vector files")
-    pre = _open(base) if base is not None else None
-    inputs = [_open(s) for s in sources]
+    pre = open_checkpoint(base) if base is not None else None
+    inputs = [open_checkpoint(s) for s in sources]
     reference = pre or inputs[0]
     _check_inputs(reference, inputs, with_base=pre is not None)
     floats = [n for n in reference.names() if reference.dtype(n).is_floating_point]
@@ -275,11 +275,6 @@ def merge_files(
 
 
 _PREFETCH_FROM = 1 << 20  # bytes: smaller tensors are left to the kernel's readahead (a hint costs ~50 us)
-
-
-def _open(source) -> Checkpoint:
-    """A checkpoint from its path; a view assembling several (mergekit slices) is used as it is."""
-    return source if hasattr(source, "names") and hasattr(source, "tensor") else Checkpoint(source)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
