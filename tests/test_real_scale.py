@@ -164,3 +164,32 @@ def test_a_sharded_checkpoint_above_1gb_merges_alike_out_of_core_and_in_memory(t
         assert checkpoint.names() == names
         for n in names:
             assert torch.equal(checkpoint.tensor(n), expected[n]), (out, n)
+
+
+@pytest.mark.parametrize("method,parameters", [
+    ("ties", "models:\n  - model: {ft0}\n    parameters: {{weight: 0.7, density: 0.3}}\n"
+             "  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.6}}\n"),
+    ("slerp", "parameters: {{t: 0.4}}\nmodels:\n  - model: {base}\n  - model: {ft0}\n"),
+])
+def test_mergekit_configs_merge_a_gpt2_embedding_as_the_method_computes_it(tmp_path, method, parameters):
+    """mergekit's methods of weights (argsort trims, SLERP norms over the whole tensor) on a tensor above
+    2^24 entries, streamed from disk: the same bits as the method on the stored weights in memory."""
+    base = model(SHAPES["gpt2"])
+    tuned = [finetune(base, seed) for seed in (1, 2)]
+    paths = {"base": tmp_path / "base.safetensors", "ft0": tmp_path / "ft0.safetensors",
+             "ft1": tmp_path / "ft1.safetensors"}
+    for state, path in zip([base, *tuned], paths.values()):
+        save_file(state, path)
+    config = tmp_path / "mergekit.yml"
+    config.write_text(f"merge_method: {method}\nbase_model: {paths['base']}\ndtype: bfloat16\n"
+                      + parameters.format(**paths))
+    assert cli.main(["merge", str(config), "-o", str(tmp_path / "out.safetensors")]) == 0
+    got = ta.io.load_state_dict(tmp_path / "out.safetensors")
+    spec_name, options, models, weights = {
+        "ties": ("mergekit_ties", {"density": (0.3, 0.6)}, tuned, [0.7, 1.0]),
+        "slerp": ("slerp", {"t": 0.4}, tuned[:1], [1.0]),
+    }[method]
+    spec, resolved = ta.merging._registry.lookup(spec_name, options)
+    for name in base:
+        expected = ta.merging._engine.call(spec, name, [m[name] for m in models], weights, resolved, base=base[name])
+        assert torch.equal(got[name], expected.to(base[name].dtype)), name
