@@ -7,8 +7,8 @@ the per-name tensors a user sees are views into the buffer.
 
 Result buffers come from :func:`allocate`. On this class of machine the page
 faults of a fresh multi-hundred-megabyte allocation cost more than the
-arithmetic itself. So large CPU buffers are allocated through numpy, whose
-allocator asks the kernel for transparent huge pages, and buffers of vectors
+arithmetic itself. So large CPU buffers ask the kernel for transparent huge pages
+(``madvise``; one fault per 2 MiB), and buffers of vectors
 that died are kept in a small cache and handed out again, much like PyTorch's
 CUDA caching allocator. A cached buffer is only reused when no view of it is
 alive anywhere (its storage's reference count proves it), so reuse can never
@@ -24,9 +24,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from . import _libc
 from .errors import TaskArithError
 
 __all__ = ["Layout", "Slot", "allocate", "cache_info", "empty_cache", "release"]
@@ -53,7 +53,7 @@ class Layout:
     lists all names in their original order.
     """
 
-    __slots__ = ("_key", "aliases", "names", "sizes", "slots")
+    __slots__ = ("_key", "_splits", "aliases", "names", "sizes", "slots")
 
     def __init__(self, slots: dict[str, Slot], aliases: dict[str, str], names: tuple[str, ...]):
         self.slots = slots
@@ -63,6 +63,7 @@ class Layout:
         for slot in slots.values():
             sizes[slot.dtype] = max(sizes.get(slot.dtype, 0), slot.offset + slot.numel)
         self.sizes = sizes
+        self._splits: dict[torch.dtype, tuple | None] = {}
         # Plain tuples of names, dtypes, ints and shapes: comparing layouts stays in C (Slot.__eq__
         # is Python-level and cost more than a GPU kernel on a 300-tensor layout).
         self._key = (
@@ -95,6 +96,21 @@ class Layout:
 
     def __hash__(self) -> int:
         return hash(self._key)
+
+    def split_plan(self, dtype: torch.dtype) -> tuple[list[str], list[int], list[tuple[int, ...]]] | None:
+        """The canonical names of ``dtype``'s buffer in offset order, their sizes and shapes, when
+        they fill it densely from offset 0 (one ``buffer.split(sizes)`` then cuts every tensor);
+        else None. Computed once per layout: thousands of names made this a per-call cost."""
+        if dtype not in self._splits:
+            slots = sorted(((n, s) for n, s in self.slots.items() if s.dtype == dtype), key=lambda p: p[1].offset)
+            offset, dense = 0, True
+            for _, slot in slots:
+                dense = dense and slot.offset == offset
+                offset += slot.numel
+            dense = dense and offset == self.sizes.get(dtype, 0)
+            plan = ([n for n, _ in slots], [s.numel for _, s in slots], [s.shape for _, s in slots])
+            self._splits[dtype] = plan if dense else None
+        return self._splits[dtype]
 
     def canonical(self, name: str) -> str:
         return self.aliases.get(name, name)
@@ -159,14 +175,6 @@ def _cache_limit() -> int:
     return min(ram // 8, 4 << 30)
 
 
-_NUMPY_TWIN = {
-    torch.float32: np.float32,
-    torch.float64: np.float64,
-    torch.float16: np.float16,
-    torch.bfloat16: np.uint16,  # numpy has no bfloat16: allocate the bytes, view them as such
-}
-
-
 def allocate(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised 1-D buffer, reused from the cache when one fits exactly."""
     device = torch.device(device)
@@ -177,10 +185,9 @@ def allocate(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
         for i, buf in enumerate(() if _paused else _cache):
             if buf.dtype == dtype and buf.numel() == numel and _unshared(buf):
                 return _cache.pop(i)
-    twin = _NUMPY_TWIN.get(dtype)
-    if twin is None:
-        return torch.empty(numel, dtype=dtype)
-    return torch.from_numpy(np.empty(numel, dtype=twin)).view(dtype)
+    buffer = torch.empty(numel, dtype=dtype)
+    _libc.advise_huge_pages(buffer.data_ptr(), nbytes)
+    return buffer
 
 
 def release(buffers: Mapping[torch.dtype, torch.Tensor]) -> None:
@@ -190,13 +197,28 @@ def release(buffers: Mapping[torch.dtype, torch.Tensor]) -> None:
         if _paused:
             return
         for buf in buffers.values():
-            if buf.device.type != "cpu" or buf.nbytes < _MIN_CACHED_BYTES or not _unshared(buf):
-                continue
-            held = sum(b.nbytes for b in _cache)
-            while _cache and held + buf.nbytes > limit:
-                held -= _cache.pop(0).nbytes  # evict the oldest
-            if held + buf.nbytes <= limit:
-                _cache.append(buf)
+            if _unshared(buf):
+                _keep(buf, limit)
+
+
+def recycle(buffer: torch.Tensor) -> None:
+    """Put ``buffer`` in the cache now, while views of it may still be alive elsewhere (a state_dict
+    returned to a caller): :func:`allocate` hands it out only once none is."""
+    limit = _cache_limit()
+    with _cache_lock:
+        if not _paused:
+            _keep(buffer, limit)
+
+
+def _keep(buf: torch.Tensor, limit: int) -> None:
+    """Add ``buf`` to the cache (lock held), evicting the oldest buffers to stay within ``limit``."""
+    if buf.device.type != "cpu" or buf.nbytes < _MIN_CACHED_BYTES:
+        return
+    held = sum(b.nbytes for b in _cache)
+    while _cache and held + buf.nbytes > limit:
+        held -= _cache.pop(0).nbytes  # evict the oldest
+    if held + buf.nbytes <= limit:
+        _cache.append(buf)
 
 
 def empty_cache() -> None:

@@ -387,3 +387,80 @@ def test_streaming_stores_start_at_any_alignment(dtype, skip, n, k):
         assert _numba.scale(out, inputs[0], 0.3)
         assert bits(out) == bits(want_scaled)
     assert torch.isnan(room[:skip]).all(), "nothing written before the output"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=12), st.integers(0, 2**31 - 1))
+def test_apply_to_in_one_pass_matches_the_torch_path(dtype, sizes, seed):
+    """Many separate base tensors (empty ones too) plus one buffer of deltas, in one compiled pass."""
+    g = torch.Generator().manual_seed(seed)
+    base = {f"t{i}": (torch.randn(n, generator=g) * 10).to(dtype).reshape(-1, 1) for i, n in enumerate(sizes)}
+    base["t0"].view(-1)[:3] = torch.tensor([math.inf, -0.0, math.nan]).to(dtype)[: base["t0"].numel()]
+    tv = ta.TaskVector({k: torch.randn(v.shape, generator=g).to(dtype) for k, v in base.items()})
+    with kernels(False):
+        want = tv.apply_to(base)
+    with kernels(True), mock.patch.object(_numba, "ELEMENTWISE_FROM", 0), recording(_numba, "add_to_bases") as calls:
+        got = tv.apply_to(base)
+    assert calls == [True]
+    assert list(got) == list(want)
+    for name in want:
+        nan = torch.isnan(want[name])  # a NaN's payload is not part of the result
+        assert got[name].shape == want[name].shape and torch.equal(torch.isnan(got[name]), nan), name
+        assert bits(got[name][~nan]) == bits(want[name][~nan]), name
+
+
+def test_apply_to_with_a_scale_or_a_non_contiguous_base_takes_the_torch_path():
+    base = {"a": torch.randn(4, 6).t(), "b": torch.randn(5)}  # "a" is a transposed view
+    tv = ta.TaskVector({k: torch.ones(v.shape) for k, v in base.items()})
+    with kernels(True), recording(_numba, "add_to_bases") as calls:
+        out = tv.apply_to(base)
+        scaled = tv.apply_to({k: v.contiguous() for k, v in base.items()}, 0.5)
+    assert calls == [None]  # the transposed base; a scale other than 1 never asks
+    assert torch.equal(out["a"], base["a"] + 1) and torch.equal(scaled["b"], base["b"] + 0.5)
+
+
+def test_results_of_apply_to_are_never_handed_out_again_while_alive():
+    """apply_to's buffer goes into the cache at once; it is reused only after the caller drops it."""
+    ta.runtime.empty_cache()
+    base = {"w": torch.zeros(1 << 20)}
+    tv = ta.TaskVector({"w": torch.ones(1 << 20)})
+    twice, thrice = 2 * tv, 3 * tv  # made first: they would take a free buffer of the same size too
+    first = tv.apply_to(base)
+    second = twice.apply_to(base)
+    assert bool((first["w"] == 1).all()) and bool((second["w"] == 2).all())
+    address = first["w"].data_ptr()
+    del first
+    third = thrice.apply_to(base)
+    assert third["w"].data_ptr() == address, "the dropped result's buffer was reused"
+    assert bool((second["w"] == 2).all()) and bool((third["w"] == 3).all())
+    ta.runtime.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@given(st.integers(0, 3 * (1 << 20)), st.sampled_from([math.nan, -math.nan, math.inf, -math.inf, 0.0]))
+def test_the_nan_scan_finds_a_nan_anywhere_and_only_a_nan(dtype, where, value):
+    x = torch.zeros(3 * (1 << 20) + 1, dtype=dtype)
+    x[where] = value
+    with kernels(True):
+        assert _numba.has_nan(x) is math.isnan(value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_cosine_equals_its_dot_and_norms_on_any_thread_count(dtype):
+    g = torch.Generator().manual_seed(11)
+    a, b = (ta.TaskVector({"w": torch.randn(3_000_017, generator=g).to(dtype), "v": torch.randn(33, generator=g).to(dtype)})
+            for _ in range(2))
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with kernels(True):
+                got.append((a.cosine(b), a.dot(b), a.norm(), b.norm()))
+    finally:
+        torch.set_num_threads(before)
+    assert got[0] == got[1]
+    cosine, dot, na, nb = got[0]
+    assert cosine == dot / (na * nb)
+    x, y = (torch.cat([v["w"], v["v"]]).double() for v in (a, b))
+    assert abs(cosine - float(x @ y / (x.norm() * y.norm()))) <= 1e-12

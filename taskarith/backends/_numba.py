@@ -78,16 +78,45 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float | None:
     """``Σ a·b`` of two flat CPU tensors of one of :data:`DTYPES` (each alike), products and sums in
     float64, in fixed chunks (the same value on any thread count); None if the kernels do not take
     them."""
+    sums = _chunked(a, b, gram=False)
+    return None if sums is None else math.fsum(sums)
+
+
+def gram64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float] | None:
+    """``(Σ a·a, Σ b·b, Σ a·b)`` in one pass, each equal to what :func:`dot64` returns for it; None if
+    the kernels do not take these tensors."""
+    sums = _chunked(a, b, gram=True)
+    return None if sums is None else (math.fsum(sums[0]), math.fsum(sums[1]), math.fsum(sums[2]))
+
+
+def has_nan(x: torch.Tensor) -> bool | None:
+    """Whether flat ``x`` (a CPU tensor of one of :data:`DTYPES`) holds a NaN, in one pass at memory
+    speed; None if the kernels do not take it."""
+    if x.dim() != 1 or not usable([x], [x]):
+        return None
+    from . import _numba_reduce
+
+    bits = _array(x)
+    if bits.dtype == np.float32:
+        arrays = [bits.view(np.int32), np.int32(0x7FFFFFFF), np.int32(0x7F800000)]
+    else:
+        arrays = [bits, np.uint16(0x7FFF), np.uint16(0x7F80)]
+    return _failures(_numba_reduce.count_nan, arrays, x.numel()) > 0
+
+
+def _chunked(a: torch.Tensor, b: torch.Tensor, *, gram: bool) -> np.ndarray | None:
     if a.shape != b.shape or not usable([a], [a, b]):
         return None
     from . import _numba_reduce
 
     chunks = -(-a.numel() // _numba_reduce.CHUNK)
-    partials = np.zeros(chunks, np.float64)
+    partials = np.zeros((3, chunks) if gram else chunks, np.float64)
+    kernel = _numba_reduce.gram_chunks if gram else _numba_reduce.square_chunks if a is b else _numba_reduce.dot_chunks
     xa, xb = _array(a), _array(b)
-    sizes = [_numba_reduce.CHUNK] * chunks  # one job per chunk: threads share out whole chunks
-    _parallel.run(sizes, lambda job, lo, hi: _numba_reduce.dot_chunks(xa, xb, partials, job, job + 1), split=False)
-    return math.fsum(partials)
+    size = _numba_reduce.CHUNK
+    # Threads share out whole chunks: chunk c goes to the share holding its first entry.
+    _parallel.run([chunks * size], lambda job, lo, hi: kernel(xa, xb, partials, -(-lo // size), -(-hi // size)))
+    return partials
 
 
 @functools.cache
@@ -294,3 +323,21 @@ def prime() -> None:
     that a budgeted merge counts its data against the budget from after that, not the runtime."""
     if enabled():
         _selection().nth_tie(np.zeros(1, np.float32), np.float32(1.0), 1, False)
+
+
+def add_to_bases(out: torch.Tensor, deltas: torch.Tensor, bases: Sequence[torch.Tensor]) -> bool | None:
+    """``out = cat(bases) + deltas`` (flat ``out`` and ``deltas`` of one dtype; ``bases`` in order,
+    each contiguous, of that dtype, together as long) without gathering the bases: one pass; None
+    (nothing written) if the kernels do not take them."""
+    if deltas.shape != out.shape or not bases or not usable([out], [deltas, *bases]):
+        return None
+    offsets = np.zeros(len(bases) + 1, np.int64)
+    np.cumsum([b.numel() for b in bases], out=offsets[1:])
+    if offsets[-1] != out.numel():
+        return None
+    addresses = np.array([b.data_ptr() for b in bases], np.int64)
+    from . import _numba_scatter
+
+    target, source = _array(out), _array(deltas)
+    _parallel.run([out.numel()], lambda job, lo, hi: _numba_scatter.add_to_bases(target, source, addresses, offsets, lo, hi))
+    return True

@@ -71,7 +71,8 @@ def load_state_dict(
     if isinstance(source, torch.nn.Module):
         state = source.state_dict()
     elif isinstance(source, Mapping):
-        state = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in source.items()}
+        # Only tensors that track gradients need a detached view (a view per tensor costs ~1 us).
+        state = {k: v.detach() if isinstance(v, torch.Tensor) and v.requires_grad else v for k, v in source.items()}
         bad = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise TaskArithError(

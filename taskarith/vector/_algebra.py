@@ -218,8 +218,14 @@ class Algebra:
 
     def cosine(self, other: TaskVector) -> float:
         """Cosine similarity; 0.0 when either vector is zero (as ``torch.cosine_similarity``)."""
-        denominator = self.norm() * other.norm()
-        dot = self.dot(other)
+        self._check_compatible(other, "cosine")
+        if self._layout == other._layout:  # one pass over both vectors
+            sums = [_gram64(buf, other._buffers[dt]) for dt, buf in self._buffers.items()]
+            dot = math.fsum(s[2] for s in sums)
+            denominator = math.sqrt(math.fsum(s[0] for s in sums)) * math.sqrt(math.fsum(s[1] for s in sums))
+        else:
+            denominator = self.norm() * other.norm()
+            dot = self.dot(other)
         return 0.0 if denominator == 0 else max(-1.0, min(1.0, dot / denominator))
 
 
@@ -241,6 +247,11 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
         y = x if b is a else b[start:start + _DOT_CHUNK].double()
         total += torch.dot(x, y)
     return float(total)
+
+
+def _gram64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """``(Σ a·a, Σ b·b, Σ a·b)`` as :func:`_dot64` computes each, in one pass where compiled."""
+    return _numba.gram64(a, b) or (_dot64(a, a), _dot64(b, b), _dot64(a, b))
 
 
 def sum_into(dst: torch.Tensor, srcs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from .. import _extract, _flat
+from ..backends import _numba
 from ..errors import BaseMismatchError, KeyMismatchError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
 from ..io import Source, load_state_dict
 from ._scalars import _checked_scalar
@@ -58,6 +59,9 @@ class Applying:
         state = load_state_dict(base, allow_pickle=allow_pickle)
         covered = self._validate_base(state, strict)
         self._check_fingerprint(state, covered, on_base_mismatch)
+        out = self._apply_in_one_pass(state, alpha)
+        if out is not None:
+            return self._checked_finite(out, covered) if check_finite else out
         out: dict[str, torch.Tensor] = {}
         made: dict[tuple, torch.Tensor] = {}  # (canonical, base storage) -> result, so ties stay tied
         edited: dict[tuple, torch.Tensor] = {}  # base storage -> result, for names tied to a covered one
@@ -95,11 +99,35 @@ class Applying:
                 tied = edited.get(_storage_key(b)) if b.is_floating_point() else None
                 out[name] = tied if tied is not None else b.detach().clone()
         out = {name: out[name] for name in state}
-        if check_finite:
-            bad = [f"{n!r}" for n in covered if not bool(torch.isfinite(out[n]).all())]
-            raise_if_any(bad, error=_extract.NonFiniteError, header="non-finite values after apply_to",
-                         fix="Lower the scale or check the vector with check_finite=True.")
+        return self._checked_finite(out, covered) if check_finite else out
+
+    @staticmethod
+    def _checked_finite(out: dict[str, torch.Tensor], covered: set[str]) -> dict[str, torch.Tensor]:
+        bad = [f"{n!r}" for n in covered if not bool(torch.isfinite(out[n]).all())]
+        raise_if_any(bad, error=_extract.NonFiniteError, header="non-finite values after apply_to",
+                     fix="Lower the scale or check the vector with check_finite=True.")
         return out
+
+    def _apply_in_one_pass(self, state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor] | None:
+        """The common case without per-tensor work: the base holds exactly the vector's names, untied,
+        in its dtypes, and ``alpha`` is 1 (torch's own rounding of other factors differs between its
+        kernels): one compiled pass per dtype adds each buffer of deltas to all the bases at once.
+        None where it does not apply (nothing is written then)."""
+        if alpha != 1.0 or self._layout.aliases or len(state) != len(self._layout.slots):
+            return None
+        plans = {dtype: self._layout.split_plan(dtype) for dtype in self._buffers}
+        if any(plan is None for plan in plans.values()):
+            return None
+        results: dict[str, torch.Tensor] = {}
+        for dtype, buffer in self._buffers.items():
+            names, sizes, shapes = plans[dtype]
+            bases = [state[n] for n in names]
+            out = _flat.allocate(buffer.numel(), dtype, buffer.device)
+            if not _numba.add_to_bases(out, buffer, bases):
+                return None
+            _flat.recycle(out)  # reused once the caller drops the result: fresh pages fault slowly
+            results.update(zip(names, (part.view(shape) for part, shape in zip(out.split(sizes), shapes))))
+        return {name: results[name] for name in state}
 
     def _validate_base(self, state: Mapping[str, torch.Tensor], strict: bool) -> set[str]:
         """Names of ``state`` the vector applies to; raises listing every mismatch."""
@@ -154,10 +182,10 @@ _MANY, _SMALL = 512, 1 << 16  # this many tensors, of fewer entries than this on
 def _add_into_one_buffer(bases: list[torch.Tensor], deltas: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
     """``base + alpha · delta`` per pair, written into views of one fresh buffer per dtype and device.
 
-    One large allocation (through the buffer cache, with huge pages) instead of one per tensor, and
-    plain per-tensor adds: ``torch._foreach_add`` ran many times slower whenever another process
-    kept a core busy. Thousands of small tensors (LoRA factors) still go through it: there, the
-    per-tensor dispatch of plain adds costs more.
+    One large allocation (through the buffer cache) instead of one per tensor, and plain per-tensor
+    adds: ``torch._foreach_add`` ran many times slower whenever another process kept a core busy.
+    Thousands of small tensors still go through it: there, the per-tensor dispatch of plain adds
+    costs more.
     """
     if len(bases) >= _MANY and sum(b.numel() for b in bases) < _SMALL * len(bases):
         return torch._foreach_add(bases, deltas, alpha=alpha)
@@ -167,6 +195,7 @@ def _add_into_one_buffer(bases: list[torch.Tensor], deltas: list[torch.Tensor], 
         groups.setdefault((b.dtype, b.device), []).append(i)
     for (dtype, device), members in groups.items():
         buffer = _flat.allocate(sum(bases[i].numel() for i in members), dtype, device)
+        _flat.recycle(buffer)  # reused once the caller drops the result: fresh pages fault slowly
         for i, part in zip(members, buffer.split([bases[i].numel() for i in members])):
             outs[i] = torch.add(bases[i], deltas[i], alpha=alpha, out=part.view(bases[i].shape))
     return outs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
@@ -174,14 +173,12 @@ class TaskVector(Algebra, Applying, Files, Mapping[str, torch.Tensor]):
         narrow and a view per name when there are thousands of names)."""
         views: dict[str, torch.Tensor] = {}
         for dtype, buffer in self._buffers.items():
-            slots = sorted(((n, s) for n, s in self._layout.slots.items() if s.dtype == dtype), key=lambda p: p[1].offset)
-            sizes = [s.numel for _, s in slots]
-            dense = all(s.offset == o for (_, s), o in zip(slots, itertools.accumulate([0, *sizes[:-1]])))
-            if not dense or sum(sizes) != buffer.numel():
-                views.update({n: self[n] for n, _ in slots})
+            plan = self._layout.split_plan(dtype)
+            if plan is None or buffer.numel() != self._layout.sizes[dtype]:
+                views.update({n: self[n] for n, s in self._layout.slots.items() if s.dtype == dtype})
                 continue
-            for (name, slot), part in zip(slots, buffer.split(sizes)):
-                views[name] = part.view(slot.shape)
+            names, sizes, shapes = plan
+            views.update(zip(names, (part.view(shape) for part, shape in zip(buffer.split(sizes), shapes))))
         return views
 
     def __getitem__(self, name: str) -> torch.Tensor:
