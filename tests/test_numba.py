@@ -343,14 +343,18 @@ def test_scale_and_add_kernels_match_torch(dtype, n, s):
     g = torch.Generator().manual_seed(n)
     a = ta.TaskVector({"w": (torch.randn(n, generator=g) * 1e3).to(dtype), "b": torch.randn(7, generator=g).to(dtype)})
     b = ta.TaskVector({"w": torch.randn(n, generator=g).to(dtype), "b": torch.tensor([math.inf, -math.inf, 0.0, -0.0, 1.0, 2**-9, 1.0 + 2**-7]).to(dtype)})
+    divides = s != 0
     with kernels(False):
-        want = [s * a, a + b]
+        want = [s * a, a + b, a - b, -a] + ([a / s] if divides else [])
     # Every output takes the non-temporal stores: their blocks, and the heads and tails around them.
     with kernels(True), mock.patch.object(_numba, "STREAM_FROM", 0), mock.patch.object(_numba, "ELEMENTWISE_FROM", 0), \
-            recording(_numba, "scale") as scaled, recording(_numba, "running_sum") as added:
-        got = [s * a, a + b]
+            recording(_numba, "scale") as scaled, recording(_numba, "running_sum") as added, \
+            recording(_numba, "subtract") as subtracted, recording(_numba, "divide") as divided:
+        got = [s * a, a + b, a - b, -a] + ([a / s] if divides else [])
     # An int float32 cannot hold exactly stays with torch, which converts it without rounding twice.
-    assert scaled == ([True] if isinstance(s, float) or abs(s) <= 1 << 24 else []) and added == [True]
+    exact = isinstance(s, float) or abs(s) <= 1 << 24
+    assert scaled == ([True] if exact else []) + [True] and added == [True] and subtracted == [True]
+    assert divided == ([True if dtype == torch.float32 else None] if divides and exact else [])
     for w, g_ in zip(want, got):
         for name in w:
             nan = torch.isnan(w[name])

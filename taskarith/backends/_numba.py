@@ -197,11 +197,29 @@ def scale(out: torch.Tensor, x: torch.Tensor, s: float) -> bool | None:
     """``out = x * s`` (flat, one dtype) as ``torch.mul(x, s, out=out)`` computes it for a Python
     number ``s``, with streaming stores; None (nothing written) if the kernels do not take them or
     ``out`` is too small to stream (torch's own kernel is one pass too)."""
-    if x.dtype != out.dtype or x.shape != out.shape or not _streams(out) or not usable([out], [x]):
+    return _streamed("scale", out, [x], s)
+
+
+def divide(out: torch.Tensor, x: torch.Tensor, s: float) -> bool | None:
+    """``out = x / s`` (flat float32) as ``torch.div(x, s, out=out)`` computes it for a Python number
+    ``s`` exact in float32, with streaming stores; None (nothing written) where :func:`scale` gives
+    None, or for bfloat16 (whose torch kernel divides in other steps)."""
+    return None if x.dtype != torch.float32 else _streamed("quotient", out, [x], s)
+
+
+def subtract(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool | None:
+    """``out = a - b`` (flat, one dtype) as ``torch.sub(a, b, out=out)``, with streaming stores; None
+    (nothing written) where :func:`scale` gives None."""
+    return None if b.shape != a.shape or b.dtype != a.dtype else _streamed("difference", out, [a, b], 1.0)
+
+
+def _streamed(op: str, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: float) -> bool | None:
+    x = inputs[0]
+    if x.dtype != out.dtype or x.shape != out.shape or not _streams(out) or not usable([out], inputs):
         return None
     with np.errstate(over="ignore"):  # a factor beyond float32 becomes inf, as in torch
         factor = np.float32(s)
-    _run_elementwise(_kernels().elementwise("scale", True), out, [x], factor)
+    _run_elementwise(_kernels().elementwise(op, True), out, inputs, factor)
     return True
 
 

@@ -84,10 +84,11 @@ class Algebra:
     def __sub__(self, other: object) -> TaskVector:
         if not isinstance(other, Algebra):
             return NotImplemented
-        return self._zip(other, lambda a, b, out: torch.sub(a, b, out=out), "subtraction")
+        return self._zip(other, lambda a, b, out: _numba.subtract(out, a, b) or torch.sub(a, b, out=out), "subtraction")
 
     def __neg__(self) -> TaskVector:
-        return self._map(lambda src, out: torch.neg(src, out=out))
+        # x * -1 is -x exactly (zeros and infinities included), so negation streams like a scaling.
+        return self._map(lambda src, out: _numba.scale(out, src, -1.0) or torch.neg(src, out=out))
 
     def __pos__(self) -> TaskVector:
         return self
@@ -107,7 +108,8 @@ class Algebra:
         if s is None:
             return NotImplemented
         _checked_scalar(s, "scalar", self._layout.sizes, divisor=True)
-        return self._map(lambda src, out: torch.div(src, s, out=out))
+        compiled = _exact_in_float32(s)
+        return self._map(lambda src, out: (compiled and _numba.divide(out, src, s)) or torch.div(src, s, out=out))
 
     # In-place forms, for callers who own the vector (e.g. an accumulator they created).
 
