@@ -25,6 +25,9 @@ bytes each (an in-place add moves 3 x its buffer: the same ``B``), timed like th
 at the end of every shapes/dtype block; the ratio divides the op's bytes/s by the **best** probe of the
 run with the same ``B`` (the highest bytes / median time among those measurements). Every timing is one
 warm-up call, then ``--repeats`` calls written as a user's loop (``c = a + b``); medians are reported.
+Each op is then timed once more in alternation with the probe of its bytes (``paired_ratio``: median
+probe time / median op time): the memory bandwidth of a shared machine can change between blocks of a
+run, and the paired ratio compares the two under the same conditions. The goal is judged on the first.
 
     python benchmarks/bench_goals.py                 # the goals at their sizes
     python benchmarks/bench_goals.py --quick         # tiny sizes, 1 repeat: checks that it runs
@@ -134,6 +137,11 @@ class Probes:
                 self.by_bytes[nbytes] = bench.BandwidthProbe("add", self.pair.a[:n], self.pair.b[:n])
             self.by_bytes[nbytes].measure(timer)
 
+    def call(self, nbytes: int):
+        """The probe of ``nbytes`` as a call (for :func:`paired`)."""
+        probe = self.by_bytes[nbytes]
+        return lambda: probe.a.add_(probe.b)
+
     def best(self, nbytes: int) -> float:
         return self.by_bytes[nbytes].best_gbps
 
@@ -166,14 +174,38 @@ def vector_ops(args, timer: bench.Timer) -> tuple[list[dict], Probes]:
             row = bench.timing_row(op, "taskarith", op, k * nbytes, warmup, times)
             row.update(shapes=shapes_kind, dtype=dtype_name, params=numel, tensors=len(shapes),
                        bytes_per_vector=nbytes, vectors_moved=k)
+            row.update(paired(lambda fn=fn, v=v: fn(v), probes.call(k * nbytes), timer))
             rows.append(row)
-            print(f"  {op:<40} median {row['median_ms']:9.2f} ms  {row['gbps']:7.2f} GB/s", flush=True)
+            print(f"  {op:<40} median {row['median_ms']:9.2f} ms  {row['gbps']:7.2f} GB/s  "
+                  f"paired {row['paired_ratio']:.2f}", flush=True)
         probes.measure(sizes, timer)
         v = None  # free this block's vectors before the next block's are built
     for row in rows:
         row["probe_gbps"] = probes.best(row["min_bytes"])
         row["ratio"] = row["gbps"] / row["probe_gbps"]
     return rows, probes
+
+
+def paired(op, probe, timer: bench.Timer) -> dict:
+    """The op and the probe of its bytes timed in alternation, ``timer.repeats`` times each (after one
+    warm-up call of each): both sample the same state of the machine, whose memory bandwidth may
+    change between blocks of a run. ``paired_ratio`` = median probe time / median op time."""
+    op(), probe()
+    times: dict[str, list[float]] = {"op": [], "probe": []}
+    result = None
+    for _ in range(timer.repeats):
+        for name, fn in (("probe", probe), ("op", op)):
+            bench.sync(timer.device)
+            t0 = time.perf_counter()
+            if name == "op":
+                result = fn()  # the previous result lives until this assignment, as in a user's loop
+            else:
+                fn()
+            bench.sync(timer.device)
+            times[name].append(time.perf_counter() - t0)
+    del result
+    return {"paired_op_ms": [t * 1e3 for t in times["op"]], "paired_probe_ms": [t * 1e3 for t in times["probe"]],
+            "paired_ratio": statistics.median(times["probe"]) / statistics.median(times["op"])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,15 @@ def test_report_shows_the_goals_file(goals, tmp_path):
     assert f"{data['summary']['met']} of {data['summary']['goals']} goals met" in part
     tie = next(g for g in data["goals"] if g["group"] == "ties")
     assert f"| {tie['name']} | {tie['measured']} | {tie['value']:.2f}x | <= 1.2x |" in part
+
+
+def test_the_goals_table_shows_every_ratio_of_the_file(goals):
+    data = load(goals)
+    table = run(str(BENCH / "goals_table.py"), str(goals)).stdout
+    for r in data["vector_ops"]:
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{r['op']}` |"))
+        assert f"{r['ratio']:.2f} ({r['paired_ratio']:.2f})" in [cell.strip() for cell in row.split("|")]
+        assert len(r["paired_op_ms"]) == len(r["paired_probe_ms"]) == data["config"]["repeats"]
+        assert r["paired_ratio"] == pytest.approx(statistics.median(r["paired_probe_ms"]) / statistics.median(r["paired_op_ms"]))
+    met = sum(g["passed"] for g in data["goals"])
+    assert f"{met} of {len(data['goals'])} goals met." in table
