@@ -365,8 +365,8 @@ def test_scale_and_add_kernels_match_torch(dtype, n, s):
 def test_kernel_closures_hold_only_constants_so_that_numba_caches_them():
     """Numba keys a cached closure by its pickled cell contents: a compiled function among them
     pickles differently in every process, and the kernel was compiled anew each time (~1 s)."""
-    factories = [_kernels().ties(False), _kernels().add_deltas(True), _kernels().elementwise("sum", True),
-                 _kernels().elementwise("scale", True), _numba._selection().pack_magnitudes(True),
+    factories = [_kernels().ties(False), _kernels().add_deltas(True), _numba._elementwise("sum", True),
+                 _numba._elementwise("scale", True), _numba._selection().pack_magnitudes(True),
                  _numba._selection().bracket_scan(False)]
     for kernel in factories:
         cells = [c.cell_contents for c in kernel.py_func.__closure__ or ()]

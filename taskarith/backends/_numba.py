@@ -119,6 +119,14 @@ def _chunked(a: torch.Tensor, b: torch.Tensor, *, gram: bool) -> np.ndarray | No
     return partials
 
 
+def _elementwise(op: str, stream: bool):
+    """The element-wise kernel of ``op`` (:mod:`taskarith.backends._numba_elementwise`); only once
+    :func:`enabled`."""
+    from . import _numba_elementwise
+
+    return _numba_elementwise.elementwise(op, stream)
+
+
 @functools.cache
 def _selection():
     """The selection kernels (:mod:`taskarith.backends._numba_select`); only once :func:`enabled`."""
@@ -189,7 +197,7 @@ def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool | Non
     if ((k == 2 and not stream and out.dtype == torch.float32) or out.numel() < ELEMENTWISE_FROM
             or not usable([out], inputs)):
         return None
-    _run_elementwise(_kernels().elementwise("sum", stream), out, inputs, np.float32(1.0))
+    _run_elementwise(_elementwise("sum", stream), out, inputs, np.float32(1.0))
     return True
 
 
@@ -219,7 +227,7 @@ def _streamed(op: str, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: flo
         return None
     with np.errstate(over="ignore"):  # a factor beyond float32 becomes inf, as in torch
         factor = np.float32(s)
-    _run_elementwise(_kernels().elementwise(op, True), out, inputs, factor)
+    _run_elementwise(_elementwise(op, True), out, inputs, factor)
     return True
 
 
@@ -236,7 +244,7 @@ def wide_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool | None:
     in one pass; None (nothing written) if the kernels do not take them."""
     if not 2 <= len(inputs) <= MAX_INPUTS or any(x.shape != out.shape for x in inputs) or not usable([out], inputs):
         return None
-    _run_elementwise(_kernels().elementwise("sum", _streams(out)), out, inputs, np.float32(1.0), wide=True)
+    _run_elementwise(_elementwise("sum", _streams(out)), out, inputs, np.float32(1.0), wide=True)
     return True
 
 

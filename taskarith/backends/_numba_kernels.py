@@ -30,8 +30,6 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from ._numba_stream import _STREAM_BLOCK, _store_fence, _stream_out, _unaligned_head
-
 
 @intrinsic
 def _as_float32(typingctx, bits):
@@ -213,65 +211,6 @@ def _delta_sum_impl(fs, at, b):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _elementwise_span(out, to, xs, at, n, s, code, like):
-    """The body of :func:`elementwise` (``code`` picks the op, a constant when compiled): ``n``
-    results from the inputs' position ``at`` on, written to ``out`` from position ``to`` on (a sum's
-    partial sums rounded to ``like``'s dtype)."""
-    for j in range(n):
-        source = np.uint64(at + j)
-        if code == _SCALE:
-            value = _load(xs[0], source) * s
-        elif code == _QUOTIENT:
-            value = _load(xs[0], source) / s
-        elif code == _DIFFERENCE:
-            value = _load(xs[0], source) - _load(xs[-1], source)
-        else:
-            value = _running_sum(like, xs, source)
-        _put(out, np.uint64(to + j), value)
-
-
-_SUM, _SCALE, _QUOTIENT, _DIFFERENCE = 0, 1, 2, 3
-_OPS = {"sum": _SUM, "scale": _SCALE, "quotient": _QUOTIENT, "difference": _DIFFERENCE}
-
-
-@functools.cache
-def elementwise(op: str, stream: bool):
-    """The kernel ``kernel(out, xs, s, start, stop, like)`` of an element-wise op over ``[start,
-    stop)`` of the tuple of arrays ``xs``, computed in float32 and rounded to ``out``'s dtype as
-    torch computes it:
-
-    - ``op="sum"``: ``((x0 + x1) + x2) + ...`` over all of ``xs``, each partial sum rounded to the
-      dtype of ``like`` (``out`` itself: as ``torch.add`` then ``Tensor.add_`` compute it; a float32
-      array: summed in float32 and rounded once into ``out``): one pass over memory where torch
-      makes ``len(xs) - 1`` (``s`` unused);
-    - ``op="scale"``: ``x0 * s`` with float32 ``s``, as ``torch.mul`` by a Python scalar;
-    - ``op="quotient"``: ``x0 / s``, as ``torch.div`` of float32 entries by a Python scalar;
-    - ``op="difference"``: ``x0 - x1``, as ``torch.sub``.
-
-    With ``stream``, entries up to the first cache-line boundary are written plainly, then each
-    block of results is computed in cache and written out with non-temporal stores
-    (:func:`_stream_out`), then the tail plainly again.
-    """
-    code = _OPS[op]
-
-    @njit(nogil=True, cache=True, boundscheck=False)
-    def kernel(out, xs, s, start, stop, like):
-        if stream:
-            head = start + _unaligned_head(out, start, stop)
-            _elementwise_span(out, start, xs, start, head - start, s, code, like)
-            block = np.empty(_STREAM_BLOCK, out.dtype)
-            start = head
-            for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
-                _elementwise_span(block, 0, xs, lo, _STREAM_BLOCK, s, code, like)
-                _stream_out(block, out, lo)
-                start = lo + _STREAM_BLOCK
-            _store_fence()
-        _elementwise_span(out, start, xs, start, stop - start, s, code, like)
-
-    return kernel
-
-
-@njit(nogil=True, cache=True, boundscheck=False, inline="always")
 def _trimmed(v, lam, w):
     return (np.float32(0.0) if abs(v) <= lam else v) * w  # hardshrink (NaN passes), weighted
 
@@ -369,7 +308,6 @@ def delta_fails(finetuned, base, start, stop):
         f = _load(finetuned, j)
         failed += (b + (f - b)) != f
     return failed
-
 
 
 @functools.cache

@@ -1,0 +1,118 @@
+"""The element-wise kernels (sums, scaling, division, subtraction) and their non-temporal stores.
+
+Non-temporal ("streaming") stores write whole cache lines without first reading them in: an
+out-of-place result then costs its write only, not a read and a write. Results are computed into a
+small block in cache and streamed out a cache line at a time from the first aligned entry on.
+"""
+
+import functools
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._numba_kernels import _load, _put, _running_sum
+
+_STREAM_BLOCK = 4096  # entries computed into a cache-resident block, then streamed out
+_LINE = 64  # bytes of one streaming store (a cache line)
+
+
+@intrinsic
+def _stream_out(typingctx, block, out, j):
+    """Copies ``block`` (a whole number of cache lines) to ``out[j:]``, whose address must be
+    cache-line aligned, with non-temporal stores: they skip reading the lines in before writing them."""
+    def codegen(context, builder, signature, args):
+        source, target, index = args
+        line = ir.VectorType(ir.IntType(32), _LINE // 4)
+        itemsize = context.get_abi_sizeof(context.get_data_type(signature.args[1].dtype))
+        block_ty = signature.args[0]
+        source_array = context.make_array(block_ty)(context, builder, source)
+        src = builder.bitcast(source_array.data, line.as_pointer())
+        dst = builder.bitcast(builder.gep(context.make_array(signature.args[1])(context, builder, target).data,
+                                          [index]), line.as_pointer())
+        lines = builder.udiv(builder.mul(source_array.nitems, ir.Constant(ir.IntType(64), itemsize)),
+                             ir.Constant(ir.IntType(64), _LINE))
+        with cgutils.for_range(builder, lines) as loop:
+            value = builder.load(builder.gep(src, [loop.index]), align=4)
+            store = builder.store(value, builder.gep(dst, [loop.index]), align=_LINE)
+            store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+    return types.none(block, out, types.int64), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """Orders the streaming stores before whatever the caller does next (they are weakly ordered)."""
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _unaligned_head(out, start, stop):
+    """How many entries from ``out[start]`` on precede the first cache-line aligned one (at most
+    ``stop - start``)."""
+    address = out.ctypes.data + start * out.itemsize
+    return min((-address % _LINE) // out.itemsize, stop - start)
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _elementwise_span(out, to, xs, at, n, s, code, like):
+    """The body of :func:`elementwise` (``code`` picks the op, a constant when compiled): ``n``
+    results from the inputs' position ``at`` on, written to ``out`` from position ``to`` on (a sum's
+    partial sums rounded to ``like``'s dtype)."""
+    for j in range(n):
+        source = np.uint64(at + j)
+        if code == _SCALE:
+            value = _load(xs[0], source) * s
+        elif code == _QUOTIENT:
+            value = _load(xs[0], source) / s
+        elif code == _DIFFERENCE:
+            value = _load(xs[0], source) - _load(xs[-1], source)
+        else:
+            value = _running_sum(like, xs, source)
+        _put(out, np.uint64(to + j), value)
+
+
+_SUM, _SCALE, _QUOTIENT, _DIFFERENCE = 0, 1, 2, 3
+_OPS = {"sum": _SUM, "scale": _SCALE, "quotient": _QUOTIENT, "difference": _DIFFERENCE}
+
+
+@functools.cache
+def elementwise(op: str, stream: bool):
+    """The kernel ``kernel(out, xs, s, start, stop, like)`` of an element-wise op over ``[start,
+    stop)`` of the tuple of arrays ``xs``, computed in float32 and rounded to ``out``'s dtype as
+    torch computes it:
+
+    - ``op="sum"``: ``((x0 + x1) + x2) + ...`` over all of ``xs``, each partial sum rounded to the
+      dtype of ``like`` (``out`` itself: as ``torch.add`` then ``Tensor.add_`` compute it; a float32
+      array: summed in float32 and rounded once into ``out``): one pass over memory where torch
+      makes ``len(xs) - 1`` (``s`` unused);
+    - ``op="scale"``: ``x0 * s`` with float32 ``s``, as ``torch.mul`` by a Python scalar;
+    - ``op="quotient"``: ``x0 / s``, as ``torch.div`` of float32 entries by a Python scalar;
+    - ``op="difference"``: ``x0 - x1``, as ``torch.sub``.
+
+    With ``stream``, entries up to the first cache-line boundary are written plainly, then each
+    block of results is computed in cache and written out with non-temporal stores
+    (:func:`_stream_out`), then the tail plainly again.
+    """
+    code = _OPS[op]
+
+    @njit(nogil=True, cache=True, boundscheck=False)
+    def kernel(out, xs, s, start, stop, like):
+        if stream:
+            head = start + _unaligned_head(out, start, stop)
+            _elementwise_span(out, start, xs, start, head - start, s, code, like)
+            block = np.empty(_STREAM_BLOCK, out.dtype)
+            start = head
+            for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
+                _elementwise_span(block, 0, xs, lo, _STREAM_BLOCK, s, code, like)
+                _stream_out(block, out, lo)
+                start = lo + _STREAM_BLOCK
+            _store_fence()
+        _elementwise_span(out, start, xs, start, stop - start, s, code, like)
+
+    return kernel
