@@ -132,9 +132,12 @@ class Applying:
     def _validate_base(self, state: Mapping[str, torch.Tensor], strict: bool) -> set[str]:
         """Names of ``state`` the vector applies to; raises listing every mismatch."""
         present = [n for n in self._layout.names if n in state]
-        groups_present = {self._layout.canonical(n) for n in present}
-        missing = [n for n in self._layout.names if n not in state and self._layout.canonical(n) not in groups_present]
-        extra = [n for n, t in state.items() if t.is_floating_point() and n not in self] if strict else []
+        missing = []
+        if len(present) < len(self._layout.names):
+            groups_present = {self._layout.canonical(n) for n in present}
+            missing = [n for n in self._layout.names if n not in state and self._layout.canonical(n) not in groups_present]
+        # Names first: a dict lookup costs less than asking a tensor its dtype (thousands of tensors).
+        extra = [n for n, t in state.items() if n not in self and t.is_floating_point()] if strict else []
         if missing or extra:
             raise KeyMismatchError(
                 "key mismatch (task vector vs base model): "
@@ -145,9 +148,10 @@ class Applying:
                 missing=missing, extra=extra,
             )
         problems = []
+        slot = self._layout.slot
         for n in present:
-            b, shape = state[n], self._layout.shape(n)
-            if tuple(b.shape) != shape:
+            b, shape = state[n], slot(n).shape
+            if b.shape != shape:  # a torch.Size equals the tuple of its sizes
                 problems.append(f"{n!r}: vector {shape} vs base {tuple(b.shape)}")
             elif not b.is_floating_point():
                 problems.append(f"{n!r}: base entry is {b.dtype}, the vector holds a float delta")
