@@ -393,14 +393,18 @@ def test_streaming_stores_start_at_any_alignment(dtype, skip, n, k):
     assert torch.isnan(room[:skip]).all(), "nothing written before the output"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "delta_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                    (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 @given(st.lists(st.integers(0, 5000), min_size=1, max_size=12), st.integers(0, 2**31 - 1))
-def test_apply_to_in_one_pass_matches_the_torch_path(dtype, sizes, seed):
-    """Many separate base tensors (empty ones too) plus one buffer of deltas, in one compiled pass."""
+def test_apply_to_in_one_pass_matches_the_torch_path(dtype, delta_dtype, sizes, seed):
+    """Many separate base tensors (empty ones too) plus one buffer of deltas, in one compiled pass,
+    rounded once to the base's dtype (float32 deltas of bfloat16 weights: the exact round trip)."""
     g = torch.Generator().manual_seed(seed)
     base = {f"t{i}": (torch.randn(n, generator=g) * 10).to(dtype).reshape(-1, 1) for i, n in enumerate(sizes)}
     base["t0"].view(-1)[:3] = torch.tensor([math.inf, -0.0, math.nan]).to(dtype)[: base["t0"].numel()]
-    tv = ta.TaskVector({k: torch.randn(v.shape, generator=g).to(dtype) for k, v in base.items()})
+    # Deltas small against the weights too: their sum rounds (halfway cases included) into bfloat16.
+    tv = ta.TaskVector({k: (torch.randn(v.shape, generator=g) * 2.0 ** -torch.randint(0, 12, v.shape, generator=g))
+                        .to(delta_dtype) for k, v in base.items()})
     with kernels(False):
         want = tv.apply_to(base)
     with kernels(True), mock.patch.object(_numba, "ELEMENTWISE_FROM", 0), recording(_numba, "add_to_bases") as calls:

@@ -352,10 +352,12 @@ def prime() -> None:
 
 
 def add_to_bases(out: torch.Tensor, deltas: torch.Tensor, bases: Sequence[torch.Tensor]) -> bool | None:
-    """``out = cat(bases) + deltas`` (flat ``out`` and ``deltas`` of one dtype; ``bases`` in order,
-    each contiguous, of that dtype, together as long) without gathering the bases: one pass; None
-    (nothing written) if the kernels do not take them."""
-    if deltas.shape != out.shape or not bases or not usable([out], [deltas, *bases]):
+    """``out = cat(bases) + deltas`` (flat ``out`` and ``deltas``; ``bases`` in order, each contiguous,
+    of ``out``'s dtype, together as long) computed in float32 and rounded once into ``out``, without
+    gathering the bases: one pass; None (nothing written) if the kernels do not take them."""
+    if deltas.shape != out.shape or not bases or not usable([out], [deltas]) or not usable([out], bases):
+        return None
+    if bases[0].dtype != out.dtype:
         return None
     offsets = np.zeros(len(bases) + 1, np.int64)
     np.cumsum([b.numel() for b in bases], out=offsets[1:])

@@ -26,13 +26,14 @@ def _pointer_like(typingctx, address, like):
 @njit(nogil=True, cache=True, boundscheck=False)
 def add_to_bases(out, deltas, addresses, offsets, start, stop):
     """``out[j] = base[j - offsets[t]] + deltas[j]`` for ``j`` in ``[start, stop)``, where tensor ``t``
-    (contiguous, ``deltas``' dtype, at ``addresses[t]``) covers ``[offsets[t], offsets[t + 1])``;
-    computed in float32 and rounded once to the dtype, as ``torch.add`` computes it."""
+    (contiguous, ``out``'s dtype, at ``addresses[t]``) covers ``[offsets[t], offsets[t + 1])``;
+    computed in float32 and rounded once to ``out``'s dtype (float32 deltas of bfloat16 weights
+    too), as ``torch.add`` computes it."""
     t = np.searchsorted(offsets, start, side="right") - 1
     while start < stop:
         lo = offsets[t]
         hi = min(offsets[t + 1], stop)
-        base = carray(_pointer_like(addresses[t], deltas), offsets[t + 1] - lo)[start - lo:]
+        base = carray(_pointer_like(addresses[t], out), offsets[t + 1] - lo)[start - lo:]
         target = out[start:hi]
         source = deltas[start:hi]
         for j in range(hi - start):

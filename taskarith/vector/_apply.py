@@ -110,9 +110,10 @@ class Applying:
 
     def _apply_in_one_pass(self, state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor] | None:
         """The common case without per-tensor work: the base holds exactly the vector's names, untied,
-        in its dtypes, and ``alpha`` is 1 (torch's own rounding of other factors differs between its
-        kernels): one compiled pass per dtype adds each buffer of deltas to all the bases at once.
-        None where it does not apply (nothing is written then)."""
+        one dtype per buffer of deltas (theirs or another: float32 deltas of bfloat16 weights),
+        and ``alpha`` is 1 (torch's own rounding of other factors differs between its kernels): one
+        compiled pass per buffer adds the deltas to all the bases at once, rounding once. None where
+        it does not apply (nothing is written then)."""
         if alpha != 1.0 or self._layout.aliases or len(state) != len(self._layout.slots):
             return None
         plans = {dtype: self._layout.split_plan(dtype) for dtype in self._buffers}
@@ -122,7 +123,7 @@ class Applying:
         for dtype, buffer in self._buffers.items():
             names, sizes, shapes = plans[dtype]
             bases = [state[n] for n in names]
-            out = _flat.allocate(buffer.numel(), dtype, buffer.device)
+            out = _flat.allocate(buffer.numel(), bases[0].dtype if bases else dtype, buffer.device)
             if not _numba.add_to_bases(out, buffer, bases):
                 return None
             _flat.recycle(out)  # reused once the caller drops the result: fresh pages fault slowly
