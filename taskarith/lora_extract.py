@@ -24,7 +24,6 @@ The report lists every changed entry with its relative error ``‖Δ − stored�
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ import torch
 
 from ._extract import check_float_dtype, tied_groups
 from ._lora_config import CONFIG_FILE, WEIGHTS_FILE
+from ._lora_factor import EXACT_SVD_MAX, OVERSAMPLE, factor, seed_of
 from .errors import KeyMismatchError, NonFiniteError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
 from .io import Source, atomic_folder, check_output, load_state_dict, write_safetensors
 from .lora import _aligner
@@ -43,14 +43,11 @@ from .vector import TaskVector
 
 __all__ = ["EXACT_SVD_MAX", "OVERSAMPLE", "Extracted", "LoraExtraction", "layer_kinds", "to_lora"]
 
-EXACT_SVD_MAX = 1024  # the exact SVD up to this min(rows, cols); randomized above (see the module docstring)
-OVERSAMPLE = 10  # extra columns of the randomized range finder
 _PREFIX = "base_model.model."
 _LORA_KINDS = ("linear", "conv1d", "embedding")
 # Typical names of embedding and GPT-2 Conv1D layers: refused when the base gives no layer types.
 _SUSPECT = {"embed_tokens", "embed_in", "embed_positions", "embeddings", "word_embeddings", "position_embeddings",
             "token_type_embeddings", "tok_embeddings", "wte", "wpe", "shared", "c_attn", "c_fc", "c_proj"}
-_ROWS = 8192  # rows per chunk when measuring a residual
 
 
 @dataclass(frozen=True)
@@ -250,7 +247,7 @@ def extract(vector: TaskVector, rank: int, *, state: Mapping[str, torch.Tensor] 
                  fix="Give the vector one delta per tied weight (extract it from the loaded models).")
     for module, layer in loras.items():
         name = f"{module}.weight"
-        b, a, k, error, how = _factor(deltas[name], layer, rank, randomized, niter, _seed_of(seed, name), dtype)
+        b, a, k, error, how = factor(deltas[name], layer, rank, randomized, niter, seed_of(seed, name), dtype)
         side_a, side_b = ("lora_embedding_A", "lora_embedding_B") if layer == "embedding" else \
             ("lora_A.weight", "lora_B.weight")
         tensors[f"{_PREFIX}{module}.{side_a}"], tensors[f"{_PREFIX}{module}.{side_b}"] = a, b
@@ -384,41 +381,3 @@ def _peft_targets(targets: list[str], modules: set[str]) -> list[str] | str:
     if any(m not in wanted and m.split(".", k)[-1] in wanted for m in modules for k in range(1, m.count(".") + 1)):
         return "|".join(re.escape(t) for t in targets)
     return targets
-
-
-def _seed_of(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
-
-
-def _factor(delta, layer, rank, randomized, niter, seed, dtype):
-    """(B, A, rank kept, relative error, "exact"/"randomized") with ``B @ A ≈ delta`` (its transpose for
-    Conv1D and embeddings), factors zero-padded to ``rank`` and cast to ``dtype``."""
-    compute = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    m = delta.to(compute)
-    m = m if layer == "linear" else m.T
-    rows, cols = m.shape
-    k = min(rank, rows, cols)
-    q = min(k + OVERSAMPLE, rows, cols)
-    if randomized is None:
-        randomized = min(rows, cols) > EXACT_SVD_MAX and 2 * q <= min(rows, cols)
-    u, s, vh = _randomized_svd(m, q, niter, seed) if randomized else torch.linalg.svd(m, full_matrices=False)
-    root = s[:k].clamp(min=0).sqrt()
-    out = dtype or delta.dtype
-    b = torch.zeros(rows, rank, dtype=out, device=m.device)
-    a = torch.zeros(rank, cols, dtype=out, device=m.device)
-    b[:, :k], a[:k] = u[:, :k] * root, root[:, None] * vh[:k]
-    b_c, a_c = b[:, :k].to(compute), a[:k].to(compute)
-    residual = sum(float((m[i:i + _ROWS] - b_c[i:i + _ROWS] @ a_c).square().sum()) for i in range(0, rows, _ROWS))
-    error = (residual / float(m.square().sum())) ** 0.5
-    return b, a, k, error, "randomized" if randomized else "exact"
-
-
-def _randomized_svd(m: torch.Tensor, q: int, niter: int, seed: int):
-    """The rank-``q`` SVD of ``m`` by torch.svd_lowrank's algorithm, its draws from a seeded CPU generator."""
-    draws = torch.randn(m.shape[1], q, generator=torch.Generator().manual_seed(seed), dtype=m.dtype).to(m.device)
-    basis = torch.linalg.qr(m @ draws).Q
-    for _ in range(niter):
-        basis = torch.linalg.qr(m.mT @ basis).Q
-        basis = torch.linalg.qr(m @ basis).Q
-    u, s, vh = torch.linalg.svd(basis.mT @ m, full_matrices=False)
-    return basis @ u, s, vh
