@@ -472,3 +472,14 @@ def test_one_pass_cosine_equals_its_dot_and_norms_on_any_thread_count(dtype):
     assert cosine == dot / (na * nb)
     x, y = (torch.cat([v["w"], v["v"]]).double() for v in (a, b))
     assert abs(cosine - float(x @ y / (x.norm() * y.norm()))) <= 1e-12
+
+
+def test_cosine_on_the_torch_path_equals_its_dot_and_norms():
+    """Without the kernels, bfloat16 reductions run as chunked float64 dot products, a cosine in one pass."""
+    g = torch.Generator().manual_seed(12)
+    a, b = (ta.TaskVector({"w": torch.randn(200_003, generator=g).bfloat16()}) for _ in range(2))
+    with kernels(False):
+        cosine, dot, na, nb = a.cosine(b), a.dot(b), a.norm(), b.norm()
+    assert cosine == dot / (na * nb)
+    x, y = a["w"].double(), b["w"].double()
+    assert abs(cosine - float(x @ y / (x.norm() * y.norm()))) <= 1e-12

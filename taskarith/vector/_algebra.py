@@ -231,7 +231,6 @@ class Algebra:
         return 0.0 if denominator == 0 else max(-1.0, min(1.0, dot / denominator))
 
 
-_DOT_CHUNK = 1 << 16
 _NUMPY_EXACT = (torch.float16, torch.float32, torch.float64)
 
 
@@ -243,17 +242,32 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.device.type == "cpu" and a.dtype in _NUMPY_EXACT and b.dtype in _NUMPY_EXACT:
         # numpy's einsum casts block by block inside its loop: no float64 copy of the inputs.
         return float(np.einsum("i,i->", a.numpy(), b.numpy(), dtype=np.float64))
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    for start in range(0, a.numel(), _DOT_CHUNK):
-        x = a[start:start + _DOT_CHUNK].double()
-        y = x if b is a else b[start:start + _DOT_CHUNK].double()
-        total += torch.dot(x, y)
-    return float(total)
+    return float(_chunked_sums(a, b, gram=False)[0])
 
 
 def _gram64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """``(Σ a·a, Σ b·b, Σ a·b)`` as :func:`_dot64` computes each, in one pass where compiled."""
-    return _numba.gram64(a, b) or (_dot64(a, a), _dot64(b, b), _dot64(a, b))
+    """``(Σ a·a, Σ b·b, Σ a·b)``, each as :func:`_dot64` computes it, in one pass where compiled or on
+    an accelerator."""
+    compiled = _numba.gram64(a, b)
+    if compiled is not None:
+        return compiled
+    if a.device.type == "cpu" and a.dtype in _NUMPY_EXACT and b.dtype in _NUMPY_EXACT:
+        return _dot64(a, a), _dot64(b, b), _dot64(a, b)
+    aa, bb, ab = _chunked_sums(a, b, gram=True).tolist()
+    return aa, bb, ab
+
+
+def _chunked_sums(a: torch.Tensor, b: torch.Tensor, *, gram: bool) -> torch.Tensor:
+    """``[Σ a·b]`` (or ``[Σ a·a, Σ b·b, Σ a·b]``) by float64 dot products over fixed chunks: small
+    on the CPU (the float64 copies stay in cache), large on accelerators (one launch per 4M entries,
+    not per 64K)."""
+    chunk = 1 << 16 if a.device.type == "cpu" else 1 << 22
+    total = torch.zeros(3 if gram else 1, dtype=torch.float64, device=a.device)
+    for start in range(0, a.numel(), chunk):
+        x = a[start:start + chunk].double()
+        y = x if b is a else b[start:start + chunk].double()
+        total += torch.stack([torch.dot(x, x), torch.dot(y, y), torch.dot(x, y)]) if gram else torch.dot(x, y)
+    return total
 
 
 def sum_into(dst: torch.Tensor, srcs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
