@@ -483,3 +483,44 @@ def test_cosine_on_the_torch_path_equals_its_dot_and_norms():
     assert cosine == dot / (na * nb)
     x, y = a["w"].double(), b["w"].double()
     assert abs(cosine - float(x @ y / (x.norm() * y.norm()))) <= 1e-12
+
+
+WEIGHTS = st.sampled_from([1.0, 0.3, -2.5, 1 / 3, 0.7, 1e-3, 3e38, 0.0, 1e-40, 2.0 ** -126])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stream", [False, True])
+@given(st.lists(WEIGHTS, min_size=2, max_size=5), st.integers(0, 9000), st.floats(0.01, 4.0))
+def test_weighted_sums_match_the_torch_path(dtype, stream, weights, n, scale):
+    """Task arithmetic with weights and a scale: float32 sums (bfloat16 widened, rounded once) in one
+    pass, products rounded or fused as this torch build does; subnormal weights stay with torch."""
+    g = torch.Generator().manual_seed(n)
+    vs = [ta.TaskVector({"w": (torch.randn(n, generator=g) * 2.0 ** -torch.randint(0, 30, (n,), generator=g)).to(dtype),
+                         "b": torch.tensor([math.inf, -0.0, 1.0, 2**-9]).to(dtype)}) for _ in weights]
+    coefficients = [w * scale for w in weights]
+    if any(abs(c) > torch.finfo(torch.float32).max for c in coefficients):
+        for on in (False, True):  # beyond float32: refused on both paths alike
+            with kernels(on), pytest.raises(ta.NonFiniteError):
+                ta.merge(vs, "task_arithmetic", weights=weights, scale=scale)
+        return
+    with kernels(False):
+        want = ta.merge(vs, "task_arithmetic", weights=weights, scale=scale)
+    with kernels(True), mock.patch.object(_numba, "ELEMENTWISE_FROM", 0), \
+            mock.patch.object(_numba, "STREAM_FROM", 0 if stream else 1 << 62), \
+            recording(_numba, "weighted_sum") as calls:
+        got = ta.merge(vs, "task_arithmetic", weights=weights, scale=scale)
+    subnormal = any(c != 0 and abs(c) < torch.finfo(torch.float32).tiny for c in coefficients)
+    assert (True in calls) == (not subnormal and not all(c == 1.0 for c in coefficients))
+    for name in want:
+        nan = torch.isnan(want[name])
+        assert torch.equal(torch.isnan(got[name]), nan)
+        assert bits(got[name][~nan]) == bits(want[name][~nan]), name
+
+
+def test_an_unsettled_torch_rounding_keeps_weighted_sums_on_the_torch_path():
+    vs = [ta.TaskVector({"w": torch.randn(1000)}) for _ in range(3)]
+    with kernels(True), mock.patch.object(_numba, "ELEMENTWISE_FROM", 0), \
+            mock.patch.object(_numba, "torch_fuses_alpha", lambda: None), recording(_numba, "weighted_sum") as calls:
+        ta.merge(vs, "task_arithmetic", scale=0.3)
+    assert calls == [None]
+    assert _numba.torch_fuses_alpha() in (True, False)

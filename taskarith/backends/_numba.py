@@ -197,7 +197,7 @@ def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool | Non
     if ((k == 2 and not stream and out.dtype == torch.float32) or out.numel() < ELEMENTWISE_FROM
             or not usable([out], inputs)):
         return None
-    _run_elementwise(_elementwise("sum", stream), out, inputs, np.float32(1.0))
+    _run_elementwise(_elementwise("sum", stream), out, inputs, _ONE)
     return True
 
 
@@ -226,12 +226,12 @@ def _streamed(op: str, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: flo
     if x.dtype != out.dtype or x.shape != out.shape or not _streams(out) or not usable([out], inputs):
         return None
     with np.errstate(over="ignore"):  # a factor beyond float32 becomes inf, as in torch
-        factor = np.float32(s)
+        factor = np.array([s], np.float32)
     _run_elementwise(_elementwise(op, True), out, inputs, factor)
     return True
 
 
-def _run_elementwise(kernel, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: np.float32, *,
+def _run_elementwise(kernel, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: np.ndarray, *,
                      wide: bool = False) -> None:
     target, xs = _array(out), _arrays(inputs)
     like = np.empty(1, np.float32) if wide else target
@@ -244,9 +244,46 @@ def wide_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool | None:
     in one pass; None (nothing written) if the kernels do not take them."""
     if not 2 <= len(inputs) <= MAX_INPUTS or any(x.shape != out.shape for x in inputs) or not usable([out], inputs):
         return None
-    _run_elementwise(_elementwise("sum", _streams(out)), out, inputs, np.float32(1.0), wide=True)
+    _run_elementwise(_elementwise("sum", _streams(out)), out, inputs, _ONE, wide=True)
     return True
 
+
+def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> bool | None:
+    """``out = x0 * w0``, then ``out += w_i * x_i`` for each further input, in float32 and rounded once
+    into ``out`` (half-precision inputs widen exactly), as ``torch.mul`` then ``Tensor.add_(x,
+    alpha=w)`` on float32 compute it: products rounded or fused as this torch build does
+    (:func:`torch_fuses_alpha`). None (nothing written) where that is unsettled, for weights float32
+    cannot hold as normal numbers or zero, or where the kernels do not take these tensors."""
+    k = len(inputs)
+    fused = torch_fuses_alpha()
+    if (fused is None or not 2 <= k <= MAX_INPUTS or len(weights) != k or out.numel() < ELEMENTWISE_FROM
+            or any(x.shape != out.shape for x in inputs) or not usable([out], inputs)):
+        return None
+    with np.errstate(over="ignore", under="ignore"):
+        ws = np.array(weights, np.float32)
+    tiny = np.finfo(np.float32).tiny
+    if not np.isfinite(ws).all() or any(w != 0 and abs(w) < tiny for w in weights):
+        return None
+    wide = out.dtype != torch.float32 or inputs[0].dtype != torch.float32
+    _run_elementwise(_elementwise("weighted_fused" if fused else "weighted", _streams(out)), out, inputs, ws, wide=wide)
+    return True
+
+
+@functools.cache
+def torch_fuses_alpha() -> bool | None:
+    """Whether this torch build computes ``x.add_(y, alpha=w)`` on float32 as one fused multiply-add
+    (True) or rounds ``w * y`` first (False), the same in its vectorised loops and their tails; None
+    when it mixes them. (Builds differ: the result of a weighted sum depends on it.)"""
+    w = float(np.float32(1 / 3))  # w * 3 rounds to 1 in float32, so the unfused sum is 0
+    probe = torch.full((1031,), -1.0)  # a vectorised body and a scalar tail
+    probe.add_(torch.full((1031,), 3.0), alpha=w)
+    fused_value = float(np.float32(np.float64(np.float32(w)) * 3.0 - 1.0))
+    if bool((probe == fused_value).all()):
+        return True
+    return False if bool((probe == 0.0).all()) else None
+
+
+_ONE = np.ones(1, np.float32)
 
 # 1M float32 entries: torch 27-42 GB/s on two threads, one pass of ours on one thread 22-23 GB/s.
 ELEMENTWISE_FROM = 2 * _parallel.MIN_SHARE

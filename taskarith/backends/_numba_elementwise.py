@@ -11,9 +11,9 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from ._numba_kernels import _load, _put, _running_sum
+from ._numba_kernels import _UNROLLED, _load, _put, _running_sum, _unrolled
 
 _STREAM_BLOCK = 4096  # entries computed into a cache-resident block, then streamed out
 _LINE = 64  # bytes of one streaming store (a cache line)
@@ -67,18 +67,56 @@ def _elementwise_span(out, to, xs, at, n, s, code, like):
     for j in range(n):
         source = np.uint64(at + j)
         if code == _SCALE:
-            value = _load(xs[0], source) * s
+            value = _load(xs[0], source) * s[0]
         elif code == _QUOTIENT:
-            value = _load(xs[0], source) / s
+            value = _load(xs[0], source) / s[0]
         elif code == _DIFFERENCE:
             value = _load(xs[0], source) - _load(xs[-1], source)
+        elif code == _WEIGHTED_FUSED:
+            value = _weighted_fused(xs, s, source)
+        elif code == _WEIGHTED:
+            value = _weighted(xs, s, source)
         else:
             value = _running_sum(like, xs, source)
         _put(out, np.uint64(to + j), value)
 
 
-_SUM, _SCALE, _QUOTIENT, _DIFFERENCE = 0, 1, 2, 3
-_OPS = {"sum": _SUM, "scale": _SCALE, "quotient": _QUOTIENT, "difference": _DIFFERENCE}
+_SUM, _SCALE, _QUOTIENT, _DIFFERENCE, _WEIGHTED, _WEIGHTED_FUSED = range(6)
+_OPS = {"sum": _SUM, "scale": _SCALE, "quotient": _QUOTIENT, "difference": _DIFFERENCE, "weighted": _WEIGHTED,
+        "weighted_fused": _WEIGHTED_FUSED}
+
+
+@intrinsic
+def _fused_multiply_add(typingctx, a, b, c):
+    """``a * b + c`` in float32 with one rounding (LLVM's fma)."""
+    def codegen(context, builder, signature, args):
+        single = ir.FloatType()
+        function = builder.module.declare_intrinsic("llvm.fma", [single], ir.FunctionType(single, [single] * 3))
+        return builder.call(function, args)
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+def _weighted(xs, ws, at):
+    """``x0 * w0``, then ``+ w_i * x_i`` for each further input (the product rounded, then the sum)."""
+
+
+def _weighted_fused(xs, ws, at):
+    """As :func:`_weighted`, each ``+ w_i * x_i`` a fused multiply-add (one rounding)."""
+
+
+def _weighted_source(fused: bool):
+    def impl(xs, ws, at):
+        lines = ["value = _load(xs[0], at) * ws[0]"]
+        for i in range(1, len(xs)):
+            step = (f"_fused_multiply_add(ws[{i}], _load(xs[{i}], at), value)" if fused
+                    else f"value + ws[{i}] * _load(xs[{i}], at)")
+            lines.append(f"value = {step}")
+        return _unrolled("xs, ws, at", lines, "value", globals())
+    return impl
+
+
+overload(_weighted, **_UNROLLED)(_weighted_source(False))
+overload(_weighted_fused, **_UNROLLED)(_weighted_source(True))
 
 
 @functools.cache
@@ -93,7 +131,13 @@ def elementwise(op: str, stream: bool):
       makes ``len(xs) - 1`` (``s`` unused);
     - ``op="scale"``: ``x0 * s`` with float32 ``s``, as ``torch.mul`` by a Python scalar;
     - ``op="quotient"``: ``x0 / s``, as ``torch.div`` of float32 entries by a Python scalar;
-    - ``op="difference"``: ``x0 - x1``, as ``torch.sub``.
+    - ``op="difference"``: ``x0 - x1``, as ``torch.sub``;
+    - ``op="weighted"`` / ``"weighted_fused"``: ``x0 * w0``, then ``+ w_i * x_i`` per further input,
+      with weights ``s`` (float32), as ``torch.mul`` then ``Tensor.add_(x, alpha=w)`` compute it on a
+      torch build that rounds the product first / fuses it (``op="sum"`` rounds to ``like``, these
+      stay in float32 until ``out``).
+
+    ``s`` is a float32 array: the factor (``s[0]``) or the weights.
 
     With ``stream``, entries up to the first cache-line boundary are written plainly, then each
     block of results is computed in cache and written out with non-temporal stores

@@ -104,12 +104,13 @@ def _rounded_impl(like, value):
     return lambda like, value: value
 
 
-def _unrolled(parameters: str, lines: list[str], result: str):
+def _unrolled(parameters: str, lines: list[str], result: str, scope: dict | None = None):
     """The function ``def unrolled(parameters): lines; return result`` (Python source): the body of
-    an overload below, whose lines repeat one step per input of a tuple, with constant indices."""
+    an overload, whose lines repeat one step per input of a tuple, with constant indices; the names
+    it uses are those of ``scope`` (default: this module's globals)."""
     source = f"def unrolled({parameters}):\n" + "".join(f"    {line}\n" for line in lines) + f"    return {result}\n"
     namespace: dict = {}
-    exec(source, globals(), namespace)  # noqa: S102  (our own source; the module's helpers are its globals)
+    exec(source, globals() if scope is None else scope, namespace)  # noqa: S102  (our own source)
     return namespace["unrolled"]
 
 

@@ -56,6 +56,8 @@ def weighted_sum(vectors: list[TaskVector], coefficients: list[float]) -> TaskVe
             continue
         if all(c == 1.0 for c in coefficients) and _numba.wide_sum(dst, srcs):  # the same bits in one pass
             continue
+        if _numba.weighted_sum(dst, srcs, coefficients):  # likewise, weighted
+            continue
         scratch = torch.empty(len(srcs) + 1, min(_BLOCK, dst.numel()), dtype=torch.float32)
         for start in range(0, dst.numel(), _BLOCK):
             stop = min(start + _BLOCK, dst.numel())
