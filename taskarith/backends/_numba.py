@@ -1,25 +1,16 @@
 """Compiled CPU kernels through Numba (a dependency of taskarith; the torch path serves where it is missing).
 
-TIES written with torch kernels, even blocked to stay in cache
-(:mod:`taskarith.backends._fused`), runs a dozen kernels per block, and on the CPU each
-costs its dispatch: merging 3 x 100M float32 entries took ~0.67 s on the
-2-core VM of ``benchmarks/``. The same steps as one compiled loop over the
-entries ran in ~0.08 s. Likewise a file merge forms each bfloat16 delta and
-checks its float32 round trip in one pass, and sums the deltas of an
-unweighted task arithmetic in one pass, where torch needs several; an
-unweighted ``TaskVector.sum`` is one pass too. Every kernel takes any number of
-inputs up to :data:`MAX_INPUTS`, at about the same cost per input.
-``torch.compile`` generated a comparable TIES loop, but needs a C++ toolchain at
-run time and took ~20 s to compile in a fresh process; Numba brings its own
-compiler and caches what it compiles (a later process makes its first kernel call,
-Numba's import included, in ~0.3-0.4 s).
+Each kernel does in one loop over memory what the torch path does in several passes (TIES' trim,
+election and mean; a bfloat16 delta and its round-trip check; sums, weighted or not; reductions in
+float64), for any number of inputs up to :data:`MAX_INPUTS`. Numba brings its own compiler and caches
+what it compiles on disk (``torch.compile`` needs a C++ toolchain at run time). The measurements
+behind these choices are in docs/design.md.
 
-The kernels compute exactly what the torch path computes, operation for
-operation and in the same order, so results never depend on which path ran;
-the tests compare both bit for bit. Without Numba, or with
-``TASKARITH_BACKEND=torch`` (or ``triton``) in the environment, or for tensors these kernels do not
-take (not on the CPU, not contiguous, float16/float64, inputs of mixed dtypes),
-callers use their torch path.
+The kernels compute exactly what the torch path computes, operation for operation and in the same
+order, so results never depend on which path ran; the tests compare both bit for bit. Every entry
+point here returns None (nothing written) where its kernel does not take the tensors: without
+Numba, under ``TASKARITH_BACKEND=torch`` (or ``triton``), off the CPU, not contiguous,
+float16/float64, inputs of mixed dtypes. Callers then use their torch path.
 """
 
 from __future__ import annotations
@@ -38,11 +29,8 @@ from . import _switch
 # Inputs of one of these dtypes (all alike), outputs of one of these too.
 DTYPES = (torch.float32, torch.bfloat16)
 
-# Inputs of one kernel call. Each count compiles a kernel of its own (once per count and dtypes,
-# cached on disk), its per-input steps written out input by input, so compiling grows with the
-# count: TIES took ~1.2 s at 3 inputs, ~1.7 s at 16, ~8 s at 64 on the 2-core VM of
-# ``benchmarks/``. Per entry and input it ran at 0.25-0.28 ns up to 17 inputs and 0.57-0.65 ns at
-# 32-64 (the inputs' values outgrow the vector registers). Above this, callers use torch.
+# Inputs of one kernel call. Each count compiles (and caches) a kernel of its own, its steps written
+# out input by input, so compile time grows with the count; above this, callers use torch.
 MAX_INPUTS = 64
 
 
