@@ -15,6 +15,7 @@ Passing ``dtype`` stores every delta in that dtype on purpose, with no fallback.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator, Mapping
 
@@ -215,6 +216,29 @@ def tied_groups(state: Mapping[str, torch.Tensor], names: list[str]) -> dict[str
     return aliases
 
 
+_NUMPY_SAMPLED = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def _cpu_sample(t: torch.Tensor) -> np.ndarray | None:
+    """The sampled values of a contiguous CPU tensor as float64, gathered by numpy (a torch index per
+    tensor cost several times more on models of thousands of tensors); None for other tensors."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.requires_grad:
+        return None
+    positions = _sample_positions_array(t.numel())
+    if t.dtype == torch.bfloat16:  # bfloat16 bits are the high half of a float32's: exact
+        bits = t.view(torch.int16).numpy().reshape(-1)[positions].astype(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
+    if t.dtype not in _NUMPY_SAMPLED:
+        return None
+    return t.numpy().reshape(-1)[positions].astype(np.float64)
+
+
+@functools.lru_cache(maxsize=4096)  # models repeat a few sizes across thousands of tensors
+def _sample_positions_array(n: int) -> np.ndarray:
+    return _sample_positions(n).numpy()
+
+
+@functools.lru_cache(maxsize=4096)
 def _sample_positions(n: int) -> torch.Tensor:
     """16 evenly spread positions in ``range(n)`` (all of them when fewer).
 
@@ -235,30 +259,33 @@ def fingerprint(state: Mapping[str, torch.Tensor], names: list[str]) -> str:
     in the sampled values.
     """
     names = sorted(names)
-    samples = []
-    for name in names:
-        flat = state[name].detach().reshape(-1)
-        if flat.numel():
-            samples.append(flat[_sample_positions(flat.numel()).to(flat.device)].double())
-    # One transfer for all samples: a copy to the host per tensor would synchronise a GPU each time.
-    by_device: dict[torch.device, list[int]] = {}
-    for i, sample in enumerate(samples):
-        by_device.setdefault(sample.device, []).append(i)
-    host: list[np.ndarray | None] = [None] * len(samples)
-    for indices in by_device.values():
-        joined = torch.cat([samples[i] for i in indices]).cpu().numpy()
-        start = 0
-        for i in indices:
-            host[i] = joined[start:start + samples[i].numel()]
-            start += samples[i].numel()
-    h = hashlib.sha256()
-    sampled = iter(host)
+    host: dict[str, np.ndarray] = {}
+    elsewhere: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name in names:
         t = state[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(next(sampled).tobytes())
-    return "sha256:" + h.hexdigest()[:32]
+        if not t.numel():
+            continue
+        sample = _cpu_sample(t)
+        if sample is None:
+            flat = t.detach().reshape(-1)
+            sample = flat[_sample_positions(flat.numel()).to(flat.device)].double()
+            elsewhere.setdefault(sample.device, []).append((name, sample))
+        else:
+            host[name] = sample
+    # One transfer per device for all samples: a copy to the host per tensor would synchronise a GPU each time.
+    for pairs in elsewhere.values():
+        joined = torch.cat([sample for _, sample in pairs]).cpu().numpy()
+        start = 0
+        for name, sample in pairs:
+            host[name] = joined[start:start + sample.numel()]
+            start += sample.numel()
+    parts = []  # hashed in one call: the same digest as one update per part
+    for name in names:
+        t = state[name]
+        parts.append(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if name in host:
+            parts.append(host[name].tobytes())
+    return "sha256:" + hashlib.sha256(b"".join(parts)).hexdigest()[:32]
 
 
 def extract(

@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -32,9 +32,11 @@ from .errors import TaskArithError
 __all__ = ["Layout", "Slot", "allocate", "cache_info", "empty_cache", "release"]
 
 
-@dataclass(frozen=True)
-class Slot:
-    """Where one tensor lives: ``buffers[dtype][offset:offset + numel].view(shape)``."""
+class Slot(NamedTuple):
+    """Where one tensor lives: ``buffers[dtype][offset:offset + numel].view(shape)``.
+
+    A named tuple, not a dataclass: layouts of tens of thousands of tensors build them by the
+    thousand, and a frozen dataclass's constructor cost several times more."""
 
     dtype: torch.dtype
     offset: int

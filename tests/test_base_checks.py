@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import taskarith as ta
-from taskarith import cli
+from taskarith import _extract, cli
 
 
 @pytest.fixture
@@ -58,3 +60,17 @@ def test_merged_vector_files_keep_the_common_fingerprint(setup):
     ta.TaskVector({"w": torch.ones(8, 4), "b": torch.ones(4)}).save(root / "plain.safetensors")
     out = ta.merge_files(None, [vectors[0], root / "plain.safetensors"], root / "mixed.safetensors", "mean")
     assert ta.load(out).base_fingerprint is None
+
+
+def test_fingerprints_sampled_by_numpy_equal_those_sampled_by_torch():
+    """The fingerprint's fast CPU sampling hashes the same bytes as the torch indexing it replaces
+    (so vectors saved before keep matching their base): every float dtype, odd sizes, an empty and a
+    non-contiguous tensor."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [(5, torch.float32), (100, torch.bfloat16), (1 << 20, torch.float16), (17, torch.float64),
+             (0, torch.float32), (3001, torch.bfloat16), ((1 << 24) + 3, torch.bfloat16)]
+    state = {f"t{i}": torch.randn(n, generator=g).to(dt) for i, (n, dt) in enumerate(sizes)}
+    state["transposed"] = torch.randn(30, 40, generator=g).t()
+    fast = _extract.fingerprint(state, list(state))
+    with mock.patch.object(_extract, "_cpu_sample", lambda t: None):
+        assert _extract.fingerprint(state, list(state)) == fast
