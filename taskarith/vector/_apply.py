@@ -114,7 +114,7 @@ class Applying:
         and ``alpha`` is 1 (torch's own rounding of other factors differs between its kernels): one
         compiled pass per buffer adds the deltas to all the bases at once, rounding once. None where
         it does not apply (nothing is written then)."""
-        if alpha != 1.0 or self._layout.aliases or len(state) != len(self._layout.slots):
+        if alpha != 1.0 or self._device.type != "cpu" or self._layout.aliases or len(state) != len(self._layout.slots):
             return None
         plans = {dtype: self._layout.split_plan(dtype) for dtype in self._buffers}
         if any(plan is None for plan in plans.values()):
