@@ -99,11 +99,18 @@ def _chunked(a: torch.Tensor, b: torch.Tensor, *, gram: bool) -> np.ndarray | No
 
     chunks = -(-a.numel() // _numba_reduce.CHUNK)
     partials = np.zeros((3, chunks) if gram else chunks, np.float64)
-    kernel = _numba_reduce.gram_chunks if gram else _numba_reduce.square_chunks if a is b else _numba_reduce.dot_chunks
     xa, xb = _array(a), _array(b)
     size = _numba_reduce.CHUNK
-    # Threads share out whole chunks: chunk c goes to the share holding its first entry.
-    _parallel.run([chunks * size], lambda job, lo, hi: kernel(xa, xb, partials, -(-lo // size), -(-hi // size)))
+
+    def share(job: int, lo: int, hi: int) -> None:
+        # Threads share out whole chunks: chunk c goes to the share holding its first entry.
+        first, last = -(-lo // size), -(-hi // size)
+        if gram:
+            _numba_reduce.gram_chunks(xa, xb, partials, first, last)
+        else:
+            _numba_reduce.dot_chunks(xa, xb, partials, first, last, a is b)
+
+    _parallel.run([chunks * size], share)
     return partials
 
 

@@ -76,31 +76,19 @@ _gram_lanes = _lane_sums([(0, 0), (1, 1), (0, 1)])
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def dot_chunks(a, b, partials, first, last):
-    """``partials[c]`` = the float64 sum of ``a·b`` over chunk ``c``, for chunks ``[first, last)``."""
+def dot_chunks(a, b, partials, first, last, square):
+    """``partials[c]`` = the float64 sum of ``a·b`` over chunk ``c``, for chunks ``[first, last)``;
+    with ``square``, of ``a·a`` (``b`` unused), reading ``a`` once: the compiler cannot tell that two
+    arrays are one, and would load and widen it twice."""
     n = a.size
     for c in range(first, last):
         lo = c * CHUNK
         hi = min(lo + CHUNK, n)
         blocks = (hi - lo) // LANES
-        total = _dot_lanes(a, b, lo, blocks)
-        for j in range(lo + blocks * LANES, hi):
-            total += np.float64(_load(a, np.uint64(j))) * np.float64(_load(b, np.uint64(j)))
-        partials[c] = total
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def square_chunks(a, b, partials, first, last):
-    """:func:`dot_chunks` of ``a`` with itself (``b`` unused), reading ``a`` once."""
-    n = a.size
-    for c in range(first, last):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
-        blocks = (hi - lo) // LANES
-        total = _square_lanes(a, b, lo, blocks)
+        total = _square_lanes(a, b, lo, blocks) if square else _dot_lanes(a, b, lo, blocks)
         for j in range(lo + blocks * LANES, hi):
             x = np.float64(_load(a, np.uint64(j)))
-            total += x * x
+            total += x * (x if square else np.float64(_load(b, np.uint64(j))))
         partials[c] = total
 
 
