@@ -123,6 +123,19 @@ class Document:
                 self.problem(path + (key,), f"unknown key {show(key)}; valid keys: {', '.join(allowed)}")
         return value
 
+    def located(self, path: tuple, value: str, probe, *, noun: str, **options) -> tuple[Path, object] | None:
+        """``(where, probe(where))`` for the path or Hub id ``value`` (:func:`locate` with ``options``),
+        or None after recording why it cannot be used: a Hub id neither cached nor downloaded, or text
+        no path can be (a NUL byte, an unknown ``~user``, a name too long)."""
+        try:
+            where = locate(value, **options)
+            return where, probe(where)
+        except TaskArithError as err:
+            self.problem(path, str(err))
+        except (OSError, ValueError, RuntimeError) as err:
+            self.problem(path, f"cannot use {noun} {show(value)}: {getattr(err, 'strerror', None) or err}")
+        return None
+
     def checkpoint(self, path: tuple, value, *, vector: bool = False) -> Path | None:
         if not isinstance(value, str) or not value:
             self.problem(path, f"expected a path (text), got {got(value)}")
@@ -130,16 +143,11 @@ class Document:
         if not vector and _hub.split_revision(value)[0] in self.outputs:
             return self.outputs[_hub.split_revision(value)[0]]  # an earlier document's merge, by its name
         shown = show(value)
-        try:  # relative paths are relative to the current directory, as in mergekit
-            p = locate(value, vector=vector)
-            exists, is_file = p.exists(), p.is_file()
-            is_model = is_file or (p / SINGLE_FILE).is_file() or (p / SHARD_INDEX).is_file()
-        except TaskArithError as err:  # a Hub id neither cached nor downloaded
-            self.problem(path, str(err))
+        # Relative paths are relative to the current directory, as in mergekit.
+        found = self.located(path, value, _model_probe, noun="the path", vector=vector)
+        if found is None:
             return None
-        except (OSError, ValueError, RuntimeError) as err:  # a NUL byte, an unknown ~user, a name too long
-            self.problem(path, f"cannot use the path {shown}: {getattr(err, 'strerror', None) or err}")
-            return None
+        p, (exists, is_file, is_model) = found
         if not exists:
             self.problem(path, f"no such file {shown}")
             return None
@@ -170,6 +178,12 @@ class Document:
         except TaskArithError as err:
             self.problem(options_path, str(err))
             return options
+
+
+def _model_probe(p: Path) -> tuple[bool, bool, bool]:
+    """Whether ``p`` exists, is a file, and is a file or a model folder (one file or a shard index)."""
+    is_file = p.is_file()
+    return p.exists(), is_file, is_file or (p / SINGLE_FILE).is_file() or (p / SHARD_INDEX).is_file()
 
 
 def locate(value: str, *, vector: bool = False, what: str = "model") -> Path:

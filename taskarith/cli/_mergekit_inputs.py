@@ -19,7 +19,7 @@ import torch
 from ..errors import TaskArithError
 from ..io import open_checkpoint
 from ..lora import _merge_terms
-from ._document import Document, exists, got, locate, show
+from ._document import Document, exists, got, show
 
 __all__ = ["LoraView", "folder_of", "open_checkpoint", "reference", "same"]
 
@@ -76,19 +76,13 @@ def _text(doc: Document, where: tuple, value) -> str | None:
 
 def _adapter(doc: Document, where: tuple, text: str) -> Path | None:
     """The folder of a LoRA adapter: local, or a Hub id from the cache (downloaded unless offline)."""
-    shown = show(text)
-    try:
-        folder = locate(text, what="adapter")
-        found = (folder / _ADAPTER_CONFIG).is_file()
-    except TaskArithError as err:
-        doc.problem(where, str(err))
+    found = doc.located(where, text, lambda p: (p / _ADAPTER_CONFIG).is_file(), noun="the adapter path", what="adapter")
+    if found is None:
         return None
-    except (OSError, ValueError, RuntimeError) as err:  # a NUL byte, an unknown ~user, a name too long
-        doc.problem(where, f"cannot use the adapter path {shown}: {getattr(err, 'strerror', None) or err}")
-        return None
-    if not found:
+    folder, is_adapter = found
+    if not is_adapter:
         what = "no such adapter folder" if not folder.exists() else "not a PEFT adapter folder (no adapter_config.json)"
-        doc.problem(where, f"{what}: {shown}")
+        doc.problem(where, f"{what}: {show(text)}")
         return None
     return folder
 
