@@ -6,6 +6,7 @@ All of them are hints about memory or I/O: none changes a result.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
@@ -50,21 +51,24 @@ def advise_huge_pages(address: int, nbytes: int) -> None:
     """Ask the kernel to back the whole 2 MiB pages inside ``[address, address + nbytes)`` with huge
     pages (where transparent huge pages are enabled on request): one page fault per 2 MiB instead of
     per 4 KiB when the memory is first written. Call it before the memory is touched."""
-    function = getattr(_libc, "madvise", None) if _libc is not None else None
+    function = _function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
     start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
     stop = (address + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if function is None or stop <= start:
-        return
-    if function.argtypes is None:
-        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function(start, stop - start, _MADV_HUGEPAGE)  # a refusal only loses the hint
+    if function is not None and stop > start:
+        function(start, stop - start, _MADV_HUGEPAGE)  # a refusal only loses the hint
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start writing ``nbytes`` at ``offset`` of a file back to disk without waiting for it."""
-    function = getattr(_libc, "sync_file_range", None) if _libc is not None else None
-    if function is None or nbytes <= 0:
-        return
-    if function.argtypes is None:
-        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a failure (e.g. a pipe) only loses the hint
+    function = _function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
+    if function is not None and nbytes > 0:
+        function(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a failure (e.g. a pipe) only loses the hint
+
+
+@functools.cache
+def _function(name: str, argtypes: tuple):
+    """glibc's function ``name`` with its argument types set, or None where it is unavailable."""
+    function = getattr(_libc, name, None) if _libc is not None else None
+    if function is not None:
+        function.argtypes = list(argtypes)
+    return function

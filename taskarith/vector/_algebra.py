@@ -284,8 +284,9 @@ def sum_into(dst: torch.Tensor, srcs: Sequence[torch.Tensor], weights: Sequence[
         for src in srcs[_numba.MAX_INPUTS:]:
             dst.add_(src)
         return
-    # A weighted float32 sum in one pass, where the kernel can round as this torch build does.
-    if dst.dtype == torch.float32 and not subnormal and len(srcs) > 1 and _numba.weighted_sum(dst, srcs, weights):
+    # A weighted float32 sum in one pass, where the kernel can round as this torch build does (it
+    # leaves subnormal weights to the path below).
+    if dst.dtype == torch.float32 and _numba.weighted_sum(dst, srcs, weights):
         return
     # Whole-buffer kernels: per-block thread start-up outweighs the memory traffic blocking saves.
     if len(srcs) > 1 and _is_one(weights[0]) and not subnormal:
