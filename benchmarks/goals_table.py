@@ -19,14 +19,7 @@ def render(report: dict) -> str:
     """Each cell: the ratio to the run's best probe (the goal's), then in parentheses the ratio to the
     probe timed in alternation with the op (``paired_ratio``), where the file has it."""
     rows = report.get("vector_ops", [])
-    blocks = list(dict.fromkeys((r["shapes"], r["dtype"]) for r in rows))
-    ops = list(dict.fromkeys(r["op"] for r in rows))
-    by_cell = {(r["op"], r["shapes"], r["dtype"]): r for r in rows}
-    lines = ["| op | " + " | ".join(f"{SHAPES.get(s, s)} {d}" for s, d in blocks) + " |",
-             "| --- |" + " ---: |" * len(blocks)]
-    for op in ops:
-        cells = [_cell(by_cell.get((op, s, d))) for s, d in blocks]
-        lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
+    lines = [_grid("op", rows, lambda key, row: _cell(row))]
     goals = report.get("goals", [])
     others = [g for g in goals if g["group"] != "vector_ops"]
     if others:
@@ -35,6 +28,19 @@ def render(report: dict) -> str:
                   f"{'met' if g['passed'] else 'not met'})" for g in others]
     lines.append("")
     lines.append(f"{sum(g['passed'] for g in goals)} of {len(goals)} goals met.")
+    return "\n".join(lines)
+
+
+def _grid(corner: str, rows: list[dict], cell) -> str:
+    """A table of ``rows`` (result rows of goal 1): an op per line, a shapes-and-dtype block per column,
+    ``cell(key, row)`` in each (``row`` None where the file has none)."""
+    blocks = list(dict.fromkeys((r["shapes"], r["dtype"]) for r in rows))
+    by_cell = {(r["op"], r["shapes"], r["dtype"]): r for r in rows}
+    lines = [f"| {corner} | " + " | ".join(f"{SHAPES.get(s, s)} {d}" for s, d in blocks) + " |",
+             "| --- |" + " ---: |" * len(blocks)]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        cells = [cell((op, s, d), by_cell.get((op, s, d))) for s, d in blocks]
+        lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -49,15 +55,8 @@ def compare(before: dict, after: dict) -> str:
     """Goal 1's absolute GB/s of two result files, op by op: what changed, whatever the probes did."""
     old = {(r["op"], r["shapes"], r["dtype"]): r["gbps"] for r in before.get("vector_ops", [])}
     rows = [r for r in after.get("vector_ops", []) if (r["op"], r["shapes"], r["dtype"]) in old]
-    blocks = list(dict.fromkeys((r["shapes"], r["dtype"]) for r in rows))
-    by_cell = {(r["op"], r["shapes"], r["dtype"]): r["gbps"] for r in rows}
-    lines = ["| op (GB/s, before → after) | " + " | ".join(f"{SHAPES.get(s, s)} {d}" for s, d in blocks) + " |",
-             "| --- |" + " ---: |" * len(blocks)]
-    for op in dict.fromkeys(r["op"] for r in rows):
-        cells = [f"{old[(op, s, d)]:.1f} → {by_cell[(op, s, d)]:.1f}" if (op, s, d) in by_cell else "—"
-                 for s, d in blocks]
-        lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _grid("op (GB/s, before → after)", rows,
+                 lambda key, row: "—" if row is None else f"{old[key]:.1f} → {row['gbps']:.1f}")
 
 
 def main(argv: list[str]) -> int:
