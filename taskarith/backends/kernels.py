@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from ..errors import NonFiniteError, TaskArithError
+from . import _numba
 
-__all__ = ["kth_largest", "topk_mask"]
+__all__ = ["has_nan", "kth_largest", "topk_mask"]
 
 _NUMPY_SELECT = (torch.float16, torch.float32, torch.float64)
 _INF_BITS = {np.dtype(kind): int(np.array(np.inf, dtype=kind).view(f"i{np.dtype(kind).itemsize}"))
@@ -61,8 +62,7 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    # One reduction usually settles it: the sum is NaN only with a NaN (or +inf and -inf) present.
-    if math.isnan(float(flat.sum())) and bool(torch.isnan(flat).any()):
+    if has_nan(flat):
         raise NonFiniteError(_NAN)
     threshold, excess = _select(flat, k)
     threshold = threshold.to(flat.device)
@@ -71,6 +71,21 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         ties = torch.nonzero(flat == threshold).squeeze(1)
         mask[ties[ties.numel() - excess:]] = False
     return mask.view(scores.shape)
+
+
+def has_nan(values: torch.Tensor) -> bool:
+    """Whether ``values`` holds a NaN: a compiled scan of the bits where one takes the tensor, else one
+    reduction (``amax`` propagates NaN; ``isnan().any()`` would write a mask first).
+
+    Example:
+        >>> import torch
+        >>> has_nan(torch.tensor([1.0, float("inf")])), has_nan(torch.tensor([float("nan")]))
+        (False, True)
+    """
+    if not values.numel():
+        return False
+    compiled = _numba.has_nan(values.view(-1)) if values.is_contiguous() else None
+    return compiled if compiled is not None else math.isnan(float(values.amax()))
 
 
 _BITS = {torch.float16: np.int16, torch.float32: np.int32, torch.float64: np.int64}

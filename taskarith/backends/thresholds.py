@@ -24,6 +24,7 @@ from .kernels import (
     _sampled_magnitudes,
     _select,
     _select_magnitude_array,
+    has_nan,
 )
 
 __all__ = ["bracket_select", "check_no_nan", "row_thresholds", "segment_thresholds", "select_magnitudes",
@@ -349,7 +350,7 @@ def row_thresholds(rows: torch.Tensor, k: int) -> list[tuple[float, int]]:
 
 def check_no_nan(values: torch.Tensor) -> None:
     """Raise if ``values`` holds a NaN (one fast reduction; the exact scan only when it is NaN)."""
-    if math.isnan(float(values.sum())) and bool(torch.isnan(values).any()):
+    if has_nan(values):
         raise NonFiniteError(_NAN)
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from .. import _extract
-from ..backends import _numba
+from ..backends.kernels import has_nan
 from ..errors import NonFiniteError, TaskArithError, raise_if_any
 from ..vector import TaskVector, _checked_scalar
 from ._spec import Method
@@ -65,15 +64,7 @@ def raise_nan(found: Sequence[tuple[int, str]], method: str) -> None:
 
 
 def any_nan(tensors) -> bool:
-    return any(t.numel() and _has_nan(t) for t in tensors)
-
-
-def _has_nan(t: torch.Tensor) -> bool:
-    compiled = _numba.has_nan(t.view(-1)) if t.is_contiguous() else None
-    if compiled is not None:
-        return compiled
-    # amax propagates NaN: one read-only pass, no temporary (isnan().any() writes a mask).
-    return math.isnan(float(t.amax()))
+    return any(has_nan(t) for t in tensors)
 
 
 def compute_dtype(v: TaskVector) -> torch.dtype | None:
