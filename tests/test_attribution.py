@@ -374,9 +374,10 @@ def random_scores(draw, vs):
 
 
 def ties_reference(vs, density, scope):
-    """TIES written out plainly: trim to floor(density*n) by |τ| (ties to the lowest index),
-    elect the sign of the sum (ties to +), average the values that agree with it."""
-    names = list(vs[0]._layout.slots)
+    """TIES written out plainly: trim to floor(density*n) by |τ| (ties to the lowest index, the
+    tensors in sorted name order), elect the sign of the sum (ties to +), average the values that
+    agree with it."""
+    names = sorted(vs[0]._layout.slots)
 
     def trim(v):
         if scope == "tensor":

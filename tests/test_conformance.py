@@ -155,10 +155,9 @@ def models(tmp_path_factory):
     for i, state in enumerate(tuned):
         paths.append(root / f"ft{i}.safetensors")
         save_file(state, paths[-1])
-    # As a user's would be: read back from the files, so that in memory the tensors come in the files'
-    # order (global-scope trims break ties at the threshold in that order).
-    base = ta.io.load_state_dict(root / "base.safetensors")
-    vectors = [ta.TaskVector.from_models(base, ta.io.load_state_dict(p)) for p in paths]
+    # In memory the tensors keep SHAPES' order; the files hold them sorted by name (safetensors'
+    # order): a global trim, statistic or plan must not depend on either.
+    vectors = [ta.TaskVector.from_models(base, state) for state in tuned]
     vector_paths = []
     for i, v in enumerate(vectors):
         vector_paths.append(root / f"tv{i}.safetensors")

@@ -52,20 +52,22 @@ def test_magnitude_prune_by_hand():
 
 
 def test_ties_by_hand_with_sum_and_count_election():
-    # density 0.6 global over 5 entries -> keep 3 per vector
-    # A: -2, 1, 0.5      B: -4, 3, 1      C: -1(idx0), -1(idx1), 2  (tie at 1 between idx0,1,3 -> lowest indices)
-    # ... C's magnitudes: w=[1,1,2,1], b=0.5 -> top 3: 2, then ties at 1 -> idx0, idx1
+    # density 0.6 global over 5 entries -> keep 3 per vector; ties at the threshold go to the
+    # tensors first in name order ("b" before "w"), then to the lowest indices
+    # A: w -2, 1, 0.5                 (b = 0.25 trimmed)
+    # B: w -4, 3, and b = -1          (w[1] = 1 ties with b and loses: "b" comes first)
+    # C: w 2, -1(idx0), -1(idx1)      (ties at 1: w idx0, 1, 3 -> lowest indices; b = 0.5 trimmed)
     out = ta.merge([A, B, C], "ties", density=0.6, scope="global", sign="sum")
     # entry0: A 1, B 3, C -1 -> sum 3 (+) -> mean(1, 3) = 2
-    # entry1: A -2, B 1, C -1 -> sum -2 (-) -> mean(-2, -1) = -1.5
+    # entry1: A -2, B 0, C -1 -> - -> mean(-2, -1) = -1.5
     # entry2: A 0.5, B 0, C 2 -> + -> 1.25
-    # entry3: A 0, B -4, C 0 -> - -> -4 ; b: all trimmed -> 0
-    assert out["w"].tolist() == [2.0, -1.5, 1.25, -4.0] and out["b"].tolist() == [0.0]
+    # entry3: A 0, B -4, C 0 -> - -> -4 ; b: B alone -> -1
+    assert out["w"].tolist() == [2.0, -1.5, 1.25, -4.0] and out["b"].tolist() == [-1.0]
     counted = ta.merge([A, B, C], "ties", density=0.6, scope="global", sign="count")
     # entry0: +,+,- -> + ; entry1: -,+,- -> - ; same as above here
     assert counted["w"].tolist() == [2.0, -1.5, 1.25, -4.0]
     # a sign tie goes to +: entry1 of A and B alone: -2 and +1 with "count" -> tie -> + -> mean(1) = 1
-    pair = ta.merge([A, B], "ties", density=0.6, scope="global", sign="count")
+    pair = ta.merge([A, B], "ties", density=1.0, scope="global", sign="count")
     assert pair["w"][1].item() == 1.0
 
 
@@ -372,6 +374,28 @@ def test_trim_keeps_exactly_floor_density_n_entries(vs, density, scope):
     else:
         expected = sum(math.floor(density * v[n].numel()) for n in v._layout.slots)
     assert kept == expected, f"trim({scope}) kept {kept}, expected {expected}"
+
+
+@given(values=st.lists(st.integers(-3, 3), min_size=12, max_size=40), order=st.randoms(use_true_random=False),
+       density=st.floats(0.05, 0.95), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_global_trim_keeps_the_same_ties_whatever_the_order_of_the_tensors(values, order, density, dtype):
+    # Few distinct magnitudes: many ties at the threshold, which sorted names break the same way
+    # for a state dict in any order (a file's, a module's, a folder's shards).
+    cut = len(values) // 3
+    tensors = {"b.weight": values[:cut], "a.bias": values[cut:2 * cut], "c": values[2 * cut:]}
+    state = {n: torch.tensor(v, dtype=dtype) for n, v in tensors.items()}
+    names = list(state)
+    order.shuffle(names)
+    one = ta.merging.trim(ta.TaskVector(state), density, "global")
+    other = ta.merging.trim(ta.TaskVector({n: state[n] for n in names}), density, "global")
+    assert all(torch.equal(one[n], other[n]) for n in state)
+    # The kept ties are the first ones in sorted name order, then in each tensor's order.
+    flat = torch.cat([state[n].float() for n in sorted(state)])
+    k = math.floor(density * flat.numel())
+    keep = sorted(range(flat.numel()), key=lambda i: (-abs(float(flat[i])), i))[:k]
+    want = torch.zeros_like(flat)
+    want[keep] = flat[keep]
+    assert torch.equal(torch.cat([one[n].float() for n in sorted(state)]), want)
 
 
 # ---------------------------------------------------------- invariants

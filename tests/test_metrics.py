@@ -41,15 +41,16 @@ def test_cosine_matrix_zero_vector_row_is_zero():
 
 
 def test_sign_conflict_rate_by_hand():
-    a = tv(w=[1.0, -2.0, 0.0, 3.0], b=[1.0])
-    b = tv(w=[2.0, 1.0, 5.0, -0.1], b=[0.0])
-    c = tv(w=[0.0, -1.0, -1.0, 0.0], b=[-1.0])
-    # shared (>= 2 non-zero): w0 (a,b +,+), w1 (a -, b +, c -), w2 (b +, c -), w3 (a +, b -), b0 (a +, c -)
-    # conflicting: w1, w2, w3, b0 -> 4 of 5
+    a = tv(w=[1.0, -2.0, 0.0, 3.0], x=[1.0])
+    b = tv(w=[2.0, 1.0, 5.0, -0.1], x=[0.0])
+    c = tv(w=[0.0, -1.0, -1.0, 0.0], x=[-1.0])
+    # shared (>= 2 non-zero): w0 (a,b +,+), w1 (a -, b +, c -), w2 (b +, c -), w3 (a +, b -), x0 (a +, c -)
+    # conflicting: w1, w2, w3, x0 -> 4 of 5
     assert sign_conflict_rate([a, b, c]) == pytest.approx(4 / 5)
     assert sign_conflict_rate([a]) == 0.0
     assert sign_conflict_rate([a, a, a]) == 0.0
-    # density 0.4 over 5 entries keeps 2 per vector: a {w3, w1}, b {w2, w0}, c {w1, w2} (ties -> earliest)
+    # density 0.4 over 5 entries keeps 2 per vector: a {w3, w1}, b {w2, w0}, c {w1, w2} (ties at 1:
+    # w1, w2, x0 -> the first tensor by name, "w", then its earliest entries)
     # shared: w1 (a -, c -) and w2 (b +, c -) -> 1 conflict of 2
     assert sign_conflict_rate([a, b, c], density=0.4) == pytest.approx(1 / 2)
 

@@ -192,6 +192,30 @@ def test_ties_at_the_threshold_resolve_as_in_memory(tmp_path, scope, max_memory,
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+@pytest.mark.parametrize("max_memory", [200, 2000, "2GB"], ids=["streamed-select", "in-memory-select", "whole"])
+def test_global_ties_resolve_as_in_memory_whatever_order_the_files_hold(tmp_path, max_memory, monkeypatch):
+    # bfloat16 weights, deltas of a few steps of their grid: many equal magnitudes at the threshold.
+    # The state dicts list the tensors in one order, the sharded base folder in the reverse one,
+    # and safetensors writes the fine-tuned files sorted by name.
+    g = torch.Generator().manual_seed(5)
+    shapes = {"z.weight": (6, 5), "m.bias": (7,), "a.weight": (4, 6), "k": (3, 3)}
+    base = {n: torch.randn(s, generator=g).bfloat16() for n, s in shapes.items()}
+    tuned = [{n: (b.float() + 0.01 * torch.randint(-2, 3, b.shape, generator=g)).bfloat16() for n, b in base.items()}
+             for _ in range(3)]
+    ta.io.write_model(tmp_path / "base", list(base.items())[::-1], shard_bytes=100)
+    sources = []
+    for j, t in enumerate(tuned):
+        save_file(t, tmp_path / f"ft{j}.safetensors")
+        sources.append(tmp_path / f"ft{j}.safetensors")
+    monkeypatch.setattr(_select, "_COLLECT", 1)  # every radix pass
+    out = ta.merge_files(tmp_path / "base", sources, tmp_path / "m", "ties", density=0.3, scope="global",
+                         max_memory=max_memory)
+    got = ta.io.load_state_dict(out)
+    vectors = [ta.TaskVector.from_models(base, t) for t in tuned]
+    want = ta.merge(vectors, "ties", density=0.3, scope="global").apply_to(base)
+    assert all(torch.equal(got[n], want[n]) for n in base)
+
+
 @given(values=st.lists(st.floats(0, 1e6, allow_nan=False, width=32), min_size=1, max_size=200),
        fraction=st.floats(0.0, 1.0), pieces=st.integers(1, 5), collect=st.sampled_from([1, 7, 1 << 22]),
        wide=st.booleans())
@@ -202,11 +226,12 @@ def test_streaming_threshold_is_the_exact_kth_largest(values, fraction, pieces, 
     old = _select._COLLECT
     _select._COLLECT = collect
     try:
-        threshold, above = _select.stream_threshold(chunks, k, wide=wide)
+        threshold, above, tied = _select.stream_threshold(chunks, k, wide=wide)
     finally:
         _select._COLLECT = old
     assert threshold == kernels.kth_largest(data, k).item()
     assert above == int((data > threshold).sum())
+    assert tied == int((data == threshold).sum())
 
 
 def test_a_failed_merge_leaves_no_output_and_keeps_the_previous_one(checkpoints, tmp_path):

@@ -145,7 +145,7 @@ def _run_by_tensor(spec: Method, vectors: list[TaskVector], weights: list[float]
         return {name: _on_weights(spec, name, deltas_of(name), weights, options, base_of(name)) for name in names}
     stats = None
     if spec.plan is not None:
-        stats = spec.plan({n: tuple(vectors[0]._layout.slots[n].shape) for n in names},
+        stats = spec.plan({n: tuple(vectors[0]._layout.slots[n].shape) for n in sorted(names)},
                           lambda name: [v[name] for v in vectors], **options)
     if spec.statistic is not None:
         stats = statistic(spec, names, lambda name, lo, hi: [v[name].reshape(-1)[lo:hi] for v in vectors],
@@ -204,11 +204,12 @@ def _checked(spec: Method, block: Block, result: object) -> torch.Tensor:
 
 def statistic(spec: Method, names: Sequence[str], deltas: Callable, base: Callable, shape_of: Callable,
               weights: Sequence[float], options: Mapping) -> object:
-    """The method's statistic summed over fixed chunks of every tensor, in name order.
+    """The method's statistic summed over fixed chunks of every tensor, the tensors in sorted name
+    order: the same sum whatever order the inputs list them in (a state dict's, a file's).
 
     ``deltas(name, lo, hi)`` and ``base(name, lo, hi)`` give the flat entries ``[lo, hi)``."""
     acc = None
-    for name in names:
+    for name in sorted(names):
         shape = shape_of(name)
         for lo, hi in chunks(math.prod(shape)):
             block = Block(name, tuple(deltas(name, lo, hi)), tuple(weights), base(name, lo, hi), shape, lo,

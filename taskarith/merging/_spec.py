@@ -95,9 +95,11 @@ class Method:
       (options ``density`` and ``scope``: per tensor or over the whole vector), exactly, in
       memory or streamed from disk; ``fn`` sees trimmed deltas.
     * ``statistic``: ``statistic(block, **options) -> tensor`` over fixed chunks of every tensor,
-      summed in a fixed order into ``block.stats`` before any block is merged.
+      summed in a fixed order (the tensors in sorted name order) into ``block.stats`` before any
+      block is merged.
     * ``plan``: ``plan(shapes, deltas, **options) -> object``, computed once before any block from
-      the options, the tensors' shapes (name -> shape, in order) and, where it asks, ``deltas(name)``
+      the options, the tensors' shapes (name -> shape, in sorted name order, whatever order the
+      inputs hold them in) and, where it asks, ``deltas(name)``
       (every input's whole delta of that tensor), and handed to every block as ``block.stats`` (a
       selection decided over the whole model, for instance). Out of core, what it holds stays in
       memory for the whole merge.

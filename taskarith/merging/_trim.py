@@ -1,5 +1,7 @@
 """The one trim plan: keep exactly the ``floor(density·n)`` largest magnitudes, per tensor or over
-the whole vector, ties at the threshold broken by storage order.
+the whole vector. Ties at the threshold keep the earliest entries of a tensor (flat order) and,
+over the whole vector, those of the tensors first in sorted name order: the same entries however
+the inputs order their tensors (a state dict, a file, the shards of a folder).
 
 A plan is per tensor a ``hardshrink`` threshold and, where ties at the threshold must lose some
 entries, the index from which they are dropped (:class:`taskarith.backends._fused.Trimmed`). Out of core,
@@ -22,8 +24,8 @@ def trim(vector: TaskVector, density: float, scope: str) -> dict[str, torch.Tens
     """Keep exactly ``floor(density * n)`` largest-magnitude entries, zero the rest.
 
     ``n`` is each tensor's size (``scope="tensor"``) or the whole vector's
-    (``scope="global"``). Ties at the threshold keep the earliest entries in the
-    vector's storage order.
+    (``scope="global"``). Ties at the threshold keep the earliest entries of each
+    tensor, and over the whole vector those of the tensors first in sorted name order.
     """
     plan = trim_plan(vector, density, scope)
     return {name: plan.trimmed(name) for name in plan.tensors}
@@ -83,8 +85,8 @@ def trim_plans(vectors: list[TaskVector], density: float, scope: str) -> list[_f
 def _global_trim_plan(vector: TaskVector, density: float) -> _fused.Trimmed:
     names = list(vector._layout.slots)
     tensors = {n: vector[n] for n in names}
-    # Global scope: one selection over every entry, in the vector's name order (which is also the
-    # order streaming merges see), so ties at the threshold resolve identically in and out of core.
+    # Global scope: one selection over every entry, in storage order (the threshold does not depend
+    # on the order; only which ties are kept does, and that follows the sorted names below).
     wide = torch.float64 if torch.float64 in vector.dtypes else torch.float32
     if len(vector._buffers) == 1:  # storage order (the names' order for every packed vector)
         order = sorted(((n, s.offset) for n, s in vector._layout.slots.items()), key=lambda p: p[1])
@@ -116,8 +118,9 @@ def _global_trim_plan(vector: TaskVector, density: float) -> _fused.Trimmed:
     lambdas = {name: _fused.shrink_threshold(threshold, _compute_of(tensors[name].dtype)) for name in names}
     cuts = {}
     if excess and threshold != 0:  # more entries tie at the threshold than k allows: drop the last ones
-        part, index = thresholds.tie_cut([tensors[n].reshape(-1) for n, _ in order], threshold, excess)
-        for j, (name, _) in enumerate(order[part:], part):
+        by_name = sorted(names)
+        part, index = thresholds.tie_cut([tensors[n].reshape(-1) for n in by_name], threshold, excess)
+        for j, name in enumerate(by_name[part:], part):
             cuts[name] = (index if j == part else 0, _fused.floor_threshold(threshold, _compute_of(tensors[name].dtype)))
     return _fused.Trimmed(tensors, lambdas, cuts, source=vector)
 

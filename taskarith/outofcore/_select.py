@@ -1,8 +1,9 @@
 """Exact top-k thresholds of deltas too large to hold: streamed radix selection, and the trims they make.
 
 The out-of-core side of the one trim plan (:mod:`taskarith.merging._trim`): the same thresholds and
-the same tie-break (ties at the threshold kept in stream order, which is the files' order), found
-without holding the deltas.
+the same tie-break (ties at the threshold kept first in each tensor's flat order and, over the whole
+vector, in the tensors' sorted name order, whatever order the files hold them in), found without
+holding the deltas.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ _SELECT_BYTES = 96  # private bytes per entry while histogramming a block (delta
 
 def stream_threshold(
     chunks: Callable[[], Iterator[torch.Tensor]], k: int, collect: int | None = None, *, wide: bool = True
-) -> tuple[float, int]:
+) -> tuple[float, int, int]:
     """Exact k-th largest of the magnitudes produced by ``chunks()`` (re-iterable), by radix passes.
 
-    Returns ``(threshold, above)``: the value and how many entries are strictly
-    larger. Magnitudes are compared as IEEE bit patterns, which order like the
+    Returns ``(threshold, above, tied)``: the value, how many entries are strictly
+    larger and how many equal it. Magnitudes are compared as IEEE bit patterns, which order like the
     values for non-negative floats: float64 patterns, or float32 ones when
     ``wide=False`` (every chunk is float32 or narrower; half the memory and
     work). Each pass histograms the next 16 bits of the patterns that share the
@@ -75,14 +76,15 @@ def stream_threshold(
     del pieces
     value = kernels.kth_largest(candidates, remaining).item()
     above += int(torch.count_nonzero(candidates > value))
-    return value, above
+    return value, above, int(torch.count_nonzero(candidates == value))
 
 
 class Trim:
-    """Keeps exactly k entries in stream order: all above the threshold, then the first ties."""
+    """Keeps, in stream order, every entry above ``threshold`` and the first ``ties`` of the ``tied``
+    entries at it (the others are dropped)."""
 
-    def __init__(self, threshold: float, above: int, k: int):
-        self.threshold, self.ties_left = threshold, k - above
+    def __init__(self, threshold: float, ties: int, tied: int):
+        self.threshold, self.ties_left, self.tied = threshold, ties, tied
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         """Zero ``delta``'s trimmed entries in place (the caller owns it) and return it."""
@@ -120,7 +122,8 @@ def plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_bloc
                 shared = _select_in_memory(chunks, k, total, torch.float64 if wide else torch.float32)
             else:
                 shared = _make_trim(lambda c=chunks: _batched(c(), _batch_entries(budget)), k, total, budget, wide)
-            trims.update({(i, n): shared for n in floats})
+            by_name = _by_name(shared, floats, lambda n, i=i: (delta(i, n, rows) for rows in row_blocks(n, _SELECT_BYTES)))
+            trims.update({(i, n): t for n, t in by_name.items()})
             continue
         for n in floats:
             numel = math.prod(reference.shape(n))
@@ -149,9 +152,10 @@ def _select_in_memory(chunks, k: int, numel: int, dtype: torch.dtype) -> Trim:
         del block, flat
     threshold, _ = thresholds.select_magnitudes(magnitudes, k)
     above = int(torch.count_nonzero(magnitudes > threshold))  # several times faster than a bool sum
+    tied = int(torch.count_nonzero(magnitudes == threshold))
     del magnitudes
     return_freed_memory()
-    return Trim(threshold, above, k)
+    return Trim(threshold, k - above, tied)
 
 
 def _batch_entries(budget: int) -> int:
@@ -182,5 +186,19 @@ def _make_trim(chunks, k: int, n: int, budget: int, wide: bool) -> Trim:
         return Trim(math.inf, 0, 0)
     if k >= n:
         return Trim(-1.0, 0, 0)
-    threshold, above = stream_threshold(chunks, k, collect=max(1024, budget // 48), wide=wide)
-    return Trim(threshold, above, k)
+    threshold, above, tied = stream_threshold(chunks, k, collect=max(1024, budget // 48), wide=wide)
+    return Trim(threshold, k - above, tied)
+
+
+def _by_name(trim: Trim, names: list[str], deltas: Callable[[str], Iterator[torch.Tensor]]) -> dict[str, Trim]:
+    """A global trim as one trim per tensor, its kept ties given to the tensors in sorted name order
+    (each keeps its first ones), as in memory: the files may hold the tensors in any order. Ties are
+    counted in one more pass over the deltas, only where some but not all of them are kept."""
+    if trim.threshold <= 0 or trim.ties_left <= 0 or trim.ties_left >= trim.tied:
+        return dict.fromkeys(names, trim)  # all ties kept, or none: any order keeps the same ones
+    left, trims = trim.ties_left, {}
+    for name in sorted(names):
+        count = sum(thresholds.tie_after(d.reshape(-1), trim.threshold, d.numel())[1] for d in deltas(name))
+        trims[name] = Trim(trim.threshold, min(count, left), count)
+        left -= trims[name].ties_left
+    return trims
