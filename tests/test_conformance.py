@@ -213,6 +213,41 @@ def test_out_of_core_equals_in_memory(models, tmp_path, name, budget, threads):
     assert not bad, f"{name}: out of core differs from in memory in {bad}"
 
 
+@pytest.fixture(scope="module")
+def half_models(tmp_path_factory):
+    """A bfloat16 base and three fine-tuned models, whose deltas tie often at a trim's threshold; in
+    memory the tensors keep SHAPES' order, the files hold them sorted by name."""
+    root = tmp_path_factory.mktemp("conformance-bf16")
+    base = _state(0, torch.bfloat16)
+    tuned = [{n: (t.float() + 0.05 * torch.randint(-2, 3, t.shape, generator=torch.Generator().manual_seed(20 + i))
+                  * t.float().abs()).bfloat16() for n, t in base.items()} for i in range(3)]
+    save_file(base, root / "base.safetensors")
+    paths = []
+    for i, state in enumerate(tuned):
+        paths.append(root / f"ft{i}.safetensors")
+        save_file(state, paths[-1])
+    return root, base, paths, [ta.TaskVector.from_models(base, state) for state in tuned]
+
+
+@pytest.mark.parametrize("name", _names())
+@pytest.mark.parametrize("budget", [1, "1GB"], ids=["row-by-row", "large"])
+def test_bfloat16_models_merge_the_same_in_memory_and_out_of_core(half_models, tmp_path, name, budget):
+    # Every method, of deltas or of weights: from bfloat16 models the rebuilt weights are the stored
+    # ones, so the two drivers agree bit for bit.
+    root, base, paths, vectors = half_models
+    n = _count(name)
+    weights, paths, vectors = [0.7, 1.3, -0.4][:n], paths[:n], vectors[:n]
+    options = _options(name, scope="global")
+    spec = ta.methods()[name]
+    with_base = spec.needs_base or _on_weights(name)
+    expected = ta.merge(vectors, name, weights=weights, base=base if with_base else None, **options).apply_to(base)
+    out = ta.merge_files(root / "base.safetensors", paths, tmp_path / "m", name, weights=weights,
+                         max_memory=budget, **options)
+    merged = ta.io.load_state_dict(out)
+    bad = [t for t in SHAPES if not torch.equal(merged[t], expected[t])]
+    assert not bad, f"{name}: out of core differs from in memory in {bad}"
+
+
 @pytest.mark.parametrize("name", _names())
 def test_small_random_and_statistic_chunks_still_agree(models, tmp_path, monkeypatch, name):
     """Chunks of 37 entries cut tensors and row blocks at odd places: draws and statistics still agree."""

@@ -156,11 +156,15 @@ def _run_by_tensor(spec: Method, vectors: list[TaskVector], weights: list[float]
 
 
 def _on_weights(spec: Method, name: str, deltas: list[torch.Tensor], weights, options, base: torch.Tensor):
-    """A method of weights run on task vectors: weights rebuilt as ``base + delta``, the result made a delta."""
+    """A method of weights run on task vectors: each model's weights rebuilt as ``base + delta`` in the
+    base's dtype (for vectors extracted from half-precision models, the stored weights bit for bit)
+    and merged in that dtype, as :func:`taskarith.merge_files` merges the stored weights; the result
+    made a delta again."""
     dtype = deltas[0].dtype
-    base = base.to(dtype)
-    merged = call(spec, name, [base + d for d in deltas], weights, options, base=base if reads_base(spec, options) else None)
-    return merged.to(dtype) - base
+    wide = base.to(dtype)
+    models = [(wide + d).to(base.dtype) for d in deltas]
+    merged = call(spec, name, models, weights, options, base=base if reads_base(spec, options) else None)
+    return merged.to(base.dtype).to(dtype) - wide
 
 
 def reads_base(spec: Method, options: Mapping) -> bool:

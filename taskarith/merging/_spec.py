@@ -108,7 +108,7 @@ class Method:
       ``"weights"`` (``fn`` gets the models' weights as stored, in ``block.models``, and the base's
       in ``block.base``, and returns the merged weights: interpolations such as SLERP, and methods
       that reproduce another tool's arithmetic bit for bit). In memory, weights are rebuilt as
-      ``base + delta`` and the result is returned as a delta again.
+      ``base + delta`` in the base's dtype and the result is returned as a delta again.
     * ``randomized``: the method takes a ``seed`` option and draws with :meth:`Block.random`.
     * ``memory``: private bytes per entry per input that ``fn`` needs (sizes out-of-core blocks).
     * ``propagates_nan``: a NaN in any input reaches the result, so the NaN policy may check the
