@@ -145,8 +145,8 @@ def _run_by_tensor(spec: Method, vectors: list[TaskVector], weights: list[float]
         return {name: _on_weights(spec, name, deltas_of(name), weights, options, base_of(name)) for name in names}
     stats = None
     if spec.plan is not None:
-        stats = spec.plan({n: tuple(vectors[0]._layout.slots[n].shape) for n in sorted(names)},
-                          lambda name: [v[name] for v in vectors], **options)
+        stats = plan(spec, names, lambda name: tuple(vectors[0]._layout.slots[name].shape),
+                     lambda name: [v[name] for v in vectors], options)
     if spec.statistic is not None:
         stats = statistic(spec, names, lambda name, lo, hi: [v[name].reshape(-1)[lo:hi] for v in vectors],
                           lambda name, lo, hi: None if base is None else base_of(name).reshape(-1)[lo:hi],
@@ -204,6 +204,12 @@ def _checked(spec: Method, block: Block, result: object) -> torch.Tensor:
         raise TaskArithError(f"merge method {spec.name!r} returned {got} for {block.name!r}; it must return a "
                              f"floating-point tensor of the block's shape {tuple(like.shape)}")
     return result
+
+
+def plan(spec: Method, names: Sequence[str], shape_of: Callable, deltas: Callable, options: Mapping) -> object:
+    """The method's plan, handed the tensors' shapes in sorted name order: the same plan whatever
+    order the inputs list them in (a state dict's, a file's). ``deltas(name)``: every input's delta."""
+    return spec.plan({name: shape_of(name) for name in sorted(names)}, deltas, **options)
 
 
 def statistic(spec: Method, names: Sequence[str], deltas: Callable, base: Callable, shape_of: Callable,

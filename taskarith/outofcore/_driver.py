@@ -252,8 +252,8 @@ def merge_files(
     with _flat.cache_paused(), trimming(budget), ThreadPoolExecutor(1, thread_name_prefix="taskarith-read") as reader:
         try:
             if spec.plan is not None:
-                stats = spec.plan({n: tuple(reference.shape(n)) for n in sorted(names) if n in floats},
-                                  lambda n: [delta(i, n) for i in range(len(inputs))], **resolved)
+                stats = _engine.plan(spec, [n for n in names if n in floats], lambda n: tuple(reference.shape(n)),
+                                     lambda n: [delta(i, n) for i in range(len(inputs))], resolved)
             if spec.statistic is not None:
                 stats = _engine.statistic(spec, [n for n in names if n in floats], flat_deltas, flat_base,
                                           lambda n: tuple(reference.shape(n)), weights, resolved)
