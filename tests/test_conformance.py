@@ -143,6 +143,15 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
+def _save_models(root, base: dict, tuned: list[dict]) -> list:
+    """``base.safetensors`` and ``ft<i>.safetensors`` in ``root``; the fine-tuned files' paths."""
+    save_file(base, root / "base.safetensors")
+    paths = [root / f"ft{i}.safetensors" for i in range(len(tuned))]
+    for path, state in zip(paths, tuned):
+        save_file(state, path)
+    return paths
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A base model and three fine-tuned ones (float32), as files and as task vectors."""
@@ -150,11 +159,7 @@ def models(tmp_path_factory):
     base = _state(0)
     tuned = [{n: t + 0.1 * (i + 1) * torch.randn(t.shape, generator=torch.Generator().manual_seed(10 + i))
               for n, t in base.items()} for i in range(3)]
-    save_file(base, root / "base.safetensors")
-    paths = []
-    for i, state in enumerate(tuned):
-        paths.append(root / f"ft{i}.safetensors")
-        save_file(state, paths[-1])
+    paths = _save_models(root, base, tuned)
     # In memory the tensors keep SHAPES' order; the files hold them sorted by name (safetensors'
     # order): a global trim, statistic or plan must not depend on either.
     vectors = [ta.TaskVector.from_models(base, state) for state in tuned]
@@ -221,11 +226,7 @@ def half_models(tmp_path_factory):
     base = _state(0, torch.bfloat16)
     tuned = [{n: (t.float() + 0.05 * torch.randint(-2, 3, t.shape, generator=torch.Generator().manual_seed(20 + i))
                   * t.float().abs()).bfloat16() for n, t in base.items()} for i in range(3)]
-    save_file(base, root / "base.safetensors")
-    paths = []
-    for i, state in enumerate(tuned):
-        paths.append(root / f"ft{i}.safetensors")
-        save_file(state, paths[-1])
+    paths = _save_models(root, base, tuned)
     return root, base, paths, [ta.TaskVector.from_models(base, state) for state in tuned]
 
 
