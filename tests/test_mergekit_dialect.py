@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 import taskarith as ta
 from taskarith.cli import _config, main
 from taskarith.cli._mergekit_params import evaluate
-from taskarith.merging import _varying
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,33 +64,6 @@ def test_gradients_interpolate_over_the_layers_and_filters_pick_the_first_match(
     assert evaluate(setting, "t", "model.layers.3.mlp.up_proj.weight", 1.0) == 0.7
     assert evaluate(setting, "t", "model.norm.weight", 0.0) == 0.5
     assert evaluate([True, False], "normalize", "x", 0.9) is True  # booleans are picked, not interpolated
-
-
-def test_varying_values_resolve_per_tensor_in_memory_and_out_of_core(tmp_path):
-    base = {f"model.layers.{i}.w": torch.randn(5, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)}
-    vectors = [ta.TaskVector({n: torch.full_like(t, float(k + 1)) for n, t in base.items()}) for k in range(2)]
-    weight = _varying.gradient([0.0, 1.0], layers=3)
-    merged = ta.merge(vectors, "task_arithmetic", weights=[weight, 1.0])
-    for i, w in enumerate([0.0, 0.5, 1.0]):
-        assert torch.equal(merged[f"model.layers.{i}.w"], torch.full((5, 3), w * 1 + 2.0))
-    vector_files = []
-    for k, v in enumerate(vectors):
-        vector_files.append(tmp_path / f"v{k}.safetensors")
-        v.save(vector_files[-1])
-    out = ta.merge_files(None, vector_files, tmp_path / "m.safetensors", "task_arithmetic", weights=[weight, 1.0])
-    assert ta.load(out).equal(merged)
-
-
-def test_values_per_tensor_are_refused_where_a_method_decides_over_the_whole_model():
-    v = ta.TaskVector({"model.layers.0.w": torch.ones(4)})
-    with pytest.raises(ta.TaskArithError, match="cannot vary by tensor"):
-        ta.merge([v, v], "ties", density=_varying.gradient([0.2, 0.8], layers=2))
-
-
-def test_a_bad_value_from_a_gradient_names_the_tensor():
-    v = ta.TaskVector({"model.layers.0.w": torch.ones(4), "model.layers.1.w": torch.ones(4)})
-    with pytest.raises(ta.TaskArithError, match=r"model\.layers\.1\.w"):
-        ta.merge([v], "breadcrumbs", density=_varying.gradient([0.5, 2.0], layers=2))
 
 
 # ------------------------------------------------------------------ merges

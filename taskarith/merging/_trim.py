@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -37,21 +38,26 @@ def trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed:
     return trim_plans([vector], density, scope)[0]
 
 
-def trim_plans(vectors: list[TaskVector], density: float, scope: str) -> list[_fused.Trimmed]:
-    """:func:`trim_plan` of each vector; tensor-scope selections of all of them share the threads."""
-    if density >= 1:
+def trim_plans(vectors: list[TaskVector], density: float | Mapping[str, float], scope: str) -> list[_fused.Trimmed]:
+    """:func:`trim_plan` of each vector; tensor-scope selections of all of them share the threads.
+
+    With ``scope="tensor"``, ``density`` may give each tensor its own (a mapping by name)."""
+    by_name = isinstance(density, Mapping)
+    if not by_name and density >= 1:
         return [_fused.Trimmed({n: v[n] for n in v._layout.slots}, source=v) for v in vectors]
     if scope != "tensor":
         return [_global_trim_plan(v, density) for v in vectors]
+    density_of = density.__getitem__ if by_name else lambda name: density
     plans, jobs = [], []
     for vector in vectors:
         tensors = {n: vector[n] for n in vector._layout.slots}
         lambdas, cuts = {}, {}
         grouped = _selected_together(vector, tensors)
         if grouped:
-            _segment_trims(vector, tensors, grouped, density, lambdas, cuts)
+            _segment_trims(vector, tensors, grouped, density_of, lambdas, cuts)
         together = set(grouped)
-        jobs += [(tensors[n], lambdas, cuts, n) for n in tensors if n not in together]
+        # A density of 1 keeps the whole tensor: no threshold (as no trim at all).
+        jobs += [(tensors[n], lambdas, cuts, n) for n in tensors if n not in together and density_of(n) < 1]
         plans.append((tensors, lambdas, cuts, vector))
     largest: dict[tuple, int] = {}
     for x, *_ in jobs:
@@ -65,7 +71,7 @@ def trim_plans(vectors: list[TaskVector], density: float, scope: str) -> list[_f
         if key not in scratches:
             scratches[key] = torch.empty(largest[key[1:]], dtype=x.dtype, device=x.device)
         x = x.reshape(-1)
-        threshold, cut = thresholds.trim_threshold(x, math.floor(density * x.numel()), scratch=scratches[key])
+        threshold, cut = thresholds.trim_threshold(x, math.floor(density_of(name) * x.numel()), scratch=scratches[key])
         lambdas[name] = _fused.shrink_threshold(threshold, _compute_of(x.dtype))
         if cut is not None:
             cuts[name] = (cut, _fused.floor_threshold(threshold, _compute_of(x.dtype)))
@@ -143,17 +149,19 @@ def _selected_together(vector: TaskVector, tensors: dict[str, torch.Tensor]) -> 
     return small if len(small) >= _MANY_SMALL else []
 
 
-def _segment_trims(vector: TaskVector, tensors: dict[str, torch.Tensor], group: list[str], density: float,
-                   lambdas: dict, cuts: dict) -> None:
+def _segment_trims(vector: TaskVector, tensors: dict[str, torch.Tensor], group: list[str],
+                   density_of: Callable[[str], float], lambdas: dict, cuts: dict) -> None:
     """Tensor-scope trims of the float32 tensors ``group``, their thresholds found together."""
     found: dict[str, tuple[float, int]] = {}
+    group = [name for name in group if density_of(name) < 1]  # the others stay whole
     if vector.device.type == "cpu":
-        by_size: dict[int, list[str]] = {}
+        by_size: dict[tuple[int, int], list[str]] = {}
         for name in group:
-            by_size.setdefault(tensors[name].numel(), []).append(name)
-        for size, names in by_size.items():
+            size = tensors[name].numel()
+            by_size.setdefault((size, math.floor(density_of(name) * size)), []).append(name)
+        for (_, k), names in by_size.items():
             rows = torch.stack([tensors[n].reshape(-1) for n in names])
-            found.update(zip(names, thresholds.row_thresholds(rows, math.floor(density * size))))
+            found.update(zip(names, thresholds.row_thresholds(rows, k)))
     else:
         if len(group) == len(vector._layout.slots) and len(vector._buffers) == 1:  # the buffer, in offset order
             group = sorted(group, key=lambda n: vector._layout.slots[n].offset)
@@ -162,7 +170,8 @@ def _segment_trims(vector: TaskVector, tensors: dict[str, torch.Tensor], group: 
             flat = torch.cat([tensors[n].reshape(-1) for n in group])
         thresholds.check_no_nan(flat)  # the sort does not refuse NaN itself
         sizes = [tensors[n].numel() for n in group]
-        found.update(zip(group, thresholds.segment_thresholds(flat, sizes, [math.floor(density * n) for n in sizes])))
+        found.update(zip(group, thresholds.segment_thresholds(flat, sizes, [math.floor(density_of(n) * size)
+                                                                             for n, size in zip(group, sizes)])))
     for name in group:
         threshold, excess = found[name]
         if excess and threshold != 0:  # ties past k: find where the dropped ones begin

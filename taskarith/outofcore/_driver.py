@@ -162,6 +162,7 @@ def merge_files(
     pieces = Pieces()
     # Unweighted task arithmetic: the sum of the deltas, which a compiled kernel can do in one pass.
     varying = _engine.per_tensor(spec, resolved, weights)
+    density = _engine.trim_density(spec, resolved, floats) if spec.trim else None
     plain_sum = spec.fast is linear.task_arithmetic and not varying and all(w * resolved["scale"] == 1.0 for w in weights)
     on_weights = spec.inputs == "weights"
     if on_weights and pre is None:
@@ -173,7 +174,7 @@ def merge_files(
         if not spec.trim:
             return parts
         if trims.get((0, name)) is None:  # merged whole: trimmed in memory by the one trim plan
-            plans = trim_plans([TaskVector._wrap(name, p) for p in parts], resolved["density"], "tensor")
+            plans = trim_plans([TaskVector._wrap(name, p) for p in parts], density, "tensor")
             return [plan.trimmed(name) for plan in plans]
         return [trims[(i, name)](p) for i, p in enumerate(parts)]
 
@@ -259,7 +260,7 @@ def merge_files(
                                           lambda n: tuple(reference.shape(n)), weights, resolved)
             if spec.trim:
                 try:
-                    trims.update(plan_trims(resolved, floats, len(inputs), reference, delta, delta_dtypes,
+                    trims.update(plan_trims(density, resolved["scope"], floats, len(inputs), reference, delta, delta_dtypes,
                                              row_blocks, budget, wide_keys))
                 except NonFiniteError:  # a selection met a NaN: name every input tensor holding one
                     _checks.raise_nan([(i, n) for i in range(len(inputs)) for n in floats if any(

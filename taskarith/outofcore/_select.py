@@ -9,7 +9,7 @@ holding the deltas.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -107,10 +107,11 @@ class Trim:
         return delta
 
 
-def plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_blocks, budget, wide_keys) -> dict:
+def plan_trims(density, scope, floats, count, reference, delta, delta_dtypes, row_blocks, budget, wide_keys) -> dict:
     """Exact trims per (vector, tensor): None where the merge pass sees the tensor whole (it trims
-    in memory), else a threshold from one in-memory selection or, past the budget, streaming passes."""
-    density, scope = resolved["density"], resolved["scope"]
+    in memory), else a threshold from one in-memory selection or, past the budget, streaming passes.
+    ``density``: one value, or (``scope="tensor"``) a mapping of each tensor's."""
+    density_of = density.__getitem__ if isinstance(density, Mapping) else lambda name: density
     trims: dict = {}
     for i in range(count):
         if scope == "global":
@@ -130,7 +131,7 @@ def plan_trims(resolved, floats, count, reference, delta, delta_dtypes, row_bloc
             if len(row_blocks(n, None)) == 1:
                 trims[(i, n)] = None
                 continue
-            k = math.floor(density * numel)
+            k = math.floor(density_of(n) * numel)
             chunks = lambda i=i, n=n: (delta(i, n, rows).abs() for rows in row_blocks(n, _SELECT_BYTES))
             itemsize = 8 if delta_dtypes(n)[i] == torch.float64 or reference.dtype(n) == torch.float64 else 4
             if 0 < k < numel and numel * itemsize <= budget // 2:
