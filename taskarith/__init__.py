@@ -18,8 +18,8 @@ and :mod:`taskarith.io` (interop), :mod:`taskarith.runtime` (caches, threads,
 backend).
 """
 
-from . import attribution, hf, io, lora, lora_extract, merging, metrics, runtime  # noqa: F401  (submodules of the surface; captum loads only when used)
-from ._consolidate import consolidate
+from . import attribution, hf, io, lora, merging, metrics, runtime  # noqa: F401  (submodules of the surface; captum loads only when used)
+from .attribution import consolidate
 from .errors import (
     BaseMismatchError,
     KeyMismatchError,

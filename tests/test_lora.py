@@ -519,7 +519,7 @@ def test_peft_dora_adapters_are_refused(tmp_path):
 
 
 def test_scaling_formula_constants():
-    from taskarith.lora import _rank_and_scale
+    from taskarith.lora._config import _rank_and_scale
 
     assert _rank_and_scale("m.q", {"r": 16, "lora_alpha": 32}) == (16, 2.0)
     assert _rank_and_scale("m.q", {"r": 16, "lora_alpha": 32, "use_rslora": True}) == (16, 32 / math.sqrt(16))

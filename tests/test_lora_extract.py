@@ -12,7 +12,7 @@ import torch
 import taskarith as ta
 from taskarith import cli
 from taskarith.lora import from_lora
-from taskarith.lora_extract import EXACT_SVD_MAX, to_lora
+from taskarith.lora import EXACT_SVD_MAX, to_lora
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -7,7 +7,7 @@ import os
 
 from ..errors import TaskArithError
 from ..io import load_state_dict
-from ..lora_extract import check_options, extract, layer_kinds
+from ..lora._extraction import check_options, extract, layer_kinds
 from ..vector import TaskVector
 from ._output import check_output, log
 from ._plan import DTYPES

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import TaskArithError
 from ..io import open_checkpoint
-from ..lora import _merge_terms
+from ..lora._adapter import _merge_terms
 from ._document import Document, exists, got, show
 
 __all__ = ["LoraView", "folder_of", "open_checkpoint", "reference", "same"]

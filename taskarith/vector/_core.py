@@ -17,7 +17,7 @@ from ._files import Files
 from ._info import Info
 
 if TYPE_CHECKING:
-    from ..lora_extract import LoraExtraction
+    from ..lora import LoraExtraction
 
 
 class TaskVector(Algebra, Applying, Files, Mapping[str, torch.Tensor]):
@@ -291,7 +291,7 @@ class TaskVector(Algebra, Applying, Files, Mapping[str, torch.Tensor]):
 
     def to_lora(self, rank: int, *, base: Source | None = None, **options) -> LoraExtraction:
         """This vector as a PEFT LoRA adapter of rank ``rank`` (truncated SVD per layer), with a per-layer
-        error report; ``.save(folder)`` writes it. See :func:`taskarith.lora_extract.to_lora` for the options."""
-        from ..lora_extract import to_lora
+        error report; ``.save(folder)`` writes it. See :func:`taskarith.lora.to_lora` for the options."""
+        from ..lora import to_lora
 
         return to_lora(self, rank, base=base, **options)

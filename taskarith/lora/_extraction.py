@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from ._extract import check_float_dtype, tied_groups
-from ._lora_config import CONFIG_FILE, WEIGHTS_FILE
-from ._lora_factor import EXACT_SVD_MAX, OVERSAMPLE, factor, seed_of
-from .errors import KeyMismatchError, NonFiniteError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
-from .io import Source, atomic_folder, check_output, load_state_dict, write_safetensors
-from .lora import _aligner
-from .vector import TaskVector
+from .._extract import check_float_dtype, tied_groups
+from ._config import CONFIG_FILE, WEIGHTS_FILE
+from ._factor import EXACT_SVD_MAX, OVERSAMPLE, factor, seed_of
+from ..errors import KeyMismatchError, NonFiniteError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
+from ..io import Source, atomic_folder, check_output, load_state_dict, write_safetensors
+from ._adapter import _aligner
+from ..vector import TaskVector
 
 __all__ = ["EXACT_SVD_MAX", "OVERSAMPLE", "Extracted", "LoraExtraction", "layer_kinds", "to_lora"]
 
@@ -142,7 +142,7 @@ def to_lora(vector: TaskVector, rank: int, *, base: Source | None = None, target
 
     Example:
         >>> import torch, taskarith as ta
-        >>> from taskarith.lora_extract import to_lora
+        >>> from taskarith.lora import to_lora
         >>> b, a = torch.randn(6, 2), torch.randn(2, 4)
         >>> tv = ta.TaskVector({"proj.weight": b @ a})
         >>> lora = to_lora(tv, 2)
@@ -176,7 +176,7 @@ def check_options(rank, *, target=None, rest="full", randomized=None, niter=2, s
                                  or not all(isinstance(t, str) and t for t in target)):
         problems.append(f"target={target!r}: expected a regular expression or a non-empty list of module names")
     raise_if_any(problems, error=TaskArithError, header="invalid LoRA extraction options",
-                 fix="See help(taskarith.lora_extract.to_lora).")
+                 fix="See help(taskarith.lora.to_lora).")
     check_float_dtype(dtype)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from .errors import TaskArithError
+from ..errors import TaskArithError
 
 
 def batches(data, batch_size: int | None) -> Iterator:

@@ -1,21 +1,4 @@
-"""Integrated gradients of a task's objective with respect to the parameters, along the task vector.
-
-For a model with pretrained weights ``θ0``, a task vector ``τ``, data ``D`` and
-a scalar objective ``F`` (by default the mean log-probability of the true
-labels), the attribution of parameter entry ``i`` is
-
-    IG_i = τ_i · ∫_0^1 ∂F(θ0 + α·τ)/∂θ_i dα
-
-and the attributions add up to the objective's change (completeness):
-``Σ_i IG_i = F(θ0 + τ) − F(θ0)``. Entries with a large positive ``IG_i`` are
-those whose move during fine-tuning raised the objective most;
-:func:`~taskarith.consolidate` can keep those instead of the largest ones.
-
-The integral is computed with Captum's ``IntegratedGradients`` (install the
-``taskarith[attribution]`` extra); captum is imported only when
-:func:`integrated_gradients` runs. This module also re-exports
-:func:`~taskarith.consolidate` and :func:`~taskarith.tune_scale`.
-"""
+"""Integrated gradients along a task vector, computed with Captum (see :mod:`taskarith.attribution`)."""
 
 from __future__ import annotations
 
@@ -27,23 +10,14 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from ._attribution_data import batches as _batches
-from ._attribution_data import check_objective as _check_objective
-from ._attribution_data import prepare as _prepare
-from ._consolidate import DEFAULT_GRID, consolidate, tune_scale
-from .errors import KeyMismatchError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
-from .io import Source, load_state_dict
-from .vector import TaskVector, _Info
+from ._data import batches as _batches
+from ._data import check_objective as _check_objective
+from ._data import prepare as _prepare
+from ..errors import KeyMismatchError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
+from ..io import Source, load_state_dict
+from ..vector import TaskVector, _Info
 
-__all__ = [
-    "DEFAULT_GRID",
-    "METHODS",
-    "Attribution",
-    "CompletenessWarning",
-    "consolidate",
-    "integrated_gradients",
-    "tune_scale",
-]
+__all__ = ["METHODS", "Attribution", "CompletenessWarning", "integrated_gradients"]
 
 #: Quadrature rules accepted by :func:`integrated_gradients`.
 METHODS = ("gausslegendre", "riemann_middle", "riemann_trapezoid", "riemann_left", "riemann_right")

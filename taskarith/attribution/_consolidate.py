@@ -21,11 +21,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from . import merging
-from .errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
-from .io import Source, load_state_dict
-from .merging.consolidation import MERGES, RESOLVES, SCOPES, SELECTS
-from .vector import TaskVector
+from .. import merging
+from ..errors import ShapeMismatchError, TaskArithError, check_same_keys, raise_if_any
+from ..io import Source, load_state_dict
+from ..merging.consolidation import MERGES, RESOLVES, SCOPES, SELECTS
+from ..vector import TaskVector
 
 __all__ = ["DEFAULT_GRID", "consolidate", "tune_scale"]
 

@@ -1,4 +1,4 @@
-"""The truncated SVD behind :mod:`taskarith.lora_extract`: one delta as LoRA factors ``B @ A``.
+"""The truncated SVD behind :func:`taskarith.lora.to_lora`: one delta as LoRA factors ``B @ A``.
 
 Exact (``torch.linalg.svd``) while ``min(rows, cols) <= EXACT_SVD_MAX``; above, randomized by
 torch.svd_lowrank's range finder with its random matrix drawn on the CPU from a generator seeded by
