@@ -510,7 +510,8 @@ def test_weighted_sums_match_the_torch_path(dtype, stream, weights, n, scale):
             recording(_numba, "weighted_sum") as calls:
         got = ta.merge(vs, "task_arithmetic", weights=weights, scale=scale)
     subnormal = any(c != 0 and abs(c) < torch.finfo(torch.float32).tiny for c in coefficients)
-    assert (True in calls) == (not subnormal and not all(c == 1.0 for c in coefficients))
+    taken = any(c is not None for c in calls)  # the merge asks for NaN counts: ints, not True
+    assert taken == (not subnormal and not all(c == 1.0 for c in coefficients))
     for name in want:
         nan = torch.isnan(want[name])
         assert torch.equal(torch.isnan(got[name]), nan)
@@ -524,3 +525,49 @@ def test_an_unsettled_torch_rounding_keeps_weighted_sums_on_the_torch_path():
         ta.merge(vs, "task_arithmetic", scale=0.3)
     assert calls == [None]
     assert _numba.torch_fuses_alpha() in (True, False)
+
+
+SPECIALS = st.sampled_from([math.nan, math.inf, -math.inf, 3e38, -3e38, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stream", [False, True])
+@given(st.integers(0, 31), st.integers(0, 9000), st.lists(WEIGHTS, min_size=2, max_size=5),
+       st.lists(st.tuples(st.integers(0, 4), st.integers(0, 8999), SPECIALS), max_size=12))
+def test_sum_kernels_count_the_nan_results_they_write(dtype, stream, skip, n, weights, specials):
+    """The merge's sums count NaN results as they write them (NaN inputs, inf - inf, overflow to inf
+    then -inf), at any alignment and thread share: the count is that of the output's NaN."""
+    g = torch.Generator().manual_seed(n)
+    inputs = [torch.randn(n, generator=g).to(dtype) for _ in weights]
+    for i, at, value in specials:
+        if i < len(inputs) and at < n:
+            inputs[i][at] = value
+    out = torch.empty(n + skip, dtype=dtype)[skip:]
+    with kernels(True), mock.patch.object(_numba, "STREAM_FROM", 0 if stream else 1 << 62), \
+            mock.patch.object(_numba, "ELEMENTWISE_FROM", 0):
+        runs = [lambda: _numba.running_sum(out, inputs, count_nan=True),
+                lambda: _numba.wide_sum(out, inputs, count_nan=True),
+                lambda: _numba.weighted_sum(out, inputs, weights, count_nan=True)]
+        for run in runs:
+            out.fill_(0.0)
+            counted = run()
+            if counted is not None:  # weighted: not taken for subnormal weights
+                assert counted is not True and counted == int(torch.isnan(out).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_merge_counts_nan_in_one_pass_and_still_names_the_inputs(dtype):
+    """The NaN policy on the counted sums: a NaN input is named; a NaN made by inf - inf stays."""
+    n = 3000
+    a, b, c = (torch.randn(n, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(3))
+    b[17] = math.nan
+    vs = [ta.TaskVector({"w": x}) for x in (a, b, c)]
+    with kernels(True), mock.patch.object(_numba, "ELEMENTWISE_FROM", 0), \
+            mock.patch.object(_numba, "STREAM_FROM", 0), recording(_numba, "running_sum") as plain, \
+            recording(_numba, "wide_sum") as wide:
+        with pytest.raises(ta.NonFiniteError, match=r"#1.*'w'"):
+            ta.merge(vs, "task_arithmetic")
+        assert [x for x in plain + wide if x is not None] == [1]  # counted by the kernel, then named
+        b[17], a[5], c[5] = 1.0, math.inf, -math.inf
+        merged = ta.merge([ta.TaskVector({"w": x}) for x in (a, b, c)], "task_arithmetic")
+    assert torch.isnan(merged["w"]).tolist() == [i == 5 for i in range(n)]

@@ -114,12 +114,12 @@ def _chunked(a: torch.Tensor, b: torch.Tensor, *, gram: bool) -> np.ndarray | No
     return partials
 
 
-def _elementwise(op: str, stream: bool):
-    """The element-wise kernel of ``op`` (:mod:`taskarith.backends._numba_elementwise`); only once
-    :func:`enabled`."""
+def _elementwise(op: str, stream: bool, count: bool = False):
+    """The element-wise kernel of ``op`` (:mod:`taskarith.backends._numba_elementwise`), counting
+    NaN results with ``count``; only once :func:`enabled`."""
     from . import _numba_elementwise
 
-    return _numba_elementwise.elementwise(op, stream)
+    return _numba_elementwise.elementwise(op, stream, count)
 
 
 @functools.cache
@@ -178,10 +178,11 @@ def ties_merge(out: torch.Tensor, inputs: Sequence[torch.Tensor],
         _parallel.run([b - a for a, b in spans], lambda job, lo, hi: kernel(*arguments, spans[job][0] + lo, spans[job][0] + hi))
 
 
-def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool | None:
+def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], *, count_nan: bool = False) -> int | None:
     """``out = ((x0 + x1) + x2) + ...``, rounded to the dtype after each addition, for 2 to
     :data:`MAX_INPUTS` flat ``inputs`` of ``out``'s dtype; None (nothing written) if the kernels
-    do not take them."""
+    do not take them, else True, or with ``count_nan`` the number of NaN results (counted as they
+    are written: no second pass)."""
     k = len(inputs)
     if not 2 <= k <= MAX_INPUTS or any(x.dtype != out.dtype or x.shape != out.shape for x in inputs):
         return None
@@ -192,8 +193,7 @@ def running_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool | Non
     if ((k == 2 and not stream and out.dtype == torch.float32) or out.numel() < ELEMENTWISE_FROM
             or not usable([out], inputs)):
         return None
-    _run_elementwise(_elementwise("sum", stream), out, inputs, _ONE)
-    return True
+    return _run_elementwise(_elementwise("sum", stream, count_nan), out, inputs, _ONE, count_nan)
 
 
 def scale(out: torch.Tensor, x: torch.Tensor, s: float) -> bool | None:
@@ -222,33 +222,36 @@ def _streamed(op: str, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: flo
         return None
     with np.errstate(over="ignore"):  # a factor beyond float32 becomes inf, as in torch
         factor = np.array([s], np.float32)
-    _run_elementwise(_elementwise(op, True), out, inputs, factor)
-    return True
+    return _run_elementwise(_elementwise(op, True), out, inputs, factor)
 
 
-def _run_elementwise(kernel, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: np.ndarray, *,
-                     wide: bool = False) -> None:
+def _run_elementwise(kernel, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: np.ndarray,
+                     count_nan: bool = False, *, wide: bool = False) -> int:
+    """Runs ``kernel`` over ``out`` on the threads; True, or with ``count_nan`` the number of NaN results."""
     target, xs = _array(out), _arrays(inputs)
     like = np.empty(1, np.float32) if wide else target
-    _parallel.run([out.numel()], lambda job, lo, hi: kernel(target, xs, s, lo, hi, like))
+    counts: list[int] = []
+    _parallel.run([out.numel()], lambda job, lo, hi: counts.append(kernel(target, xs, s, lo, hi, like)))
+    return sum(counts) if count_nan else True
 
 
-def wide_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool | None:
+def wide_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], *, count_nan: bool = False) -> int | None:
     """``out = ((x0 + x1) + x2) + ...`` summed in float32 and rounded once into ``out`` (flat, same
     length; half-precision inputs widen exactly), as a float32 sum copied into ``out`` computes it,
-    in one pass; None (nothing written) if the kernels do not take them."""
+    in one pass; None (nothing written) if the kernels do not take them, else as :func:`running_sum`."""
     if not 2 <= len(inputs) <= MAX_INPUTS or any(x.shape != out.shape for x in inputs) or not usable([out], inputs):
         return None
-    _run_elementwise(_elementwise("sum", _streams(out)), out, inputs, _ONE, wide=True)
-    return True
+    return _run_elementwise(_elementwise("sum", _streams(out), count_nan), out, inputs, _ONE, count_nan, wide=True)
 
 
-def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> bool | None:
+def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float], *,
+                 count_nan: bool = False) -> int | None:
     """``out = x0 * w0``, then ``out += w_i * x_i`` for each further input, in float32 and rounded once
     into ``out`` (half-precision inputs widen exactly), as ``torch.mul`` then ``Tensor.add_(x,
     alpha=w)`` on float32 compute it: products rounded or fused as this torch build does
     (:func:`torch_fuses_alpha`). None (nothing written) where that is unsettled, for weights float32
-    cannot hold as normal numbers or zero, or where the kernels do not take these tensors."""
+    cannot hold as normal numbers or zero, or where the kernels do not take these tensors; else as
+    :func:`running_sum`."""
     k = len(inputs)
     fused = torch_fuses_alpha()
     if (fused is None or not 2 <= k <= MAX_INPUTS or len(weights) != k or out.numel() < ELEMENTWISE_FROM
@@ -260,8 +263,8 @@ def weighted_sum(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Seq
     if not np.isfinite(ws).all() or any(w != 0 and abs(w) < tiny for w in weights):
         return None
     wide = out.dtype != torch.float32 or inputs[0].dtype != torch.float32
-    _run_elementwise(_elementwise("weighted_fused" if fused else "weighted", _streams(out)), out, inputs, ws, wide=wide)
-    return True
+    kernel = _elementwise("weighted_fused" if fused else "weighted", _streams(out), count_nan)
+    return _run_elementwise(kernel, out, inputs, ws, count_nan, wide=wide)
 
 
 @functools.cache

@@ -60,10 +60,12 @@ def _unaligned_head(out, start, stop):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _elementwise_span(out, to, xs, at, n, s, code, like):
-    """The body of :func:`elementwise` (``code`` picks the op, a constant when compiled): ``n``
-    results from the inputs' position ``at`` on, written to ``out`` from position ``to`` on (a sum's
-    partial sums rounded to ``like``'s dtype)."""
+def _elementwise_span(out, to, xs, at, n, s, code, like, count):
+    """The body of :func:`elementwise` (``code`` picks the op, ``count`` whether NaN results are
+    counted, both constants when compiled): ``n`` results from the inputs' position ``at`` on, written
+    to ``out`` from position ``to`` on (a sum's partial sums rounded to ``like``'s dtype). Returns how
+    many are NaN (0 unless counted); rounding to ``out``'s dtype neither makes nor removes one."""
+    nans = 0
     for j in range(n):
         source = np.uint64(at + j)
         if code == _SCALE:
@@ -78,7 +80,10 @@ def _elementwise_span(out, to, xs, at, n, s, code, like):
             value = _weighted(xs, s, source)
         else:
             value = _running_sum(like, xs, source)
+        if count:
+            nans += value != value
         _put(out, np.uint64(to + j), value)
+    return nans
 
 
 _SUM, _SCALE, _QUOTIENT, _DIFFERENCE, _WEIGHTED, _WEIGHTED_FUSED = range(6)
@@ -120,10 +125,11 @@ overload(_weighted_fused, **_UNROLLED)(_weighted_source(True))
 
 
 @functools.cache
-def elementwise(op: str, stream: bool):
+def elementwise(op: str, stream: bool, count: bool = False):
     """The kernel ``kernel(out, xs, s, start, stop, like)`` of an element-wise op over ``[start,
     stop)`` of the tuple of arrays ``xs``, computed in float32 and rounded to ``out``'s dtype as
-    torch computes it:
+    torch computes it; it returns how many results are NaN where ``count`` (a merge's NaN check
+    then costs no second pass over the result), else 0:
 
     - ``op="sum"``: ``((x0 + x1) + x2) + ...`` over all of ``xs``, each partial sum rounded to the
       dtype of ``like`` (``out`` itself: as ``torch.add`` then ``Tensor.add_`` compute it; a float32
@@ -147,16 +153,17 @@ def elementwise(op: str, stream: bool):
 
     @njit(nogil=True, cache=True, boundscheck=False)
     def kernel(out, xs, s, start, stop, like):
+        nans = 0
         if stream:
             head = start + _unaligned_head(out, start, stop)
-            _elementwise_span(out, start, xs, start, head - start, s, code, like)
+            nans += _elementwise_span(out, start, xs, start, head - start, s, code, like, count)
             block = np.empty(_STREAM_BLOCK, out.dtype)
             start = head
             for lo in range(head, stop - _STREAM_BLOCK + 1, _STREAM_BLOCK):
-                _elementwise_span(block, 0, xs, lo, _STREAM_BLOCK, s, code, like)
+                nans += _elementwise_span(block, 0, xs, lo, _STREAM_BLOCK, s, code, like, count)
                 _stream_out(block, out, lo)
                 start = lo + _STREAM_BLOCK
             _store_fence()
-        _elementwise_span(out, start, xs, start, stop - start, s, code, like)
+        return nans + _elementwise_span(out, start, xs, start, stop - start, s, code, like, count)
 
     return kernel

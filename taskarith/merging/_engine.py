@@ -138,15 +138,23 @@ def _run_fast(spec: Method, vectors: list[TaskVector], weights: list[float], opt
     """The method's whole-vector form under the NaN policy (see :func:`call`)."""
     if not spec.propagates_nan or vectors[0].device.type != "cpu":
         refuse_nan(vectors, spec.name)
-        return spec.fast(vectors, weights, **options)
+        return _fast(spec, vectors, weights, options)[0]
     try:
-        merged = spec.fast(vectors, weights, **options)
+        merged, nan = _fast(spec, vectors, weights, options)
     except NonFiniteError:  # a trim's selection met a NaN: say where it is
         refuse_nan(vectors, spec.name)
         raise
-    if any_nan(merged._buffers.values() if isinstance(merged, TaskVector) else merged.values()):
+    if nan is None:
+        nan = any_nan(merged._buffers.values() if isinstance(merged, TaskVector) else merged.values())
+    if nan:
         refuse_nan(vectors, spec.name)
     return merged
+
+
+def _fast(spec: Method, vectors: list[TaskVector], weights: list[float], options: dict) -> tuple[object, bool | None]:
+    """``spec.fast``'s result and whether it holds a NaN (None: unknown, the result must be scanned)."""
+    result = spec.fast(vectors, weights, **options)
+    return result if spec.fast_checks_nan else (result, None)
 
 
 def _run_by_tensor(spec: Method, vectors: list[TaskVector], weights: list[float], options: dict,

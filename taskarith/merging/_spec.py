@@ -118,6 +118,8 @@ class Method:
       returns it. The conformance tests check both where declared.
     * ``fast``: optional ``fast(vectors, weights, **options)`` computing the same result for whole
       task vectors at once (packed kernels); the conformance tests hold it to ``fn`` bit for bit.
+      With ``fast_checks_nan`` it returns ``(result, has_nan)``, having counted NaN results as it
+      wrote them (``has_nan`` None: not counted), so the NaN policy skips its scan of the result.
     """
 
     name: str
@@ -136,6 +138,7 @@ class Method:
     identity: Mapping[str, object] | None = None
     fast: Callable[..., Mapping[str, torch.Tensor]] | None = None
     fast_widens: bool = False  # ``fast`` takes half-precision vectors and widens them itself
+    fast_checks_nan: bool = False  # ``fast`` returns (result, whether it holds a NaN, or None: unknown)
     inputs: str = "deltas"
 
     @property

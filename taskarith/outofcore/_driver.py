@@ -163,7 +163,7 @@ def merge_files(
     # Unweighted task arithmetic: the sum of the deltas, which a compiled kernel can do in one pass.
     varying = _engine.per_tensor(spec, resolved, weights)
     density = _engine.trim_density(spec, resolved, floats) if spec.trim else None
-    plain_sum = spec.fast is linear.task_arithmetic and not varying and all(w * resolved["scale"] == 1.0 for w in weights)
+    plain_sum = spec.fast is linear.task_arithmetic_fast and not varying and all(w * resolved["scale"] == 1.0 for w in weights)
     on_weights = spec.inputs == "weights"
     if on_weights and pre is None:
         raise TaskArithError(f"merge method {method!r} merges model weights: give a base model folder (its config "

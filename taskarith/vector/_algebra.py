@@ -270,24 +270,32 @@ def _chunked_sums(a: torch.Tensor, b: torch.Tensor, *, gram: bool) -> torch.Tens
     return total
 
 
-def sum_into(dst: torch.Tensor, srcs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
+def sum_into(dst: torch.Tensor, srcs: Sequence[torch.Tensor], weights: Sequence[float], *,
+             count_nan: bool = False) -> int | None:
     """``dst = Σ weights[i] · srcs[i]`` over flat tensors of ``dst``'s dtype and device, with the
-    same operations, in the same order, whatever the path (so results never depend on it)."""
+    same operations, in the same order, whatever the path (so results never depend on it).
+
+    With ``count_nan``, returns how many results are NaN where one compiled pass counted them as it
+    wrote them; None where they were not counted (the caller scans ``dst`` if it must know)."""
     # A weight below float32's smallest normal number is flushed to zero when it travels as a
     # kernel's float32 ``alpha``; multiplying by it as a Python scalar keeps it.
     subnormal = any(w != 0 and abs(w) < torch.finfo(torch.float32).tiny for w in weights)
     if not subnormal and _triton.weighted_sum(dst, srcs, weights):  # one pass on a GPU
-        return
+        return None
     # An unweighted sum in one compiled pass on the CPU (only there: with weights, torch's
     # result depends on whether its build fuses the multiply-add).
-    if len(srcs) > 1 and all(w == 1.0 for w in weights) and _numba.running_sum(dst, srcs[:_numba.MAX_INPUTS]):
-        for src in srcs[_numba.MAX_INPUTS:]:
-            dst.add_(src)
-        return
+    if len(srcs) > 1 and all(w == 1.0 for w in weights):
+        counted = _numba.running_sum(dst, srcs[:_numba.MAX_INPUTS], count_nan=count_nan)
+        if counted is not None:
+            for src in srcs[_numba.MAX_INPUTS:]:
+                dst.add_(src)
+            return counted if count_nan and len(srcs) <= _numba.MAX_INPUTS else None
     # A weighted float32 sum in one pass, where the kernel can round as this torch build does (it
     # leaves subnormal weights to the path below).
-    if dst.dtype == torch.float32 and _numba.weighted_sum(dst, srcs, weights):
-        return
+    if dst.dtype == torch.float32:
+        counted = _numba.weighted_sum(dst, srcs, weights, count_nan=count_nan)
+        if counted is not None:
+            return counted if count_nan else None
     # Whole-buffer kernels: per-block thread start-up outweighs the memory traffic blocking saves.
     if len(srcs) > 1 and _is_one(weights[0]) and not subnormal:
         torch.add(srcs[0], srcs[1], alpha=weights[1], out=dst)
@@ -300,3 +308,4 @@ def sum_into(dst: torch.Tensor, srcs: Sequence[torch.Tensor], weights: Sequence[
             dst.add_(torch.mul(src, w))
         else:
             dst.add_(src, alpha=w)
+    return None
