@@ -10,12 +10,12 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from ._data import batches as _batches
-from ._data import check_objective as _check_objective
-from ._data import prepare as _prepare
 from ..errors import KeyMismatchError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
 from ..io import Source, load_state_dict
 from ..vector import TaskVector, _Info
+from ._data import batches as _batches
+from ._data import check_objective as _check_objective
+from ._data import prepare as _prepare
 
 __all__ = ["METHODS", "Attribution", "CompletenessWarning", "integrated_gradients"]
 

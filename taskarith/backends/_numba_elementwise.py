@@ -6,6 +6,7 @@ small block in cache and streamed out a cache line at a time from the first alig
 """
 
 import functools
+import math
 
 import numpy as np
 from llvmlite import ir
@@ -81,7 +82,7 @@ def _elementwise_span(out, to, xs, at, n, s, code, like, count):
         else:
             value = _running_sum(like, xs, source)
         if count:
-            nans += value != value
+            nans += math.isnan(value)
         _put(out, np.uint64(to + j), value)
     return nans
 

@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 
 from .. import _extract
-from ._checks import _check_against_base, _check_ranks, _check_untie_fits, _trained_copies
-from ._config import _FIX, CONFIG_FILE, WEIGHTS_FILE, _rank_and_scale, _read_config
 from ..errors import TaskArithError, format_names, raise_if_any
 from ..io import Source, load_state_dict
 from ..vector import TaskVector
+from ._checks import _check_against_base, _check_ranks, _check_untie_fits, _trained_copies
+from ._config import _FIX, CONFIG_FILE, WEIGHTS_FILE, _rank_and_scale, _read_config
 
 __all__ = ["from_lora"]
 

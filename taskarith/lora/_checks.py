@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ._config import _matching_key
 from ..errors import KeyMismatchError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
 from ..io import Source
+from ._config import _matching_key
 
 
 def _check_ranks(factors, config, path: Path) -> None:

@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 
 from .._extract import check_float_dtype, tied_groups
-from ._config import CONFIG_FILE, WEIGHTS_FILE
-from ._factor import EXACT_SVD_MAX, OVERSAMPLE, factor, seed_of
 from ..errors import KeyMismatchError, NonFiniteError, ShapeMismatchError, TaskArithError, format_names, raise_if_any
 from ..io import Source, atomic_folder, check_output, load_state_dict, write_safetensors
-from ._adapter import _aligner
 from ..vector import TaskVector
+from ._adapter import _aligner
+from ._config import CONFIG_FILE, WEIGHTS_FILE
+from ._factor import EXACT_SVD_MAX, OVERSAMPLE, factor, seed_of
 
 __all__ = ["EXACT_SVD_MAX", "OVERSAMPLE", "Extracted", "LoraExtraction", "layer_kinds", "to_lora"]
 
