@@ -60,7 +60,7 @@ def _unaligned_head(out, start, stop):
     return min((-address % _LINE) // out.itemsize, stop - start)
 
 
-@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+@njit(nogil=True, cache=True, boundscheck=False, inline="always", error_model="numpy")
 def _elementwise_span(out, to, xs, at, n, s, code, like, count):
     """The body of :func:`elementwise` (``code`` picks the op, ``count`` whether NaN results are
     counted, both constants when compiled): ``n`` results from the inputs' position ``at`` on, written
@@ -152,7 +152,9 @@ def elementwise(op: str, stream: bool, count: bool = False):
     """
     code = _OPS[op]
 
-    @njit(nogil=True, cache=True, boundscheck=False)
+    # error_model="numpy": a division by zero follows IEEE (as torch's) instead of testing every
+    # divisor for Python's ZeroDivisionError, a branch that kept the loop from vectorising.
+    @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
     def kernel(out, xs, s, start, stop, like):
         nans = 0
         if stream:
