@@ -60,8 +60,11 @@ def _lane_sums(pairs):
                 at = builder.add(args[2], builder.mul(loop.index, ir.Constant(ir.IntType(64), LANES)))
                 used = {i for pair in pairs for i in pair}  # a norm reads (and widens) one array
                 loaded = {i: _widened(builder, data[i], at, signature.args[i].dtype) for i in sorted(used)}
+                # One fused multiply-add per lane: the float64 product of two float32 values is exact,
+                # so it rounds as the separate multiply and add do, in fewer instructions.
+                fma = builder.module.declare_intrinsic(f"llvm.fma.v{LANES}f64", fnty=ir.FunctionType(vector, [vector] * 3))
                 for acc, (x, y) in zip(sums, pairs):
-                    builder.store(builder.fadd(builder.load(acc), builder.fmul(loaded[x], loaded[y])), acc)
+                    builder.store(builder.call(fma, [loaded[x], loaded[y], builder.load(acc)]), acc)
             totals = [_tree_sum(builder, builder.load(acc)) for acc in sums]
             if len(totals) == 1:
                 return totals[0]
