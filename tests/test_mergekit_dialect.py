@@ -255,6 +255,31 @@ def test_taskarith_configs_take_gradients_filters_and_per_model_options(llamas, 
         assert torch.equal(merged[name], load_file(out / "model.safetensors")[name]), name
 
 
+def test_taskarith_ties_takes_a_density_gradient_with_tensor_scope(llamas, tmp_path, capsys):
+    """taskarith's own ties with a density per layer: each tensor trimmed to its own density (the same
+    merge as one config per density); with the global scope, refused with the fix."""
+    text = f"""
+        method: ties
+        base: {llamas / 'base'}
+        models: [{llamas / 'ft0'}, {llamas / 'ft1'}]
+        options: {{density: [0.2, 0.8], scope: SCOPE}}
+    """
+    code, merged = _merge(tmp_path, text.replace("SCOPE", "tensor"))
+    assert code == 0
+    for layer, density in ((0, 0.2), (3, 0.8)):
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        plain = tmp_path / f"plain{layer}.yml"
+        plain.write_text(textwrap.dedent(text.replace("[0.2, 0.8]", str(density)).replace("SCOPE", "tensor")))
+        assert main(["merge", str(plain), "-o", str(tmp_path / f"plain{layer}")]) == 0
+        assert torch.equal(merged[name], _weights(tmp_path, f"plain{layer}")[name]), name
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"],
+                           _weights(tmp_path, "plain3")["model.layers.0.mlp.up_proj.weight"])
+    (tmp_path / "global").mkdir()
+    code, written = _merge(tmp_path / "global", text.replace("SCOPE", "global"))
+    assert code != 0 and not written
+    assert "scope='tensor'" in capsys.readouterr().err
+
+
 def test_the_output_may_follow_the_config_as_in_mergekit_yaml(llamas, tmp_path, capsys):
     config = tmp_path / "c.yml"
     config.write_text(f"merge_method: linear\nmodels:\n  - model: {llamas / 'ft0'}\n    parameters: {{weight: 1.0}}\n")
