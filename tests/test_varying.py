@@ -4,11 +4,16 @@ every tensor before any work, and refused where a method decides over the whole 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import taskarith as ta
-from taskarith.merging import Varying, _varying
+from taskarith.backends import _fused
+from taskarith.merging import Varying, _trim, _varying
 
 
 def test_varying_values_resolve_per_tensor_in_memory_and_out_of_core(tmp_path):
@@ -106,3 +111,27 @@ def test_a_bad_value_from_a_gradient_names_the_tensor():
     v = ta.TaskVector({"model.layers.0.w": torch.ones(4), "model.layers.1.w": torch.ones(4)})
     with pytest.raises(ta.TaskArithError, match=r"model\.layers\.1\.w"):
         ta.merge([v], "breadcrumbs", density=_varying.gradient([0.5, 2.0], layers=2))
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=12), st.lists(st.sampled_from([0.1, 0.25, 0.5, 0.9, 1.0]),
+                                                                        min_size=12, max_size=12),
+       st.integers(0, 2**31 - 1))
+def test_the_segmented_selection_of_accelerators_trims_each_tensor_to_its_own_density(sizes, densities, seed):
+    """The accelerators' one segmented sort and the CPU's row-wise selection give every tensor the same
+    threshold and tie cut at its own density (the segmented path checked on the CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    # Few distinct values: ties at the thresholds, as in half-precision deltas.
+    vector = ta.TaskVector({f"t{i}": torch.randint(-3, 4, (n,), generator=g).float() / 2 for i, n in enumerate(sizes)})
+    tensors = {n: vector[n] for n in vector._layout.slots}
+    density_of = {n: densities[i] for i, n in enumerate(tensors)}.__getitem__
+    found = []
+    for segmented in (False, True):
+        lambdas, cuts = {}, {}
+        _trim._segment_trims(vector, tensors, list(tensors), density_of, lambdas, cuts, segmented=segmented)
+        found.append((lambdas, cuts))
+    assert found[0] == found[1]
+    for name, x in tensors.items():  # and each keeps exactly floor(density * n) entries
+        plan = _fused.Trimmed(tensors, *found[1])
+        kept = int((plan.trimmed(name) != 0).sum())
+        want = math.floor(density_of(name) * x.numel())
+        assert kept == (int((x != 0).sum()) if density_of(name) >= 1 else min(want, int((x != 0).sum()))), name

@@ -54,7 +54,7 @@ def trim_plans(vectors: list[TaskVector], density: float | Mapping[str, float], 
         lambdas, cuts = {}, {}
         grouped = _selected_together(vector, tensors)
         if grouped:
-            _segment_trims(vector, tensors, grouped, density_of, lambdas, cuts)
+            _segment_trims(vector, tensors, grouped, density_of, lambdas, cuts, segmented=vector.device.type != "cpu")
         together = set(grouped)
         # A density of 1 keeps the whole tensor: no threshold (as no trim at all).
         jobs += [(tensors[n], lambdas, cuts, n) for n in tensors if n not in together and density_of(n) < 1]
@@ -150,11 +150,14 @@ def _selected_together(vector: TaskVector, tensors: dict[str, torch.Tensor]) -> 
 
 
 def _segment_trims(vector: TaskVector, tensors: dict[str, torch.Tensor], group: list[str],
-                   density_of: Callable[[str], float], lambdas: dict, cuts: dict) -> None:
-    """Tensor-scope trims of the float32 tensors ``group``, their thresholds found together."""
+                   density_of: Callable[[str], float], lambdas: dict, cuts: dict, *, segmented: bool) -> None:
+    """Tensor-scope trims of the float32 tensors ``group``, their thresholds found together: by one
+    segmented sort (``segmented``, for accelerators) or, on the CPU, equal-sized tensors as rows."""
     found: dict[str, tuple[float, int]] = {}
     group = [name for name in group if density_of(name) < 1]  # the others stay whole
-    if vector.device.type == "cpu":
+    if not group:
+        return
+    if not segmented:
         by_size: dict[tuple[int, int], list[str]] = {}
         for name in group:
             size = tensors[name].numel()
