@@ -107,6 +107,22 @@ def test_bad_densities_are_listed_for_every_tensor_before_any_output(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_bad_weights_per_tensor_are_listed_for_every_tensor_before_any_output(tmp_path):
+    """A weight gradient that is bad for several tensors: every one is named, in memory and out of core,
+    before anything is merged (not the first bad tensor only, once the others are done)."""
+    names = [f"model.layers.{i}.w" for i in range(4)]
+    v = ta.TaskVector({n: torch.ones(4) for n in names})
+    bad = Varying(lambda name: math.nan if name.endswith(("2.w", "3.w")) else 1.0, "NaN in layers 2 and 3")
+    with pytest.raises(ta.TaskArithError, match=r"layers\.2\.w.*weights\[0\]=nan.*layers\.3\.w") as error:
+        ta.merge([v, v], "task_arithmetic", weights=[bad, 1.0])
+    assert "layers.1.w" not in str(error.value)
+    v.save(tmp_path / "v.safetensors")
+    with pytest.raises(ta.TaskArithError, match=r"layers\.2\.w.*layers\.3\.w"):
+        ta.merge_files(None, [tmp_path / "v.safetensors"] * 2, tmp_path / "out.safetensors", "task_arithmetic",
+                       weights=[bad, 1.0])
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_a_bad_value_from_a_gradient_names_the_tensor():
     v = ta.TaskVector({"model.layers.0.w": torch.ones(4), "model.layers.1.w": torch.ones(4)})
     with pytest.raises(ta.TaskArithError, match=r"model\.layers\.1\.w"):

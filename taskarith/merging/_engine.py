@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 
 from .. import _extract
-from ..errors import NonFiniteError, TaskArithError, raise_if_any
+from ..errors import NonFiniteError, TaskArithError
 from ..vector import TaskVector, _Info
 from ._checks import (
     any_nan,
@@ -26,7 +26,7 @@ from ._checks import (
     validate_vectors,
     validate_weights,
 )
-from ._registry import at_tensor, lookup, option_problems
+from ._registry import at_tensor, check_every_tensor, lookup
 from ._spec import Block, Method, promote
 from ._trim import trim_plans
 from ._varying import resolve, varies
@@ -88,7 +88,7 @@ def _merge(vectors, method, weights, dtype, base, options, *, by_tensor: bool) -
         out_dtypes = {n: s.dtype for n, s in first._layout.slots.items()}
     else:
         out_dtypes = {n: dtype or promote([v._layout.slot(n).dtype for v in vectors]) for n in first._layout.slots}
-    varying = per_tensor(spec, resolved, weights)  # checked first: refusals do not depend on the path
+    varying = per_tensor(spec, resolved, weights, list(first._layout.slots))  # refusals do not depend on the path
     fast = spec.fast is not None and not by_tensor and not varying
     compute = vectors if fast and spec.fast_widens else [v.to(dtype=compute_dtype(v)) for v in vectors]
     if fast:
@@ -105,9 +105,10 @@ def _merge(vectors, method, weights, dtype, base, options, *, by_tensor: bool) -
     return merged
 
 
-def per_tensor(spec: Method, options: Mapping, weights: Sequence) -> bool:
+def per_tensor(spec: Method, options: Mapping, weights: Sequence, names: Sequence[str]) -> bool:
     """Whether some option or weight varies by tensor; refused where the method decides over the whole
-    model (a statistic, a plan, a global trim). A tensor-scope trim may take a density per tensor."""
+    model (a statistic, a plan, a global trim), else checked for each of ``names`` before any work.
+    A tensor-scope trim may take a density per tensor."""
     varying = any(varies(v) for v in options.values()) or varies(tuple(weights))
     if varying and (spec.statistic is not None or spec.plan is not None):
         raise TaskArithError(f"merge method {spec.name!r} decides over the whole model (statistic or plan): "
@@ -118,20 +119,16 @@ def per_tensor(spec: Method, options: Mapping, weights: Sequence) -> bool:
         raise TaskArithError(f"merge method {spec.name!r} with scope='global' keeps one fraction of the whole "
                              "model: its density cannot vary by tensor. Give one density, or scope='tensor' "
                              "to trim each tensor to its own density")
+    if varying:
+        check_every_tensor(spec, options, weights, names)
     return varying
 
 
-def trim_density(spec: Method, options: Mapping, names: Sequence[str]) -> float | dict[str, float]:
-    """The trim's density: one value, or one per tensor (a tensor-scope trim whose density varies),
-    resolved and checked for every tensor before any is trimmed."""
+def trim_density(options: Mapping, names: Sequence[str]) -> float | dict[str, float]:
+    """The trim's density: one value, or one per tensor (a tensor-scope trim whose density varies,
+    checked by :func:`per_tensor`)."""
     density = options["density"]
-    if not varies(density):
-        return density
-    by_name = {name: resolve(density, name) for name in names}
-    problems = [f"{name!r}: {p}" for name, value in by_name.items() for p in option_problems(spec, "density", value)]
-    raise_if_any(problems, error=TaskArithError, header=f"bad densities in merge method {spec.name!r}",
-                 fix="Fix the gradient or filter that gives them.")
-    return by_name
+    return {name: resolve(density, name) for name in names} if varies(density) else density
 
 
 def _run_fast(spec: Method, vectors: list[TaskVector], weights: list[float], options: dict):
@@ -162,7 +159,7 @@ def _run_by_tensor(spec: Method, vectors: list[TaskVector], weights: list[float]
     names = list(vectors[0]._layout.slots)
     if spec.trim:
         try:
-            plans = trim_plans(vectors, trim_density(spec, options, names), options["scope"])
+            plans = trim_plans(vectors, trim_density(options, names), options["scope"])
         except NonFiniteError:
             refuse_nan(vectors, spec.name)
             raise

@@ -117,11 +117,24 @@ def at_tensor(spec: Method, options: Mapping[str, object], weights, name: str) -
     """Options and weights for the tensor ``name``: values that vary by tensor resolved and checked."""
     if not any(varies(v) for v in options.values()) and not varies(tuple(weights)):
         return options, weights
+    resolved, weights, problems = _at(spec, options, weights, name)
+    raise_if_any(problems, error=TaskArithError, header=f"bad values for tensor {name!r} in merge method {spec.name!r}",
+                 fix="Fix the gradient or filter that gives them.")
+    return resolved, tuple(float(w) for w in weights)
+
+
+def check_every_tensor(spec: Method, options: Mapping[str, object], weights, names) -> None:
+    """Values that vary by tensor resolved and checked for every tensor before any work, all bad ones
+    listed at once (else a bad value for the last tensor would surface after all the others merged)."""
+    problems = [f"{name!r}: {p}" for name in names for p in _at(spec, options, weights, name)[2]]
+    raise_if_any(problems, error=TaskArithError, header=f"bad values per tensor in merge method {spec.name!r}",
+                 fix="Fix the gradient or filter that gives them.")
+
+
+def _at(spec: Method, options: Mapping[str, object], weights, name: str) -> tuple[dict, tuple, list[str]]:
     resolved = {k: resolve(v, name) for k, v in options.items()}
     problems = [p for k, v in options.items() if varies(v) for p in option_problems(spec, k, resolved[k])]
     weights = resolve(tuple(weights), name)
     problems += [f"weights[{i}]={w!r} is not a finite number" for i, w in enumerate(weights)
                  if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
-    raise_if_any(problems, error=TaskArithError, header=f"bad values for tensor {name!r} in merge method {spec.name!r}",
-                 fix="Fix the gradient or filter that gives them.")
-    return resolved, tuple(float(w) for w in weights)
+    return resolved, weights, problems

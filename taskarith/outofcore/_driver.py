@@ -161,8 +161,8 @@ def merge_files(
     trims: dict = {}
     pieces = Pieces()
     # Unweighted task arithmetic: the sum of the deltas, which a compiled kernel can do in one pass.
-    varying = _engine.per_tensor(spec, resolved, weights)
-    density = _engine.trim_density(spec, resolved, floats) if spec.trim else None
+    varying = _engine.per_tensor(spec, resolved, weights, floats)
+    density = _engine.trim_density(resolved, floats) if spec.trim else None
     plain_sum = spec.fast is linear.task_arithmetic_fast and not varying and all(w * resolved["scale"] == 1.0 for w in weights)
     on_weights = spec.inputs == "weights"
     if on_weights and pre is None:
