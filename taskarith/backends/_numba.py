@@ -226,7 +226,7 @@ def _streamed(op: str, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: flo
 
 
 def _run_elementwise(kernel, out: torch.Tensor, inputs: Sequence[torch.Tensor], s: np.ndarray,
-                     count_nan: bool = False, *, wide: bool = False) -> int:
+                     count_nan: bool = False, *, wide: bool = False) -> int | bool:
     """Runs ``kernel`` over ``out`` on the threads; True, or with ``count_nan`` the number of NaN results."""
     target, xs = _array(out), _arrays(inputs)
     like = np.empty(1, np.float32) if wide else target

@@ -32,6 +32,11 @@ def trim(vector: TaskVector, density: float, scope: str) -> dict[str, torch.Tens
     return {name: plan.trimmed(name) for name in plan.tensors}
 
 
+def by_tensor(density: float | Mapping[str, float]) -> Callable[[str], float]:
+    """A tensor's density from one value for all, or from a mapping by name."""
+    return density.__getitem__ if isinstance(density, Mapping) else lambda name: density
+
+
 def trim_plan(vector: TaskVector, density: float, scope: str) -> _fused.Trimmed:
     """How to trim ``vector``: per tensor, a ``hardshrink`` threshold and, where ties at the
     threshold must lose some entries, the index from which they are dropped."""
@@ -42,12 +47,11 @@ def trim_plans(vectors: list[TaskVector], density: float | Mapping[str, float], 
     """:func:`trim_plan` of each vector; tensor-scope selections of all of them share the threads.
 
     With ``scope="tensor"``, ``density`` may give each tensor its own (a mapping by name)."""
-    by_name = isinstance(density, Mapping)
-    if not by_name and density >= 1:
+    if not isinstance(density, Mapping) and density >= 1:
         return [_fused.Trimmed({n: v[n] for n in v._layout.slots}, source=v) for v in vectors]
     if scope != "tensor":
         return [_global_trim_plan(v, density) for v in vectors]
-    density_of = density.__getitem__ if by_name else lambda name: density
+    density_of = by_tensor(density)
     plans, jobs = [], []
     for vector in vectors:
         tensors = {n: vector[n] for n in vector._layout.slots}

@@ -9,12 +9,13 @@ holding the deltas.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 
 import torch
 
 from ..backends import _fused, kernels, thresholds
 from ..errors import NonFiniteError, TaskArithError
+from ..merging._trim import by_tensor
 from ._memory import return_freed_memory
 
 _COLLECT = 1 << 22  # at most this many candidates are selected among in memory (less under a small budget)
@@ -111,7 +112,7 @@ def plan_trims(density, scope, floats, count, reference, delta, delta_dtypes, ro
     """Exact trims per (vector, tensor): None where the merge pass sees the tensor whole (it trims
     in memory), else a threshold from one in-memory selection or, past the budget, streaming passes.
     ``density``: one value, or (``scope="tensor"``) a mapping of each tensor's."""
-    density_of = density.__getitem__ if isinstance(density, Mapping) else lambda name: density
+    density_of = by_tensor(density)
     trims: dict = {}
     for i in range(count):
         if scope == "global":
