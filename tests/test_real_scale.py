@@ -83,16 +83,19 @@ def test_merges_in_memory_and_out_of_core_agree_on_a_gpt2_embedding(tmp_path):
     for i, t in enumerate(tuned):
         save_file(t, tmp_path / f"ft{i}.safetensors")
     vectors = [ta.TaskVector.from_models(base, t) for t in tuned]
-    for method, options in [("task_arithmetic", {}), ("ties", {"density": 0.2}),
-                            ("dare", {"drop": 0.5, "seed": 3}), ("model_stock", {})]:
+    # A density per tensor: each 38.6M-entry matrix trimmed to its own, streamed out of core.
+    per_tensor = {"density": ta.merging.filtered([("lm_head", 0.4), (None, 0.15)]), "scope": "tensor"}
+    for label, method, options in [("task_arithmetic", "task_arithmetic", {}), ("ties", "ties", {"density": 0.2}),
+                                   ("ties-per-tensor", "ties", per_tensor), ("dare", "dare", {"drop": 0.5, "seed": 3}),
+                                   ("model_stock", "model_stock", {})]:
         # model_stock merges weights: rebuilt in bfloat16, they are the stored ones
         merged = ta.merge(vectors, method, base=base if method == "model_stock" else None, **options)
         assert merged.base_fingerprint == vectors[0].base_fingerprint
         expected = merged.apply_to(base)
         out = ta.merge_files(tmp_path / "base.safetensors", [tmp_path / "ft0.safetensors", tmp_path / "ft1.safetensors"],
-                             tmp_path / method, method, max_memory="256MB", **options)
+                             tmp_path / label, method, max_memory="256MB", **options)
         got = ta.io.load_state_dict(out)
-        assert all(torch.equal(got[n], expected[n]) for n in base), method
+        assert all(torch.equal(got[n], expected[n]) for n in base), label
 
 
 def test_cli_extract_apply_and_merge_on_a_llama_embedding(tmp_path):
